@@ -1,0 +1,187 @@
+"""`mmalign` command line: train, sample, score, methods."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from mmalign.config import ConfigError, help_text, load_config
+from mmalign.errors import UserInputError
+from mmalign.registry import METHODS, REWARDS
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import mmalign
+
+    config = load_config(args.config, args.overrides)
+    report = mmalign.train(config)
+    if report:
+        print(f"{report['gold_metric']}: {report['before']:.4f} -> {report['after']:.4f} "
+              f"({report['delta']:+.4f}); report: {Path(config.output_dir) / 'report.md'}")
+    return 0
+
+
+def _expand_files(items: list[str]) -> list[str]:
+    files: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: no image files inside")
+            files.extend(found)
+        else:
+            files.append(item)
+    return files
+
+
+def _reward_kwargs(pairs: list[str]) -> dict:
+    kwargs = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--reward-arg {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        kwargs[key] = value
+    return kwargs
+
+
+def _read_prompts(args: argparse.Namespace, n: int) -> list[str] | str | None:
+    if args.prompts_file:
+        prompts = [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        if len(prompts) != n:
+            raise ConfigError(f"{args.prompts_file}: {len(prompts)} prompts for {n} files; give one per file")
+        return prompts
+    return args.prompt
+
+
+def _score(args: argparse.Namespace) -> int:
+    import mmalign
+
+    files = _expand_files(args.files)
+    reward = mmalign.load_reward(args.reward, **_reward_kwargs(args.reward_arg))
+    prompts = _read_prompts(args, len(files))
+    scores = reward(files, prompts).tolist()
+    per_file = prompts if isinstance(prompts, list) else [prompts] * len(files)
+    rows = [{"file": f, "prompt": p, "score": s} for f, p, s in zip(files, per_file, scores)]
+    width = max(len(r["file"]) for r in rows)
+    print(f"{'file':<{width}}  {args.reward}")
+    for r in rows:
+        print(f"{r['file']:<{width}}  {r['score']:.4f}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["file", "prompt", "score"])
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"reward": args.reward, "scores": rows}, indent=2))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from mmalign.models.diffusion import DiffusionModel
+    from mmalign.train.grids import image_grid
+    from mmalign.train.rng import keyed_generator
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("give at least one --prompt or a --prompts-file")
+    model = DiffusionModel.from_pretrained(args.model, lora_rank=None, reference=False)
+    if args.lora:
+        model.pipe.load_lora_weights(args.lora)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = model.latent_shape(1, model.default_resolution)[1:]
+    all_prompts = [p for p in prompts for _ in range(args.num)]
+    images = []
+    for start in range(0, len(all_prompts), args.batch_size):
+        batch = all_prompts[start : start + args.batch_size]
+        noise = torch.stack([torch.randn(shape, generator=keyed_generator(args.seed, start + i))
+                             for i in range(len(batch))])
+        images.append(model.generate(batch, num_steps=args.steps, guidance_scale=args.guidance, noise=noise))
+    images_t = torch.cat(images)
+    for i, image in enumerate(images_t):
+        array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(out / f"{i:05d}.png")
+    (out / "prompts.txt").write_text("\n".join(all_prompts) + "\n")
+    image_grid(images_t[:64], all_prompts[:64]).save(out / "grid.png")
+    print(f"wrote {len(images_t)} images and grid.png to {out}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    print("methods (mmalign train, `method:` key):")
+    for name, (_, description) in METHODS.items():
+        print(f"  {name:<16} {description}")
+    print("\nrewards (mmalign score --reward, mmalign.load_reward):")
+    for name, (_, description) in REWARDS.items():
+        print(f"  {name:<16} {description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmalign", description="Align generative models with preferences and "
+                                     "rewards. Run `mmalign <command> --help` for each command's options.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="run a training recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train from a recipe YAML. Override any key as key=value (dotted for nested keys; "
+                    "`model=ID` and `data=PATH` set model.path / data.path). A run killed mid-way resumes "
+                    "from its last checkpoint when the same command is run again.",
+        epilog="config keys (key = default):\n" + help_text(),
+    )
+    train.add_argument("config", help="recipe YAML, e.g. configs/image/diffusion_dpo.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    train.set_defaults(func=_train)
+
+    score = sub.add_parser("score", help="score images with a reward and print a table")
+    score.add_argument("files", nargs="+", help="image files or folders (searched recursively)")
+    score.add_argument("--reward", default="clip-score", help="registered reward name or a trained reward folder")
+    score.add_argument("--prompt", help="one prompt for every file")
+    score.add_argument("--prompts-file", help="text file with one prompt per file, in order")
+    score.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="keyword argument for the reward (e.g. path=/models/clip), repeatable")
+    score.add_argument("--csv", help="also write the table as CSV here")
+    score.add_argument("--json", help="also write the scores as JSON here")
+    score.set_defaults(func=_score)
+
+    sample = sub.add_parser("sample", help="generate images from a diffusion model")
+    sample.add_argument("--model", default="embedded:shapes-t2i", help="Hub id, diffusers folder or embedded:<name>")
+    sample.add_argument("--lora", help="a LoRA folder written by a run (run_dir/final/lora)")
+    sample.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    sample.add_argument("--prompts-file", help="text file with one prompt per line")
+    sample.add_argument("--num", type=int, default=1, help="images per prompt")
+    sample.add_argument("--steps", type=int, default=20, help="sampling steps")
+    sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed")
+    sample.add_argument("--batch-size", type=int, default=32, help="images generated at once")
+    sample.add_argument("--out", default="samples", help="output folder (PNGs, prompts.txt, grid.png)")
+    sample.set_defaults(func=_sample)
+
+    methods = sub.add_parser("methods", help="list training methods and rewards")
+    methods.set_defaults(func=_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserInputError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"mmalign {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

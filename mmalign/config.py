@@ -1,0 +1,295 @@
+"""Typed run configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A recipe is a YAML file whose sections map onto the dataclasses below; the method's own
+section is named after the method (`diffusion_dpo:` for `method: diffusion-dpo`) and parsed
+into that method's config dataclass. Every option is documented in its field's `help`, which
+`mmalign train --help` prints. Unknown keys are errors that name the key and suggest the
+closest known one; values are converted to the field's type.
+
+Overrides: `train.learning_rate=3e-4` sets one key; `model=runwayml/stable-diffusion-v1-5`
+(a section name with a scalar) sets that section's `path`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmalign.errors import UserInputError
+
+
+class ConfigError(UserInputError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _help("Hub id, local diffusers folder, or embedded:<name>", default="embedded:shapes-t2i")
+    lora_rank: int | None = _help("LoRA rank on the denoiser's attention; null = full fine-tuning", default=8)
+    lora_alpha: int | None = _help("LoRA alpha (scale = alpha / rank); null = rank", default=None)
+    lora_targets: list[str] | None = _help("module names to adapt; null = the family's attention projections",
+                                           default=None)
+    dtype: str = _help("dtype of frozen weights: float32, float16 or bfloat16 (trainable weights stay fp32)",
+                       default="float32")
+    variant: str | None = _help("weights variant to load, e.g. fp16", default=None)
+    revision: str | None = _help("Hub revision (branch, tag or commit)", default=None)
+    gradient_checkpointing: bool = _help("recompute denoiser activations in backward to save memory",
+                                         default=False)
+    flow_sampling: str = _help("σ law for flow-matching models: logit_normal or uniform", default="logit_normal")
+
+
+@dataclass
+class EmbeddedPrefsConfig:
+    """How `data.path: embedded:shapes-prefs` is generated (pairs labelled by the proxy reward)."""
+
+    prompts: int = _help("number of training captions (train split of the shapes world)", default=512)
+    candidates: int = _help("samples per caption; the proxy's best and worst form a pair", default=4)
+    min_margin: float = _help("drop pairs whose proxy scores differ by less than this", default=1.0)
+    reward: str = _help("proxy reward that labels the pairs (never the gold metric)", default="clip-score")
+    num_steps: int = _help("sampling steps for the candidates", default=20)
+    guidance_scale: float = _help("classifier-free guidance for the candidates", default=3.0)
+    seed: int = _help("seed for captions and sampling noise", default=0)
+
+
+@dataclass
+class DataConfig:
+    path: str = _help(
+        "datasets name or folder (Pick-a-Pic columns jpg_0/jpg_1/label_0/caption), a folder with pairs.jsonl "
+        "(image_0/image_1/label/prompt), or embedded:shapes-prefs",
+        default="embedded:shapes-prefs",
+    )
+    split: str = _help("dataset split to train on", default="train")
+    drop_ties: bool = _help("drop tied pairs (label 0.5) instead of failing on them", default=True)
+    resolution: int | None = _help("training resolution in pixels; null = the model's default", default=None)
+    random_crop: bool = _help("random instead of centre crop after resizing", default=False)
+    random_flip: bool = _help("horizontal flip with probability 1/2, per image", default=False)
+    max_pairs: int | None = _help("use at most this many pairs (after dropping ties)", default=None)
+    cache_dir: str | None = _help("where generated embedded data is cached; null = ~/.cache/mmalign", default=None)
+    embedded: EmbeddedPrefsConfig = _help("generation of the embedded preference set",
+                                          default_factory=EmbeddedPrefsConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _help("optimizer steps", default=300)
+    batch_size: int = _help("global batch per optimizer micro-step (pairs for DPO), split over processes",
+                            default=8)
+    gradient_accumulation_steps: int = _help("micro-steps per optimizer step", default=1)
+    learning_rate: float = _help("peak learning rate", default=1e-4)
+    lr_scheduler: str = _help("constant, constant_with_warmup, linear, cosine, …", default="constant_with_warmup")
+    warmup_steps: int = _help("learning-rate warm-up steps", default=0)
+    weight_decay: float = _help("AdamW weight decay", default=1e-2)
+    adam_beta1: float = _help("AdamW β1", default=0.9)
+    adam_beta2: float = _help("AdamW β2", default=0.999)
+    adam_epsilon: float = _help("AdamW ε", default=1e-8)
+    max_grad_norm: float | None = _help("clip the gradient norm to this; null = no clipping", default=1.0)
+    mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
+    log_every: int = _help("log training metrics every N steps", default=10)
+    checkpoint_every: int = _help("write a resumable checkpoint every N steps (0 = never)", default=100)
+    keep_checkpoints: int = _help("keep the newest N checkpoints", default=2)
+    resume: bool = _help("continue from the newest checkpoint in output_dir when there is one", default=True)
+    threads: int | None = _help("torch CPU threads; null = torch's default", default=None)
+    save_pipeline: bool = _help("also save the whole pipeline (LoRA merged) at the end", default=False)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _help("evaluate every N steps (0 = only before and after)", default=100)
+    prompts: str = _help("heldout / train (shapes-world splits) or a text file with one prompt per line",
+                         default="heldout")
+    num_prompts: int | None = _help("use the first N prompts; null = all", default=None)
+    samples_per_prompt: int = _help("images per prompt (different noise)", default=1)
+    gold: str | None = _help("the reward reported as gold_metric (never trained on)", default="shapes-gold")
+    rewards: list[str] = _help("other rewards to report (proxy metrics)", default_factory=lambda: ["clip-score"])
+    num_steps: int = _help("sampling steps", default=20)
+    guidance_scale: float = _help("classifier-free guidance", default=3.0)
+    seed: int = _help("seed of the evaluation noise (the same before and after)", default=1234)
+    batch_size: int = _help("prompts sampled at once", default=64)
+    grid_size: int = _help("images in each sample grid", default=16)
+
+
+@dataclass
+class RunConfig:
+    method: str = _help("training method; `mmalign methods` lists them", default="diffusion-dpo")
+    recipe: str = _help("name shown in reports", default="")
+    seed: int = _help("global seed (data order, noise, timesteps)", default=0)
+    output_dir: str = _help("run directory: config, logs, checkpoints, samples, report", default="runs/run")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method_args: Any = None  # the method's own config dataclass, parsed from its section
+
+    @property
+    def method_section(self) -> str:
+        return self.method.replace("-", "_")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(dataclasses.replace(self, method_args=None))
+        out.pop("method_args")
+        if self.method_args is not None:
+            out[self.method_section] = dataclasses.asdict(self.method_args)
+        return out
+
+
+# ---------------------------------------------------------------------------- parsing
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML value to a field's annotated type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} is a section; expected a mapping, got {value!r}")
+        return from_dict(annotation, value, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if value is None:
+        raise ConfigError(f"config key {key!r} cannot be null")
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1"):
+                return True
+            if str(value).lower() in ("false", "no", "0"):
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if annotation is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"config key {key!r} expects {name}, got {value!r}") from None
+    return value
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, converting types and rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "method_args"]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + key, [prefix + n for n in names])
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, sections: set[str]) -> None:
+    keys = dotted.split(".")
+    if len(keys) == 1 and keys[0] in sections and not isinstance(value, dict):
+        keys = [keys[0], "path"]
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"a.b=value"` → `("a.b", value)` with the value parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.max_steps=100)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a recipe YAML (or start from defaults), apply overrides, and validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+        tree = loaded or {}
+    sections = {"model", "data", "train", "eval"}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value, sections)
+    method = str(tree.get("method", RunConfig.method))
+    from mmalign.registry import METHODS, load
+
+    method_class = load(METHODS, "method", method)
+    section = method.replace("-", "_")
+    method_tree = tree.pop(section, {}) or {}
+    known = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_args"]
+    for key in tree:
+        if key not in known:
+            raise _unknown_key(key, known + [section])
+    config = from_dict(RunConfig, tree)
+    config.method_args = from_dict(method_class.config_class, method_tree, prefix=f"{section}.")
+    return config
+
+
+def help_text() -> str:
+    """Every config key with its type, default and help, for `mmalign train --help`."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "method_args":
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+
+    walk(RunConfig, "")
+    from mmalign.registry import METHODS, load
+
+    for name in METHODS:
+        lines.append(f"\n  [{name.replace('-', '_')}] options of method {name}:")
+        walk(load(METHODS, "method", name).config_class, f"{name.replace('-', '_')}.")
+    return "\n".join(lines)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

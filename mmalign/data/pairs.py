@@ -1,0 +1,252 @@
+"""Image preference pairs: Pick-a-Pic-style `datasets` and local folders with a JSONL index.
+
+Sources (`load_pairs(path)`):
+- a folder holding `pairs.jsonl`, or a `.jsonl` file: one object per line with `image_0`,
+  `image_1` (paths relative to the JSONL's folder), `prompt`, and `label`: the index of the
+  preferred image (0 or 1), or 0.5 for a tie;
+- a `datasets` dataset, by Hub name or local folder (`save_to_disk`, parquet, …), with
+  Pick-a-Pic v2 columns `jpg_0`, `jpg_1` (encoded image bytes or images), `label_0` (1 when
+  image 0 is preferred, 0 when image 1 is, 0.5 for a tie) and `caption`.
+
+Ties are dropped by default. Every problem stops with a `DataError` naming the file, the row
+(1-based line number for JSONL, 0-based index for datasets) and the field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmalign.errors import UserInputError
+
+JSONL_NAME = "pairs.jsonl"
+JSONL_FIELDS = ("image_0", "image_1", "label", "prompt")
+PICKAPIC_FIELDS = ("jpg_0", "jpg_1", "label_0", "caption")
+
+
+class DataError(UserInputError):
+    """Unusable training data; the message names the file, row and field."""
+
+
+def _where(source: str, row: int | None = None, field: str | None = None) -> str:
+    parts = [source]
+    if row is not None:
+        parts.append(f"row {row}")
+    if field is not None:
+        parts.append(f"field {field!r}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One comparison: the preferred image first. Images are paths, bytes or PIL images."""
+
+    prompt: str
+    image_w: Any
+    image_l: Any
+    where: str  # "<file>, row N" for error messages
+
+
+def _decode(image: Any, where: str) -> Image.Image:
+    try:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        if isinstance(image, dict) and "bytes" in image:  # datasets' Image feature, undecoded
+            image = image["bytes"]
+        if isinstance(image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(image)) as im:
+                return im.convert("RGB")
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file not found: {image}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{where}: corrupt or unreadable image ({exc})") from None
+
+
+def _winner_first(label: Any, where: str, one_means_first: bool) -> bool | None:
+    """True if the first image wins, False if the second does, None for a tie."""
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: unknown label {label!r}; expected 0, 1 or 0.5") from None
+    if value == 0.5:
+        return None
+    if value not in (0.0, 1.0):
+        raise DataError(f"{where}: unknown label {label!r}; expected 0, 1 or 0.5")
+    return (value == 1.0) == one_means_first
+
+
+def _check_prompt(prompt: Any, where: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: prompt must be a non-empty string, got {prompt!r}")
+    return prompt
+
+
+def read_jsonl(path: Path, verify_images: bool = True) -> tuple[list[PairRecord], int]:
+    """Records of a `pairs.jsonl` (winner first) and the number of ties found."""
+    root = path.parent
+    records, ties = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = _where(str(path), line_no)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object with fields {', '.join(JSONL_FIELDS)}")
+            for name in JSONL_FIELDS:
+                if name not in row:
+                    raise DataError(f"{_where(str(path), line_no, name)}: missing field")
+            prompt = _check_prompt(row["prompt"], _where(str(path), line_no, "prompt"))
+            images = []
+            for name in ("image_0", "image_1"):
+                value = row[name]
+                if not isinstance(value, str) or not value:
+                    raise DataError(f"{_where(str(path), line_no, name)}: expected an image path, got {value!r}")
+                image_path = root / value
+                if not image_path.is_file():
+                    raise DataError(f"{_where(str(path), line_no, name)}: image file not found: {image_path}")
+                if verify_images:
+                    _decode(image_path, _where(str(path), line_no, name))
+                images.append(image_path)
+            first = _winner_first(row["label"], _where(str(path), line_no, "label"), one_means_first=False)
+            if first is None:
+                ties += 1
+                continue
+            w, lose = (images[0], images[1]) if first else (images[1], images[0])
+            records.append(PairRecord(prompt, w, lose, where))
+    return records, ties
+
+
+def read_pickapic(dataset, source: str) -> tuple[list[PairRecord], int]:
+    """Records of a Pick-a-Pic-style `datasets.Dataset` (winner first) and the number of ties."""
+    missing = [c for c in PICKAPIC_FIELDS if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{_where(source, None, missing[0])}: missing column (columns: {dataset.column_names})")
+    labels = dataset["label_0"]
+    captions = dataset["caption"]
+    records, ties = [], 0
+    for i, (label, caption) in enumerate(zip(labels, captions)):
+        first = _winner_first(label, _where(source, i, "label_0"), one_means_first=True)
+        if first is None:
+            ties += 1
+            continue
+        prompt = _check_prompt(caption, _where(source, i, "caption"))
+        records.append(PairRecord(prompt, ("jpg_0" if first else "jpg_1", i), ("jpg_1" if first else "jpg_0", i),
+                                  _where(source, i)))
+    return records, ties
+
+
+def _open_dataset(path: str, split: str):
+    import datasets
+
+    local = Path(path)
+    try:
+        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
+            loaded = datasets.load_from_disk(str(local))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(path, split=split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"{path}: cannot open as a dataset ({exc})") from None
+
+
+class PreferencePairs(torch.utils.data.Dataset):
+    """Preference pairs as training samples.
+
+    Item: `{"prompt": str, "pixels_w": (3, R, R), "pixels_l": (3, R, R), "index": int}` with
+    pixels in [-1, 1]: resized (bilinear, short side R), centre- or random-cropped, optionally
+    flipped. Random choices are keyed by `(seed, epoch, index)` so a resumed run repeats them.
+    """
+
+    def __init__(self, records: list[PairRecord], resolution: int, dataset=None, random_crop: bool = False,
+                 random_flip: bool = False, seed: int = 0):
+        self.records, self.dataset = records, dataset
+        self.resolution, self.random_crop, self.random_flip, self.seed = resolution, random_crop, random_flip, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _images(self, record: PairRecord) -> tuple[Image.Image, Image.Image]:
+        if isinstance(record.image_w, tuple):  # (column, row) references into a datasets table
+            (col_w, row), (col_l, _) = record.image_w, record.image_l
+            data = self.dataset[row]
+            return (_decode(data[col_w], f"{record.where}, field {col_w!r}"),
+                    _decode(data[col_l], f"{record.where}, field {col_l!r}"))
+        return _decode(record.image_w, record.where), _decode(record.image_l, record.where)
+
+    def _transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        r = self.resolution
+        w, h = image.size
+        scale = r / min(w, h)
+        size = (max(r, round(w * scale)), max(r, round(h * scale)))
+        image = image.resize(size, Image.BILINEAR)
+        if self.random_crop:
+            left, top = int(rng.integers(size[0] - r + 1)), int(rng.integers(size[1] - r + 1))
+        else:
+            left, top = (size[0] - r) // 2, (size[1] - r) // 2
+        image = image.crop((left, top, left + r, top + r))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image_w, image_l = self._images(record)
+        return {
+            "prompt": record.prompt,
+            "pixels_w": self._transform(image_w, rng),
+            "pixels_l": self._transform(image_l, rng),
+            "index": index,
+        }
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "prompt": [it["prompt"] for it in items],
+        "pixels_w": torch.stack([it["pixels_w"] for it in items]),
+        "pixels_l": torch.stack([it["pixels_l"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+    }
+
+
+def load_pairs(path: str | Path, *, split: str = "train", resolution: int, drop_ties: bool = True,
+               max_pairs: int | None = None, random_crop: bool = False, random_flip: bool = False,
+               seed: int = 0, verify_images: bool = True) -> PreferencePairs:
+    """Open a pair source (see the module docstring) as a `PreferencePairs` dataset."""
+    path = str(path)
+    local = Path(path)
+    dataset = None
+    jsonl = local if local.suffix == ".jsonl" else local / JSONL_NAME
+    if jsonl.is_file():
+        records, ties = read_jsonl(jsonl, verify_images=verify_images)
+        source = str(jsonl)
+    elif local.suffix == ".jsonl":
+        raise DataError(f"{path}: no such file")
+    else:
+        dataset = _open_dataset(path, split)
+        records, ties = read_pickapic(dataset, path)
+        source = path
+    if ties and not drop_ties:
+        raise DataError(f"{source}: {ties} tied pairs (label 0.5); set data.drop_ties=true to skip them")
+    if max_pairs is not None:
+        records = records[:max_pairs]
+    if not records:
+        raise DataError(f"{source}: no usable preference pairs ({ties} ties dropped)")
+    return PreferencePairs(records, resolution, dataset, random_crop, random_flip, seed)

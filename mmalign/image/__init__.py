@@ -1,0 +1,1 @@
+"""Image methods: Diffusion-DPO, SFT (and SmPO, GAN-RM in later modules)."""

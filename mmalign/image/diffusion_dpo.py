@@ -1,0 +1,67 @@
+"""Diffusion-DPO (Wallace et al., CVPR 2024) on the shared trainer.
+
+For each pair, winner and loser latents are noised with the same ε and t; the trainable model
+must lower its denoising error on the winner relative to the frozen reference more than on the
+loser: `loss = −log σ(−β [(e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l))])` with mean-reduced
+errors (see `mmalign.losses.diffusion_dpo_loss`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mmalign.losses import diffusion_dpo_loss, per_sample_mse
+from mmalign.train.diffusion_method import DiffusionPairMethod
+from mmalign.train.rng import keyed_generator
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DiffusionDPOConfig:
+    beta: float = _help("β multiplying mean-reduced errors (2500 for SD1.5 in the diffusers convention)", 2500.0)
+    beta_convention: str = _help(
+        "plain: β as given (diffusers example); salesforce_half: the effective β is β/2 (Salesforce code, "
+        "whose launchers pass 5000)", "plain")
+    sft_weight: float = _help("weight of an added plain denoising loss on the winners (0 = pure DPO)", 0.0)
+    prompt_dropout: float = _help("probability of training a pair with the empty prompt", 0.0)
+
+    @property
+    def effective_beta(self) -> float:
+        if self.beta_convention not in ("plain", "salesforce_half"):
+            raise ValueError(f"diffusion_dpo.beta_convention must be plain or salesforce_half, "
+                             f"got {self.beta_convention!r}")
+        return self.beta / 2 if self.beta_convention == "salesforce_half" else self.beta
+
+
+class DiffusionDPO(DiffusionPairMethod):
+    config_class = DiffusionDPOConfig
+    config: DiffusionDPOConfig
+
+    def prompts_with_dropout(self, prompts: list[str], index: torch.Tensor, step: int) -> list[str]:
+        p = self.config.prompt_dropout
+        if p <= 0:
+            return prompts
+        draws = [float(torch.rand(1, generator=keyed_generator(self.run.seed, step, int(i), "prompt")))
+                 for i in index.tolist()]
+        return ["" if d < p else prompt for d, prompt in zip(draws, prompts)]
+
+    def compute_loss(self, batch: dict[str, Any], step: int, micro: int):
+        index, n = batch["index"], len(batch["prompt"])
+        pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
+        x0, noise, t, x_t = self.noised_latents(pixels, index, step, micro)
+        prompts = self.prompts_with_dropout(batch["prompt"], index, step)
+        cond = self.conditioning(prompts, 2, tuple(pixels.shape[-2:]))
+        target = self.model.noise.target(x0, noise, t)
+        err = per_sample_mse(self.model.predict(x_t, t, cond), target)
+        ref_err = per_sample_mse(self.model.predict_reference(x_t, t, cond), target)
+        loss, metrics = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:],
+                                           beta=self.config.effective_beta)
+        if self.config.sft_weight:
+            loss = loss + self.config.sft_weight * err[:n].mean()
+        return loss, metrics

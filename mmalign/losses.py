@@ -1,0 +1,90 @@
+"""Pure tensor losses. Nothing here touches a model, a file or a device: tensors in, tensors out.
+
+Conventions: `B` is the batch of pairs (or samples), `S` the number of segments of a video.
+Errors are mean-reduced squared errors, so `beta` values match the papers' codes (2500 for SD1.5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`(B, ...)` × `(B, ...)` → `(B,)` mean squared error over every non-batch element."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def per_segment_mse(prediction: torch.Tensor, target: torch.Tensor, frame_segment: torch.Tensor,
+                    num_segments: int) -> torch.Tensor:
+    """Squared error of `(B, C, F, H, W)` latents split over segments: `(B, S)`.
+
+    `frame_segment (F,)` gives the segment index of every latent frame. Segment `s` holds the
+    squared error summed over its elements divided by the whole sample's element count, so the
+    segments sum to `per_sample_mse`.
+    """
+    if prediction.ndim != 5:
+        raise ValueError(f"expected (B, C, F, H, W) latents, got shape {tuple(prediction.shape)}")
+    frames = prediction.shape[2]
+    if frame_segment.shape != (frames,):
+        raise ValueError(f"frame_segment must have shape ({frames},), got {tuple(frame_segment.shape)}")
+    sq = (prediction.float() - target.float()).pow(2)
+    per_frame = sq.sum(dim=(1, 3, 4)) / sq[0].numel()  # (B, F)
+    one_hot = F.one_hot(frame_segment.long().to(per_frame.device), num_segments).to(per_frame.dtype)  # (F, S)
+    return per_frame @ one_hot
+
+
+def diffusion_dpo_loss(
+    policy_err_w: torch.Tensor,
+    policy_err_l: torch.Tensor,
+    ref_err_w: torch.Tensor,
+    ref_err_l: torch.Tensor,
+    *,
+    beta: float,
+    pair_scale: torch.Tensor | None = None,
+    segment_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO loss, optionally soft-scaled per pair and masked per segment.
+
+    Errors are `(B,)` per-sample mean squared errors or `(B, S)` per-segment errors (see
+    `per_segment_mse`). With segment labels ℓ ∈ {+1, 0, −1} (all +1 when None) and per-pair
+    scale c (1 when None):
+
+        z_b = −beta · c_b · Σ_s ℓ_{b,s} · [(policy_err_w − ref_err_w) − (policy_err_l − ref_err_l)]_{b,s}
+        loss = mean_b(−log σ(z_b))
+
+    A label of −1 means the "loser" is better on that segment; 0 (a tie) removes the segment.
+    Returns the loss and detached metrics: `implicit_acc = mean(z > 0)`, `z_mean`, the four
+    mean errors, and `policy_margin` / `ref_margin` (mean loser − winner error).
+    """
+    shapes = {tuple(t.shape) for t in (policy_err_w, policy_err_l, ref_err_w, ref_err_l)}
+    if len(shapes) != 1:
+        raise ValueError(f"all four error tensors must have the same shape, got {sorted(shapes)}")
+    diff = (policy_err_w - ref_err_w) - (policy_err_l - ref_err_l)
+    if diff.ndim == 1:
+        diff = diff[:, None]
+    elif diff.ndim != 2:
+        raise ValueError(f"errors must be (B,) or (B, S), got shape {tuple(policy_err_w.shape)}")
+    if segment_labels is not None:
+        if segment_labels.shape != diff.shape:
+            raise ValueError(f"segment_labels shape {tuple(segment_labels.shape)} != errors {tuple(diff.shape)}")
+        diff = diff * segment_labels.to(diff)
+    z = -beta * diff.sum(dim=1)
+    if pair_scale is not None:
+        z = z * pair_scale.to(z)
+    loss = -F.logsigmoid(z).mean()
+
+    def sample_mean(err: torch.Tensor) -> torch.Tensor:  # segments sum to the per-sample error
+        return err.detach().reshape(err.shape[0], -1).sum(1).mean()
+
+    metrics = {
+        "implicit_acc": (z > 0).float().mean().detach(),
+        "z_mean": z.mean().detach(),
+        "policy_err_w": sample_mean(policy_err_w),
+        "policy_err_l": sample_mean(policy_err_l),
+        "ref_err_w": sample_mean(ref_err_w),
+        "ref_err_l": sample_mean(ref_err_l),
+    }
+    metrics["policy_margin"] = metrics["policy_err_l"] - metrics["policy_err_w"]
+    metrics["ref_margin"] = metrics["ref_err_l"] - metrics["ref_err_w"]
+    return loss, metrics

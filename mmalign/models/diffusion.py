@@ -1,0 +1,341 @@
+"""`DiffusionModel`: one wrapper over diffusers text-to-image pipelines for training and sampling.
+
+It holds a loaded pipeline and gives the pieces every preference method needs:
+
+- `encode_prompt(prompts) -> Conditioning`, `encode_images(pixels) -> latents`,
+  `decode_latents(latents) -> pixels` (pixels `(B, 3, H, W)`; latents `(B, C, h, w)` or
+  `(B, C, F, h, w)` with a frame axis);
+- `noise` (the family's training noise process: timesteps, `add_noise`, `target`);
+- `predict(x_t, t, cond)` with the trainable denoiser and `predict_reference(...)` with the
+  frozen reference (LoRA adapters disabled, or a frozen copy for full fine-tuning);
+- `sample(prompts, …)` with classifier-free guidance, optionally starting from a clean latent
+  noised part of the way (SDEdit-style, `strength < 1`);
+- `save_lora(dir)` (loads with `pipe.load_lora_weights(dir)`) and `save_pretrained(dir)`.
+
+Families: SD1.x/2.x UNets (ε or v prediction), SDXL (two text encoders, time ids) and SD3-class
+flow-matching transformers. See `mmalign.models.families`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
+
+from mmalign.models.families import Conditioning, Family, family_of
+from mmalign.models.noise import noise_process
+from mmalign.registry import resolve_model_path
+
+
+def load_pipeline(
+    path: str | Path,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+) -> DiffusionPipeline:
+    """`DiffusionPipeline.from_pretrained` that also loads pipelines saved with empty components.
+
+    Components recorded as `[null, null]` in `model_index.json` (an SD3 pipeline without T5, an
+    SD pipeline without safety checker) are passed as `None` explicitly, which diffusers requires.
+    """
+    path = resolve_model_path(str(path))
+    index = DiffusionPipeline.load_config(path, revision=revision)
+    empty = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+    if "safety_checker" in index:
+        empty.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, variant=variant, revision=revision, **empty)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class DiffusionModel:
+    """A diffusers pipeline with a trainable denoiser (LoRA by default) and a frozen reference.
+
+    Args:
+        pipe: a loaded pipeline of a supported family.
+        lora_rank: LoRA rank on the denoiser's attention projections; `None` trains every
+            denoiser weight (full fine-tuning) and keeps a frozen copy as the reference.
+        lora_alpha: LoRA scaling numerator (default: equal to the rank, as the DPO papers use).
+        lora_targets: module names to adapt (default: the family's attention projections).
+        reference: keep a reference (adapters off / frozen copy); not needed for SFT.
+        weight_dtype: dtype of the frozen weights; trainable weights stay in float32.
+        flow_sampling: σ law for flow-matching families, `logit_normal` or `uniform`.
+        gradient_checkpointing: trade compute for activation memory in the denoiser.
+    """
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        *,
+        lora_rank: int | None = 8,
+        lora_alpha: int | None = None,
+        lora_targets: tuple[str, ...] | None = None,
+        reference: bool = True,
+        weight_dtype: torch.dtype = torch.float32,
+        flow_sampling: str = "logit_normal",
+        gradient_checkpointing: bool = False,
+    ):
+        self.pipe = pipe
+        self.family: Family = family_of(pipe)
+        self.noise = noise_process(pipe.scheduler, flow_sampling=flow_sampling)
+        self.weight_dtype = weight_dtype
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()
+                # the autoencoder stays in float32 (SDXL's overflows in fp16); it is small
+                dtype = torch.float32 if name == "vae" else weight_dtype
+                if next(component.parameters()).dtype != dtype:
+                    component.to(dtype=dtype)
+        denoiser = self.base_denoiser
+        self.lora_rank = lora_rank
+        if lora_rank is not None:
+            denoiser.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha or lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(lora_targets or self.family.lora_targets),
+                )
+            )
+            self.reference_denoiser = None
+        else:
+            denoiser.requires_grad_(True)
+            self.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False) if reference else None
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train()
+        self.denoiser: torch.nn.Module = denoiser  # the trainer may replace it with a DDP wrapper
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ) -> DiffusionModel:
+        """Load a Hub id, a local diffusers folder or `embedded:<name>`; kwargs go to `__init__`."""
+        pipe = load_pipeline(path, torch_dtype=torch.float32 if torch_dtype is None else torch_dtype,
+                             variant=variant, revision=revision)
+        return cls(pipe, weight_dtype=torch_dtype or torch.float32, **kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def base_denoiser(self) -> torch.nn.Module:
+        """The unwrapped denoiser module held by the pipeline (`unet` or `transformer`)."""
+        return getattr(self.pipe, self.family.denoiser_attr)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_denoiser.parameters()).device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> tuple[int, int]:
+        size = int(self.base_denoiser.config.sample_size) * self.vae_scale_factor
+        return size, size
+
+    def to(self, device: torch.device | str) -> DiffusionModel:
+        self.pipe.to(device)
+        if self.reference_denoiser is not None:
+            self.reference_denoiser.to(device)
+        return self
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.base_denoiser.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable weights by name (LoRA matrices, or the whole denoiser), detached on CPU."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.base_denoiser.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.base_denoiser.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        unexpected = [n for n in state if n not in params]
+        if missing or unexpected:
+            raise KeyError(f"trainable state mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    # ------------------------------------------------------------------ encoders
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], resolution: tuple[int, int] | None = None) -> Conditioning:
+        """Text conditioning for `prompts` (frozen text encoders, no graph)."""
+        return self.family.encode_prompt(self.pipe, list(prompts), resolution or self.default_resolution)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`pixels (B, 3, H, W)` in [-1, 1] → scaled latents `(B, C, H/f, W/f)` (a posterior sample)."""
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        latents = dist.sample(generator=generator) if generator is not None else dist.sample()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents `(B, C, h, w)` → pixels `(B, 3, H, W)` in [0, 1]."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        pixels = vae.decode(latents.to(self.device, torch.float32) / vae.config.scaling_factor + shift).sample
+        return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The trainable denoiser's prediction (ε, v or flow velocity), in float32, with its graph."""
+        out = self.family.denoise(self.denoiser, x_t.to(self.weight_dtype), t.to(self.device), cond)
+        return out.float()
+
+    @torch.no_grad()
+    def predict_reference(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The frozen reference's prediction on the same inputs, without a graph."""
+        with self.reference() as denoiser:
+            return self.family.denoise(denoiser, x_t.to(self.weight_dtype), t.to(self.device), cond).float()
+
+    @contextmanager
+    def reference(self):
+        """Yield the reference denoiser: a frozen copy, or the base with LoRA adapters disabled."""
+        if self.reference_denoiser is not None:
+            yield self.reference_denoiser
+            return
+        if self.lora_rank is None:
+            raise RuntimeError("this model was built with reference=False and has no reference")
+        base = self.base_denoiser
+        base.disable_adapters()
+        try:
+            yield base
+        finally:
+            base.enable_adapters()
+
+    # ------------------------------------------------------------------ sampling
+    def latent_shape(self, batch: int, resolution: tuple[int, int]) -> tuple[int, ...]:
+        channels = int(self.base_denoiser.config.in_channels)
+        f = self.vae_scale_factor
+        return batch, channels, resolution[0] // f, resolution[1] // f
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        *,
+        num_steps: int = 20,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        resolution: tuple[int, int] | None = None,
+        noise: torch.Tensor | None = None,
+        init_latents: torch.Tensor | None = None,
+        strength: float = 1.0,
+        negative_prompt: str = "",
+        use_reference: bool = False,
+    ) -> torch.Tensor:
+        """Denoise from pure noise, or from `init_latents` noised to `strength`, to clean latents.
+
+        `strength` ∈ (0, 1] is the fraction of the `num_steps` schedule that is run (SDEdit):
+        1 starts from pure noise, 0.5 noises `init_latents` to the schedule's midpoint. Noise
+        comes from `generator` (CPU) unless `noise` is given. Returns latents in the same layout.
+        """
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        resolution = resolution or self.default_resolution
+        batch = len(prompts)
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        shape = tuple(init_latents.shape) if init_latents is not None else self.latent_shape(batch, resolution)
+        self._set_timesteps(scheduler, num_steps, shape)
+        timesteps = scheduler.timesteps
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = noise.to(self.device, torch.float32)
+        if init_latents is None:
+            x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+        else:
+            start = num_steps - max(1, round(num_steps * strength))
+            timesteps = timesteps[start:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            t0 = timesteps[:1].expand(batch)
+            x = self.noise.add_noise(init_latents.to(self.device, torch.float32), noise, t0)
+        guided = guidance_scale != 1.0
+        cond = self.encode_prompt(prompts, resolution)
+        if guided:
+            cond = Conditioning.cat([self.encode_prompt([negative_prompt] * batch, resolution), cond])
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        with self._denoiser_for_sampling(use_reference) as denoiser:
+            for t in timesteps:
+                x_in = torch.cat([x, x]) if guided else x
+                if hasattr(scheduler, "scale_model_input"):
+                    x_in = scheduler.scale_model_input(x_in, t)
+                t_batch = t.expand(x_in.shape[0]).to(self.device)
+                pred = self.family.denoise(denoiser, x_in.to(self.weight_dtype), t_batch, cond).float()
+                if guided:
+                    uncond, text = pred.chunk(2)
+                    pred = uncond + guidance_scale * (text - uncond)
+                x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
+        return x
+
+    @contextmanager
+    def _denoiser_for_sampling(self, use_reference: bool):
+        if use_reference:
+            with self.reference() as denoiser:
+                yield denoiser
+            return
+        denoiser = self.base_denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            yield denoiser
+        finally:
+            denoiser.train(was_training)
+
+    def _set_timesteps(self, scheduler, num_steps: int, shape: tuple[int, ...]) -> None:
+        kwargs = {}
+        config = scheduler.config
+        if config.get("use_dynamic_shifting", False):  # resolution-dependent shift (Flux/SD3.5-style)
+            seq_len = int(torch.tensor(shape[2:]).prod()) // 4
+            base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+            slope = (max_shift - base_shift) / (max_len - base_len)
+            kwargs["mu"] = base_shift + slope * (seq_len - base_len)
+        scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
+
+    def generate(self, prompts: list[str], **sample_kwargs) -> torch.Tensor:
+        """`sample` then `decode_latents`: images `(B, 3, H, W)` in [0, 1]."""
+        return self.decode_latents(self.sample(prompts, **sample_kwargs))
+
+    # ------------------------------------------------------------------ saving
+    def save_lora(self, directory: str | Path) -> None:
+        """Write the LoRA adapter in diffusers' format: `pipe.load_lora_weights(directory)` loads it."""
+        if self.lora_rank is None:
+            raise RuntimeError("this model is fully fine-tuned; use save_pretrained")
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.base_denoiser))
+        kwargs = {f"{self.family.denoiser_attr}_lora_layers": state}
+        type(self.pipe).save_lora_weights(str(directory), safe_serialization=True, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the whole pipeline with the trained denoiser (LoRA merged into the weights)."""
+        attr = self.family.denoiser_attr
+        original = self.base_denoiser
+        trained = original
+        if self.lora_rank is not None:
+            trained = copy.deepcopy(original)
+            trained.fuse_lora()
+            trained.unload_lora()
+        setattr(self.pipe, attr, trained)
+        try:
+            self.pipe.save_pretrained(str(directory), safe_serialization=True)
+        finally:
+            setattr(self.pipe, attr, original)

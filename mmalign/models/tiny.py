@@ -1,0 +1,249 @@
+"""Offline builders of tiny instances of real diffusers architectures.
+
+Each builder assembles a real pipeline class (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+`StableDiffusion3Pipeline`) from small randomly initialised components and a local tokenizer,
+saves it with `save_pretrained`, and returns the folder. Everything downstream then loads it
+with `from_pretrained`, exactly as it loads a real checkpoint. Modules built from a config start
+in train mode (dropout on), so every component is put in `.eval()` before saving.
+
+The embedded shapes model uses `sd_pipeline(EMBEDDED_SD)`: the same code path with larger sizes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from mmalign.data import shapes_world
+from mmalign.models.tokenizers import clip_tokenizer
+
+#: Words every tiny tokenizer covers as whole tokens: the shapes world plus a few common ones.
+WORDS: tuple[str, ...] = tuple(
+    sorted(
+        set(shapes_world.COLOURS)
+        | set(shapes_world.SHAPES)
+        | {w for rel in shapes_world.RELATIONS for w in rel.split()}
+        | set("a an the of photo picture image cat dog ball red and on in with".split())
+    )
+)
+FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "sd3")
+
+
+@dataclass(frozen=True)
+class SDSize:
+    """Sizes of a Stable-Diffusion-class stack (UNet + KL autoencoder + CLIP text encoder)."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    vae_channels: tuple[int, ...] = (32, 64)  # len(vae_channels) - 1 halvings of the resolution
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 20
+    image_size: int = 32
+
+
+TINY_SD = SDSize()
+EMBEDDED_SD = SDSize(
+    unet_channels=(64, 128, 128),
+    layers_per_block=1,
+    attention_head_dim=16,
+    vae_channels=(16, 32, 64),
+    text_hidden=64,
+    text_layers=3,
+    text_heads=4,
+)
+
+
+def _text_config(tokenizer: CLIPTokenizer, size: SDSize, hidden: int | None = None, **extra) -> CLIPTextConfig:
+    hidden = hidden or size.text_hidden
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_attention_heads=size.text_heads,
+        num_hidden_layers=size.text_layers,
+        max_position_embeddings=size.max_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _vae(size: SDSize, **extra) -> AutoencoderKL:
+    n = len(size.vae_channels)
+    return AutoencoderKL(
+        block_out_channels=list(size.vae_channels),
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        latent_channels=4,
+        norm_num_groups=min(32, size.vae_channels[0]),
+        sample_size=size.image_size,
+        **extra,
+    )
+
+
+def _down_up_types(n: int) -> tuple[list[str], list[str]]:
+    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1)
+    up = ["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"]
+    return down, up
+
+
+def _ddim(prediction_type: str) -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+    )
+
+
+def _eval(*modules: torch.nn.Module) -> None:
+    for module in modules:
+        module.eval()
+
+
+def sd_pipeline(size: SDSize = TINY_SD, prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
+    """A randomly initialised SD1.x/2.x-class pipeline (ε- or v-prediction) at `size`."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), size.max_tokens)
+    down, up = _down_up_types(len(size.unet_channels))
+    unet = UNet2DConditionModel(
+        sample_size=size.image_size // 2 ** (len(size.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=size.unet_channels,
+        layers_per_block=size.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=size.text_hidden,
+        attention_head_dim=size.attention_head_dim,
+        norm_num_groups=min(32, size.unet_channels[0]),
+    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer, size))
+    vae = _vae(size)
+    _eval(unet, text_encoder, vae)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_ddim(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sdxl_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL-class pipeline: two CLIP text encoders and time-id conditioning."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), size.max_tokens)
+    hidden = size.text_hidden
+    projection = hidden
+    down, up = _down_up_types(len(size.unet_channels))
+    unet = UNet2DConditionModel(
+        sample_size=size.image_size // 2 ** (len(size.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=size.unet_channels,
+        layers_per_block=size.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=2 * hidden,  # the two encoders' hidden states are concatenated
+        attention_head_dim=tuple(max(1, c // 16) for c in size.unet_channels),
+        transformer_layers_per_block=tuple(range(1, len(size.unet_channels) + 1)),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=projection + 6 * 8,
+        norm_num_groups=1,
+    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer, size, hidden_act="gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer, size, projection_dim=projection, hidden_act="gelu")
+    )
+    vae = _vae(size)
+    _eval(unet, text_encoder, text_encoder_2, vae)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_ddim("epsilon"),
+    )
+
+
+def sd3_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusion3Pipeline:
+    """A randomly initialised SD3-class pipeline: MM-DiT transformer, flow-matching scheduler."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), size.max_tokens)
+    hidden = size.text_hidden
+    transformer = SD3Transformer2DModel(
+        sample_size=size.image_size // 2 ** (len(size.vae_channels) - 1),
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=2 * hidden,  # the two CLIP encoders' states, concatenated (no T5 here)
+        pooled_projection_dim=2 * hidden,
+    )
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, size, projection_dim=hidden, hidden_act="gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer, size, projection_dim=hidden, hidden_act="gelu")
+    )
+    vae = _vae(size, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False)
+    _eval(transformer, text_encoder, text_encoder_2, vae)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def build_tiny_pipeline(family: str, directory: str | Path, seed: int = 0) -> Path:
+    """Build, `.eval()` and `save_pretrained` a tiny pipeline of `family` (one of `FAMILIES`)."""
+    if family == "sd":
+        pipe = sd_pipeline(seed=seed)
+    elif family == "sd-v":
+        pipe = sd_pipeline(prediction_type="v_prediction", seed=seed)
+    elif family == "sdxl":
+        pipe = sdxl_pipeline(seed=seed)
+    elif family == "sd3":
+        pipe = sd3_pipeline(seed=seed)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
+    directory = Path(directory)
+    pipe.save_pretrained(directory)
+    return directory

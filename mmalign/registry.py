@@ -1,0 +1,75 @@
+"""Names → implementations, imported lazily by dotted string so the core never imports a modality.
+
+Three tables: training methods, rewards, and embedded assets (models shipped in the wheel,
+addressed as `embedded:<name>`). `load(table, name)` imports and returns the object.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_PREFIX = "embedded:"
+
+#: method name → "module:Class" of its `Method` implementation, and a one-line description.
+METHODS: dict[str, tuple[str, str]] = {
+    "diffusion-dpo": (
+        "mmalign.image.diffusion_dpo:DiffusionDPO",
+        "Diffusion-DPO (Wallace et al. 2024): offline preference pairs, frozen reference",
+    ),
+    "diffusion-sft": (
+        "mmalign.image.diffusion_sft:DiffusionSFT",
+        "Supervised fine-tuning on the preferred image of each pair (the DPO papers' SFT baseline)",
+    ),
+}
+
+#: reward name → "module:Class" and a description. Every class follows `mmalign.rewards.Reward`.
+REWARDS: dict[str, tuple[str, str]] = {
+    "clip-score": (
+        "mmalign.rewards.clip_score:ClipScore",
+        "100 × cosine(image, text) of a CLIP model (transformers or open_clip folder; embedded toy CLIP by default)",
+    ),
+    "shapes-gold": (
+        "mmalign.rewards.shapes_gold:ShapesGold",
+        "programmatic gold metric of the embedded shapes world (does the image show the caption?)",
+    ),
+}
+
+#: embedded asset name → folder under mmalign/assets.
+EMBEDDED: dict[str, str] = {
+    "shapes-t2i": "shapes-t2i",
+    "shapes-clip": "shapes-clip",
+}
+
+
+def import_string(target: str):
+    """`"package.module:Attr"` → the attribute."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def unknown_name_error(kind: str, name: str, known: list[str]) -> KeyError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return KeyError(f"unknown {kind} {name!r}{hint} Known: {', '.join(sorted(known))}")
+
+
+def load(table: dict[str, tuple[str, str]], kind: str, name: str):
+    if name not in table:
+        raise unknown_name_error(kind, name, list(table))
+    return import_string(table[name][0])
+
+
+def resolve_model_path(ref: str) -> str:
+    """`embedded:<name>` → the shipped folder; anything else (Hub id, local folder) unchanged."""
+    if not ref.startswith(EMBEDDED_PREFIX):
+        return ref
+    name = ref[len(EMBEDDED_PREFIX) :]
+    if name not in EMBEDDED:
+        raise unknown_name_error("embedded model", name, list(EMBEDDED))
+    path = ASSETS / EMBEDDED[name]
+    if not path.exists():
+        raise FileNotFoundError(f"embedded model {name!r} is missing from {path}; reinstall mmalign")
+    return str(path)

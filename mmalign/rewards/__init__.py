@@ -1,0 +1,36 @@
+"""Rewards: `load_reward(name_or_path, **kw)` returns a callable `reward(samples, prompts=None) -> (N,)`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmalign.registry import REWARDS, import_string, load, unknown_name_error
+from mmalign.rewards.base import Reward, RewardInputError
+
+__all__ = ["Reward", "RewardInputError", "load_reward", "available_rewards"]
+
+#: file a trained reward writes into its folder: {"reward": "<registered name>", ...}
+REWARD_MANIFEST = "mmalign_reward.json"
+
+
+def available_rewards() -> dict[str, str]:
+    """Registered reward names and their one-line descriptions."""
+    return {name: description for name, (_, description) in REWARDS.items()}
+
+
+def load_reward(name_or_path: str, **kwargs) -> Reward:
+    """A registered reward by name (`clip-score`, `shapes-gold`, …) or a trained reward's folder.
+
+    A folder is recognised by its `mmalign_reward.json` manifest, which names the reward class;
+    keyword arguments go to the reward's constructor (e.g. `path=`, `device=`).
+    """
+    if name_or_path in REWARDS:
+        return load(REWARDS, "reward", name_or_path)(**kwargs)
+    manifest = Path(name_or_path) / REWARD_MANIFEST
+    if manifest.is_file():
+        name = json.loads(manifest.read_text())["reward"]
+        if name not in REWARDS:
+            raise unknown_name_error("reward", name, list(REWARDS))
+        return import_string(REWARDS[name][0])(path=str(name_or_path), **kwargs)
+    raise unknown_name_error("reward", name_or_path, list(REWARDS))

@@ -1,0 +1,175 @@
+"""Atomic, pickle-free checkpoints that resume a run exactly.
+
+A checkpoint is a folder `checkpoints/step-000100/` holding
+
+- `trainable.safetensors`      the method's trainable weights (LoRA matrices or the denoiser);
+- `optimizer.safetensors/.json` optimizer tensors and the rest of its state dict;
+- `scheduler.json`             the learning-rate scheduler's state dict;
+- `rng-rank{r}.safetensors/.json` torch (CPU and CUDA), NumPy and Python RNG states per process;
+- `trainer_state.json`         step, epoch, data position, evaluation history (written last).
+
+It is written into a temporary sibling and renamed into place, so a folder named `step-*` is
+always complete; a run killed while writing leaves only a `.tmp-*` folder, removed at the next
+start. Nothing is unpickled: tensors go through safetensors, everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmalign.io import atomic_write_json
+
+PREFIX = "step-"
+
+
+def _flatten_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors in a nested dict/list by `{"__tensor__": key}` and collect them."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "_"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {str(k): _flatten_tensors(v, f"{prefix}.{k}" if prefix else str(k), tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten_tensors(v, f"{prefix}.{i}" if prefix else str(i), tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _unflatten_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(directory: Path, name: str, state: Any) -> None:
+    """A nested state (dicts, lists, tensors, numbers) as `name.safetensors` + `name.json`."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten_tensors(state, "", tensors)
+    if tensors:
+        save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str) -> Any:
+    tensor_file = directory / f"{name}.safetensors"
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+    return _unflatten_tensors(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state dict with integer parameter keys made JSON-safe (restored on load)."""
+    state = optimizer.state_dict()
+    return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    state = {int(k): v for k, v in saved["state"].items()}
+    for group in saved["param_groups"]:
+        for key in ("betas",):
+            if key in group and isinstance(group[key], list):
+                group[key] = tuple(group[key])
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def remove_partial(root: Path) -> None:
+    """Delete temporary folders left by a run killed while writing a checkpoint."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def tmp_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-{PREFIX}{step:06d}"
+
+
+def write_checkpoint(root: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                     trainer_state: dict[str, Any], process_index: int, is_main: bool, barrier) -> Path:
+    """Write every part into a temporary folder, then (main process) rename it to `step-N`.
+
+    `barrier()` synchronises processes: every rank writes its RNG state before the rename.
+    """
+    tmp = tmp_dir(root, step)
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_state(tmp, f"rng-rank{process_index}", rng_state())
+    if is_main:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        save_state(tmp, "optimizer", optimizer_state(optimizer))
+        atomic_write_json(tmp / "scheduler.json", scheduler.state_dict())
+    barrier()
+    final = root / f"{PREFIX}{step:06d}"
+    if is_main:
+        atomic_write_json(tmp / "trainer_state.json", trainer_state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint(directory: Path, process_index: int) -> dict[str, Any]:
+    """Everything `write_checkpoint` wrote, as Python objects (weights-only, no pickle)."""
+    rng_name = f"rng-rank{process_index}"
+    if not (directory / f"{rng_name}.json").exists():
+        rng_name = "rng-rank0"  # resumed with more processes than saved: reuse rank 0's state
+    return {
+        "trainable": load_file(str(directory / "trainable.safetensors")),
+        "optimizer": load_state(directory, "optimizer"),
+        "scheduler": json.loads((directory / "scheduler.json").read_text()),
+        "rng": load_state(directory, rng_name),
+        "trainer_state": json.loads((directory / "trainer_state.json").read_text()),
+    }

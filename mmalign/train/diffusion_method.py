@@ -1,0 +1,116 @@
+"""`DiffusionPairMethod`: the shared base of methods that train a `DiffusionModel` on image pairs.
+
+It loads the model (LoRA or full fine-tuning) and the preference pairs, builds the keyed noise
+and timesteps of each sample, evaluates with `DiffusionEvaluator`, and saves the result.
+Subclasses (Diffusion-DPO, SFT, SmPO, …) implement only `compute_loss`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.data.pairs import collate_pairs, load_pairs
+from mmalign.data.sources import resolve_pairs_path
+from mmalign.models.diffusion import DiffusionModel
+from mmalign.models.families import Conditioning
+from mmalign.registry import resolve_model_path
+from mmalign.train.evaluation import DiffusionEvaluator
+from mmalign.train.method import Evaluation, Method
+from mmalign.train.rng import keyed_generator
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class DiffusionPairMethod(Method):
+    """Loads a `DiffusionModel` and a pair dataset; subclasses write `compute_loss`."""
+
+    needs_reference: bool = True
+
+    def setup(self, accelerator) -> None:
+        m, d = self.run.model, self.run.data
+        if m.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+        self.device = accelerator.device
+        self.model = DiffusionModel.from_pretrained(
+            m.path,
+            torch_dtype=DTYPES[m.dtype],
+            variant=m.variant,
+            revision=m.revision,
+            lora_rank=m.lora_rank,
+            lora_alpha=m.lora_alpha,
+            lora_targets=tuple(m.lora_targets) if m.lora_targets else None,
+            reference=self.needs_reference,
+            flow_sampling=m.flow_sampling,
+            gradient_checkpointing=m.gradient_checkpointing,
+        ).to(self.device)
+        resolution = d.resolution or self.model.default_resolution[0]
+        with accelerator.main_process_first():
+            path = resolve_pairs_path(d, self.model, resolve_model_path(m.path))
+            self.dataset = load_pairs(path, split=d.split, resolution=resolution, drop_ties=d.drop_ties,
+                                      max_pairs=d.max_pairs, random_crop=d.random_crop,
+                                      random_flip=d.random_flip, seed=self.run.seed)
+        self.evaluator = DiffusionEvaluator(self.run.eval, device=self.device)
+
+    # ------------------------------------------------------------------ Method plumbing
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model.base_denoiser
+
+    def set_trainable_module(self, module: torch.nn.Module) -> None:
+        self.model.denoiser = module
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.trainable_state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_trainable_state_dict(state)
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        return self.dataset
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_pairs(items)
+
+    def evaluate(self, step: int) -> Evaluation:
+        return self.evaluator(self.model)
+
+    def gold_metric(self) -> str:
+        return self.evaluator.gold_name
+
+    def save_final(self, directory: Path) -> list[str]:
+        saved = []
+        if self.model.lora_rank is not None:
+            self.model.save_lora(directory / "lora")
+            saved.append("lora")
+        if self.model.lora_rank is None or self.run.train.save_pipeline:
+            self.model.save_pretrained(directory / "pipeline")
+            saved.append("pipeline")
+        return saved
+
+    # ------------------------------------------------------------------ shared maths inputs
+    def sample_generators(self, index: torch.Tensor, step: int, micro: int, stream: str) -> list[torch.Generator]:
+        """One keyed generator per sample id: the same id at the same step gets the same draws."""
+        return [keyed_generator(self.run.seed, step, micro, int(i), stream) for i in index.tolist()]
+
+    def noised_latents(self, pixels: torch.Tensor, index: torch.Tensor, step: int, micro: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents, noise, timesteps and noised latents for `pixels (k·B, 3, H, W)`.
+
+        `index (B,)` holds the sample ids; the `k` groups of B images (e.g. winners then losers)
+        share each id's noise and timestep, as Diffusion-DPO requires. Returns `x0`, `noise`,
+        `t` (each with k·B rows) and `x_t`.
+        """
+        groups = pixels.shape[0] // index.shape[0]
+        vae_gens = [g for k in range(groups) for g in self.sample_generators(index, step, micro, f"vae{k}")]
+        x0 = self.model.encode_images(pixels, generator=vae_gens)
+        noise_gens = self.sample_generators(index, step, micro, "noise")
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noise_gens]).to(x0.device)
+        t = torch.cat([self.model.noise.sample_timesteps(1, g) for g in noise_gens]).to(x0.device)
+        noise, t = noise.repeat(groups, *[1] * (noise.ndim - 1)), t.repeat(groups)
+        return x0, noise, t, self.model.noise.add_noise(x0, noise, t)
+
+    def conditioning(self, prompts: list[str], groups: int, resolution: tuple[int, int]) -> Conditioning:
+        """Prompt conditioning tiled over `groups` ([p1..pB, p1..pB, …])."""
+        return self.model.encode_prompt(prompts, resolution).tile(groups)

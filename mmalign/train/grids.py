@@ -1,0 +1,47 @@
+"""Sample grids: images with their captions, as one PIL image (saved as PNG in run directories)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns: int = 8, cell: int = 128,
+               caption_lines: int = 3) -> Image.Image:
+    """`images (N, 3, H, W)` in [0, 1] → a grid; each image is upscaled (nearest) to `cell` pixels.
+
+    Captions are wrapped under their image; pass None for a grid without text.
+    """
+    n = images.shape[0]
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    font = ImageFont.load_default()
+    chars = max(8, cell // 6)
+    text_h = 11 * caption_lines + 4 if captions else 0
+    grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    arrays = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for i, array in enumerate(arrays):
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
+        grid.paste(Image.fromarray(array).resize((cell, cell), Image.NEAREST), (x, y))
+        if captions:
+            lines = textwrap.wrap(captions[i], chars)[:caption_lines]
+            for j, line in enumerate(lines):
+                draw.text((x + 2, y + cell + 2 + 11 * j), line, fill="black", font=font)
+    return grid
+
+
+def side_by_side(left: Image.Image, right: Image.Image, labels: tuple[str, str] = ("before", "after"),
+                 gap: int = 16) -> Image.Image:
+    """Two grids next to each other with a label above each."""
+    header = 16
+    width = left.width + gap + right.width
+    out = Image.new("RGB", (width, header + max(left.height, right.height)), "white")
+    draw = ImageDraw.Draw(out)
+    out.paste(left, (0, header))
+    out.paste(right, (left.width + gap, header))
+    draw.text((4, 2), labels[0], fill="black", font=ImageFont.load_default())
+    draw.text((left.width + gap + 4, 2), labels[1], fill="black", font=ImageFont.load_default())
+    return out

@@ -1,0 +1,85 @@
+"""The `Method` interface: what a training method gives the shared `Trainer`.
+
+A method turns a batch into a loss and metrics, evaluates its model, and saves its result.
+Everything else (devices, accumulation, clipping, mixed precision, checkpoints, resume, logs,
+progress bars, reports) is the trainer's job. Offline methods return a dataset; online methods
+may instead override `next_batch` to produce batches from the current policy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from mmalign.config import RunConfig
+
+
+@dataclass
+class Evaluation:
+    """One evaluation: scalar metrics (gold metric first) and an optional sample grid."""
+
+    metrics: dict[str, float]
+    grid: Image.Image | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """Base class of every training method. `config_class` is the method's config dataclass."""
+
+    config_class: ClassVar[type]
+
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.config = run.method_args
+
+    @abstractmethod
+    def setup(self, accelerator) -> None:
+        """Load models and data onto `accelerator.device`."""
+
+    @abstractmethod
+    def trainable_module(self) -> torch.nn.Module:
+        """The module holding the trainable parameters (the trainer prepares it with accelerate)."""
+
+    @abstractmethod
+    def set_trainable_module(self, module: torch.nn.Module) -> None:
+        """Receive the prepared (possibly DDP-wrapped) module to call in `compute_loss`."""
+
+    @abstractmethod
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable weights by name, for checkpoints."""
+
+    @abstractmethod
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore weights written by `trainable_state_dict`."""
+
+    def train_dataset(self) -> torch.utils.data.Dataset | None:
+        """The dataset offline methods train on; None for online methods."""
+        return None
+
+    def collate(self, items: list[Any]) -> Any:
+        return torch.utils.data.default_collate(items)
+
+    def next_batch(self, step: int, micro: int) -> Any:
+        """Online methods: produce the batch for `(step, micro)` from the current policy."""
+        raise RuntimeError(f"{type(self).__name__} has no dataset and does not produce batches")
+
+    @abstractmethod
+    def compute_loss(self, batch: Any, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss (a scalar with a graph) and detached scalar metrics for one micro-batch."""
+
+    @abstractmethod
+    def evaluate(self, step: int) -> Evaluation:
+        """Measure the current model (held-out gold metric first)."""
+
+    @abstractmethod
+    def save_final(self, directory: Path) -> list[str]:
+        """Write the trained result into `directory`; return the paths written (relative)."""
+
+    def gold_metric(self) -> str:
+        """Name of the metric reported as `gold_metric`."""
+        return "gold"

@@ -1,0 +1,296 @@
+"""The one training loop every method uses, on accelerate.
+
+`Trainer(run, method).train()`:
+
+1. creates the `Accelerator` (mixed precision, gradient accumulation) and the run directory
+   (`config.yaml`, `logs/` for TensorBoard, `checkpoints/`, `samples/`);
+2. lets the method load its model and data, prepares the trainable module, AdamW and the LR
+   schedule with accelerate;
+3. resumes from the newest complete checkpoint when there is one (weights, optimizer,
+   scheduler, RNG states, data epoch and position), otherwise evaluates the starting model;
+4. runs `max_steps` optimizer steps: each step is `gradient_accumulation_steps` micro-batches
+   through `method.compute_loss`, clipped and stepped; logs every `log_every`, evaluates every
+   `eval.every`, checkpoints every `checkpoint_every` (and at the last step);
+5. evaluates the final model, saves it, and writes `report.md` / `report.json`.
+
+Data order: one seeded permutation per epoch; the global micro-batch is split over processes
+by accelerate (`split_batches=True`), so N processes see exactly the samples one process would.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import DataLoaderConfiguration
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from mmalign.config import RunConfig, dump_config
+from mmalign.errors import UserInputError
+from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
+from mmalign.train import checkpoint as ckpt
+from mmalign.train.method import Evaluation, Method
+from mmalign.train.report import write_report
+
+
+class ConfigMismatchError(UserInputError):
+    """The output directory holds a run with a different configuration."""
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A seeded permutation of `range(n)` for one epoch, starting at `start` (for resume)."""
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(self.n, generator=generator)[self.start :].tolist()
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+@dataclass
+class TrainerState:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # samples of the current epoch already consumed (global)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # {"step", "metrics"}
+    train_log: list[dict[str, float]] = field(default_factory=list)  # logged training metrics
+    seconds: float = 0.0  # training time accumulated over (possibly interrupted) sessions
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, method: Method):
+        self.run, self.method = run, method
+        self.out = Path(run.output_dir)
+        t = run.train
+        if t.max_steps < 1:
+            raise ValueError("train.max_steps must be at least 1")
+        self.accelerator = Accelerator(
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        )
+        if t.batch_size % self.accelerator.num_processes:
+            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the "
+                             f"{self.accelerator.num_processes} processes")
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.state = TrainerState()
+        self.writer = None
+
+    # ------------------------------------------------------------------ run directory
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _prepare_run_dir(self) -> Path | None:
+        """Create or check the run directory; return the checkpoint to resume from, if any."""
+        config_text = dump_config(self.run)
+        config_file = self.out / "config.yaml"
+        root = self.out / "checkpoints"
+        resume_from = None
+        if self.run.train.resume and config_file.exists():
+            saved = config_file.read_text()
+            if saved != config_text:
+                raise ConfigMismatchError(
+                    f"{self.out} holds a run with a different config ({config_file}); use another output_dir "
+                    "or set train.resume=false to start over"
+                )
+            found = ckpt.checkpoint_dirs(root)
+            resume_from = found[-1] if found else None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(root)
+            if resume_from is None:
+                for stale in ckpt.checkpoint_dirs(root):
+                    shutil.rmtree(stale)
+                for name in ("report.md", "report.json"):
+                    (self.out / name).unlink(missing_ok=True)
+            atomic_write_text(config_file, config_text)
+        self.accelerator.wait_for_everyone()
+        return resume_from
+
+    # ------------------------------------------------------------------ data
+    def _micro_batches(self):
+        """Yield micro-batches forever, advancing `state.epoch` / `state.position` as it goes."""
+        dataset = self.method.train_dataset()
+        if dataset is None:  # online method: batches come from the current policy
+            while True:
+                yield None
+        batch_size = self.run.train.batch_size
+        if len(dataset) < batch_size:
+            raise ValueError(f"the training set has {len(dataset)} items, fewer than train.batch_size={batch_size}")
+        while True:
+            if self.state.position + batch_size > len(dataset):
+                self.state.epoch, self.state.position = self.state.epoch + 1, 0
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(self.state.epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=EpochSampler(len(dataset), self.run.seed, self.state.epoch, self.state.position),
+                drop_last=True,
+                collate_fn=self.method.collate,
+            )
+            loader = prepare_data_loader(
+                loader,
+                device=self.accelerator.device,
+                num_processes=self.accelerator.num_processes,
+                process_index=self.accelerator.process_index,
+                split_batches=True,
+                put_on_device=True,
+            )
+            for batch in loader:
+                self.state.position += batch_size
+                yield batch
+            self.state.epoch, self.state.position = self.state.epoch + 1, 0
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, scalars: dict[str, float], step: int, prefix: str) -> None:
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            self.writer.flush()
+
+    def _evaluate(self, step: int) -> Evaluation:
+        result = self.method.evaluate(step)
+        if self.is_main:
+            self.state.evaluations.append({"step": step, "metrics": result.metrics})
+            self._log(result.metrics, step, "eval")
+            if result.grid is not None:
+                samples = self.out / "samples"
+                samples.mkdir(exist_ok=True)
+                result.grid.save(samples / f"step-{step:06d}.png")
+                if self.writer is not None:
+                    self.writer.add_image("samples", np.asarray(result.grid), step, dataformats="HWC")
+            atomic_write_json(self.out / "evaluations.json", self.state.evaluations)
+        return result
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> dict[str, Any]:
+        acc, t = self.accelerator, self.run.train
+        resume_from = self._prepare_run_dir()
+        self.method.setup(acc)
+        module = self.method.trainable_module()
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the method exposes no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      eps=t.adam_epsilon, weight_decay=t.weight_decay)
+        scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                                  num_training_steps=t.max_steps)
+        module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+        self.method.set_trainable_module(module)
+
+        if resume_from is not None:
+            saved = ckpt.read_checkpoint(resume_from, acc.process_index)
+            self.method.load_trainable_state_dict(saved["trainable"])
+            ckpt.restore_optimizer(optimizer.optimizer, saved["optimizer"])
+            scheduler.scheduler.load_state_dict(saved["scheduler"])
+            ckpt.restore_rng(saved["rng"])
+            self.state = TrainerState(**saved["trainer_state"])
+            acc.print(f"resumed from {resume_from} at step {self.state.step}")
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "logs"), purge_step=self.state.step + 1)
+        if resume_from is None:
+            self._evaluate(0)
+
+        batches = self._micro_batches()
+        progress = tqdm(total=t.max_steps, initial=self.state.step, desc=self.run.recipe or self.run.method,
+                        disable=not self.is_main, unit="step")
+        totals: dict[str, float] = {}
+        count = 0
+        session_start = time.time()
+        seconds_before = self.state.seconds
+        while self.state.step < t.max_steps:
+            step = self.state.step
+            for micro in range(t.gradient_accumulation_steps):
+                batch = next(batches)
+                if batch is None:
+                    batch = self.method.next_batch(step, micro)
+                with acc.accumulate(module):
+                    with acc.autocast():
+                        loss, metrics = self.method.compute_loss(batch, step, micro)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}, micro-batch {micro}")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        metrics = {**metrics, "grad_norm": self._clip(params)}
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in {"loss": loss.detach(), **metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + float(acc.reduce(torch.as_tensor(value, device=acc.device,
+                                                                                           dtype=torch.float32),
+                                                                           "mean"))
+                count += 1
+            self.state.step += 1
+            self.state.seconds = seconds_before + time.time() - session_start
+            progress.update(1)
+            if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                means = {k: v / count for k, v in totals.items()}
+                means["lr"] = scheduler.get_last_lr()[0]
+                self.state.train_log.append({"step": self.state.step, **means})
+                self._log(means, self.state.step, "train")
+                progress.set_postfix(loss=f"{means['loss']:.4f}")
+                totals, count = {}, 0
+            if self.run.eval.every and self.state.step % self.run.eval.every == 0 and self.state.step < t.max_steps:
+                self._evaluate(self.state.step)
+            if (t.checkpoint_every and self.state.step % t.checkpoint_every == 0) or self.state.step == t.max_steps:
+                self._checkpoint(optimizer, scheduler)
+        progress.close()
+        return self._finish()
+
+    def _clip(self, params: list[torch.nn.Parameter]) -> float:
+        max_norm = self.run.train.max_grad_norm
+        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+        return float(norm)
+
+    def _checkpoint(self, optimizer, scheduler) -> None:
+        acc = self.accelerator
+        root = self.out / "checkpoints"
+        state = self.state.__dict__.copy()
+        ckpt.write_checkpoint(
+            root,
+            self.state.step,
+            trainable=self.method.trainable_state_dict() if self.is_main else {},
+            optimizer=optimizer.optimizer,
+            scheduler=scheduler.scheduler,
+            trainer_state=state,
+            process_index=acc.process_index,
+            is_main=self.is_main,
+            barrier=acc.wait_for_everyone,
+        )
+        if self.is_main:
+            ckpt.prune(root, self.run.train.keep_checkpoints)
+
+    def _finish(self) -> dict[str, Any]:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final_eval = self._evaluate(self.state.step)
+        report: dict[str, Any] = {}
+        if self.is_main:
+            with atomic_directory(self.out / "final") as tmp:
+                saved = self.method.save_final(tmp)
+            report = write_report(self.out, self.run, self.method, self.state, final_eval,
+                                  saved=[f"final/{p}" for p in saved])
+            if self.writer is not None:
+                self.writer.close()
+        acc.wait_for_everyone()
+        return report
