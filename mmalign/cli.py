@@ -21,8 +21,10 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     report = mmalign.train(config)
     if report:
-        print(f"{report['gold_metric']}: {report['before']:.4f} -> {report['after']:.4f} "
-              f"({report['delta']:+.4f}); report: {Path(config.output_dir) / 'report.md'}")
+        print(
+            f"{report['gold_metric']}: {report['before']:.4f} -> {report['after']:.4f} "
+            f"({report['delta']:+.4f}); report: {Path(config.output_dir) / 'report.md'}"
+        )
     return 0
 
 
@@ -105,8 +107,9 @@ def _sample(args: argparse.Namespace) -> int:
     images = []
     for start in range(0, len(all_prompts), args.batch_size):
         batch = all_prompts[start : start + args.batch_size]
-        noise = torch.stack([torch.randn(shape, generator=keyed_generator(args.seed, start + i))
-                             for i in range(len(batch))])
+        noise = torch.stack(
+            [torch.randn(shape, generator=keyed_generator(args.seed, start + i)) for i in range(len(batch))]
+        )
         images.append(model.generate(batch, num_steps=args.steps, guidance_scale=args.guidance, noise=noise))
     images_t = torch.cat(images)
     for i, image in enumerate(images_t):
@@ -129,15 +132,20 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmalign", description="Align generative models with preferences and "
-                                     "rewards. Run `mmalign <command> --help` for each command's options.")
+    parser = argparse.ArgumentParser(
+        prog="mmalign",
+        description="Align generative models with preferences and "
+        "rewards. Run `mmalign <command> --help` for each command's options.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
-        "train", help="run a training recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="run a training recipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a recipe YAML. Override any key as key=value (dotted for nested keys; "
-                    "`model=ID` and `data=PATH` set model.path / data.path). A run killed mid-way resumes "
-                    "from its last checkpoint when the same command is run again.",
+        "`model=ID` and `data=PATH` set model.path / data.path). A run killed mid-way resumes "
+        "from its last checkpoint when the same command is run again.",
         epilog="config keys (key = default):\n" + help_text(),
     )
     train.add_argument("config", help="recipe YAML, e.g. configs/image/diffusion_dpo.yaml")
@@ -149,8 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--reward", default="clip-score", help="registered reward name or a trained reward folder")
     score.add_argument("--prompt", help="one prompt for every file")
     score.add_argument("--prompts-file", help="text file with one prompt per file, in order")
-    score.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="keyword argument for the reward (e.g. path=/models/clip), repeatable")
+    score.add_argument(
+        "--reward-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for the reward (e.g. path=/models/clip), repeatable",
+    )
     score.add_argument("--csv", help="also write the table as CSV here")
     score.add_argument("--json", help="also write the scores as JSON here")
     score.set_defaults(func=_score)

@@ -38,14 +38,15 @@ class ModelConfig:
     path: str = _help("Hub id, local diffusers folder, or embedded:<name>", default="embedded:shapes-t2i")
     lora_rank: int | None = _help("LoRA rank on the denoiser's attention; null = full fine-tuning", default=8)
     lora_alpha: int | None = _help("LoRA alpha (scale = alpha / rank); null = rank", default=None)
-    lora_targets: list[str] | None = _help("module names to adapt; null = the family's attention projections",
-                                           default=None)
-    dtype: str = _help("dtype of frozen weights: float32, float16 or bfloat16 (trainable weights stay fp32)",
-                       default="float32")
+    lora_targets: list[str] | None = _help(
+        "module names to adapt; null = the family's attention projections", default=None
+    )
+    dtype: str = _help(
+        "dtype of frozen weights: float32, float16 or bfloat16 (trainable weights stay fp32)", default="float32"
+    )
     variant: str | None = _help("weights variant to load, e.g. fp16", default=None)
     revision: str | None = _help("Hub revision (branch, tag or commit)", default=None)
-    gradient_checkpointing: bool = _help("recompute denoiser activations in backward to save memory",
-                                         default=False)
+    gradient_checkpointing: bool = _help("recompute denoiser activations in backward to save memory", default=False)
     flow_sampling: str = _help("σ law for flow-matching models: logit_normal or uniform", default="logit_normal")
 
 
@@ -76,15 +77,15 @@ class DataConfig:
     random_flip: bool = _help("horizontal flip with probability 1/2, per image", default=False)
     max_pairs: int | None = _help("use at most this many pairs (after dropping ties)", default=None)
     cache_dir: str | None = _help("where generated embedded data is cached; null = ~/.cache/mmalign", default=None)
-    embedded: EmbeddedPrefsConfig = _help("generation of the embedded preference set",
-                                          default_factory=EmbeddedPrefsConfig)
+    embedded: EmbeddedPrefsConfig = _help(
+        "generation of the embedded preference set", default_factory=EmbeddedPrefsConfig
+    )
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = _help("optimizer steps", default=300)
-    batch_size: int = _help("global batch per optimizer micro-step (pairs for DPO), split over processes",
-                            default=8)
+    batch_size: int = _help("global batch per optimizer micro-step (pairs for DPO), split over processes", default=8)
     gradient_accumulation_steps: int = _help("micro-steps per optimizer step", default=1)
     learning_rate: float = _help("peak learning rate", default=1e-4)
     lr_scheduler: str = _help("constant, constant_with_warmup, linear, cosine, …", default="constant_with_warmup")
@@ -106,8 +107,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = _help("evaluate every N steps (0 = only before and after)", default=100)
-    prompts: str = _help("heldout / train (shapes-world splits) or a text file with one prompt per line",
-                         default="heldout")
+    prompts: str = _help(
+        "heldout / train (shapes-world splits) or a text file with one prompt per line", default="heldout"
+    )
     num_prompts: int | None = _help("use the first N prompts; null = all", default=None)
     samples_per_prompt: int = _help("images per prompt (different noise)", default=1)
     gold: str | None = _help("the reward reported as gold_metric (never trained on)", default="shapes-gold")

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`(B, ...)` × `(B, ...)` → `(B,)` mean squared error over every non-batch element."""
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (prediction - target).pow(2).flatten(1).mean(dim=1)
 
 
-def per_segment_mse(prediction: torch.Tensor, target: torch.Tensor, frame_segment: torch.Tensor,
-                    num_segments: int) -> torch.Tensor:
+def per_segment_mse(
+    prediction: torch.Tensor, target: torch.Tensor, frame_segment: torch.Tensor, num_segments: int
+) -> torch.Tensor:
     """Squared error of `(B, C, F, H, W)` latents split over segments: `(B, S)`.
 
     `frame_segment (F,)` gives the segment index of every latent frame. Segment `s` holds the
@@ -28,7 +29,7 @@ def per_segment_mse(prediction: torch.Tensor, target: torch.Tensor, frame_segmen
     frames = prediction.shape[2]
     if frame_segment.shape != (frames,):
         raise ValueError(f"frame_segment must have shape ({frames},), got {tuple(frame_segment.shape)}")
-    sq = (prediction.float() - target.float()).pow(2)
+    sq = (prediction - target).pow(2)
     per_frame = sq.sum(dim=(1, 3, 4)) / sq[0].numel()  # (B, F)
     one_hot = F.one_hot(frame_segment.long().to(per_frame.device), num_segments).to(per_frame.dtype)  # (F, S)
     return per_frame @ one_hot

@@ -20,7 +20,6 @@ Usage: `python scripts/train_shapes_world.py --work-dir /tmp/shapes-work [--thre
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import time
@@ -98,7 +97,9 @@ def clip_model(tokenizer) -> CLIPModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = dict(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=4)
+    vision = dict(
+        image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=4
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
 
@@ -190,7 +191,16 @@ def train_clip(work: Path, steps: int, seed: int, negatives: int = 4) -> None:
         opt.zero_grad()
         if step % 100 == 0 or step == steps:
             acc = (hard_logits.argmax(-1) == 0).float().mean().item()
-            log(work, {"phase": "clip", "step": step, "loss": loss.item(), "hard_acc": acc, "minutes": (time.time() - start) / 60})
+            log(
+                work,
+                {
+                    "phase": "clip",
+                    "step": step,
+                    "loss": loss.item(),
+                    "hard_acc": acc,
+                    "minutes": (time.time() - start) / 60,
+                },
+            )
     model.eval()
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
@@ -209,6 +219,130 @@ def train_clip(work: Path, steps: int, seed: int, negatives: int = 4) -> None:
     processor.save_pretrained(out)
 
 
+def render_latents(vae, n: int, seed: int, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Posterior mean and std `(n, 4, 8, 8)` of `n` train-split renders, and their captions."""
+    rng = np.random.default_rng(seed)
+    means, stds, caps = [], [], []
+    with torch.no_grad():
+        for _ in range(0, n, batch):
+            x, c = render_batch(batch, rng)
+            dist = vae.encode(x).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+            caps += c
+    return torch.cat(means)[:n], torch.cat(stds)[:n], caps[:n]
+
+
+def evaluate_t2i(model, captions: list[str], seed: int) -> dict[str, float]:
+    """Gold metric of the model's samples (20 DDIM steps, guidance 3) on `captions`."""
+    from mmalign.rewards.shapes_gold import ShapesGold
+
+    gold = ShapesGold()
+    images = []
+    shape = model.latent_shape(1, model.default_resolution)[1:]
+    for start in range(0, len(captions), 64):
+        batch = captions[start : start + 64]
+        g = torch.Generator().manual_seed(seed + start)
+        noise = torch.randn((len(batch), *shape), generator=g)
+        images.append(model.generate(batch, num_steps=20, guidance_scale=3.0, noise=noise))
+    images = torch.cat(images)
+    return {"gold": float(gold(images, captions).mean()), **gold.breakdown(images, captions)}
+
+
+def train_t2i(work: Path, steps: int, eval_every: int, seed: int, lr: float = 5e-4, batch: int = 32) -> None:
+    from mmalign.models.diffusion import DiffusionModel
+    from mmalign.models.noise import VariancePreserving
+
+    out = work / "stage-t2i"
+    if (out / "done.json").exists():
+        return
+    torch.manual_seed(seed)
+    model = DiffusionModel.from_pretrained(work / "stage-vae", lora_rank=None, reference=False)
+    pipe = model.pipe
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    text_encoder.requires_grad_(True).train()
+    params = [p for p in unet.parameters()] + [p for p in text_encoder.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    mean, std, caps = render_latents(pipe.vae, 50_000, seed + 100)
+    scaling = pipe.vae.config.scaling_factor
+    noise_process: VariancePreserving = model.noise  # type: ignore[assignment]
+    rng = np.random.default_rng(seed + 200)
+    heldout = shapes_world.captions("heldout")
+    train_eval = shapes_world.sample_captions(len(heldout), "train", np.random.default_rng(seed + 300), 0.0)
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    for step in range(1, steps + 1):
+        idx = torch.from_numpy(rng.integers(0, len(caps), batch))
+        x0 = (mean[idx] + std[idx] * torch.randn_like(mean[idx])) * scaling
+        prompts = ["" if rng.random() < 0.1 else caps[i] for i in idx.tolist()]
+        ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        cond = text_encoder(ids)[0]
+        noise = torch.randn_like(x0)
+        t = noise_process.sample_timesteps(batch)
+        pred = unet(noise_process.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        if step % 100 == 0:
+            log(work, {"phase": "t2i", "step": step, "loss": loss.item(), "minutes": (time.time() - start) / 60})
+        if step % eval_every == 0 or step == steps:
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    p.copy_(e)
+            unet.eval()
+            text_encoder.eval()
+            snap = out / f"step-{step:06d}"
+            pipe.save_pretrained(snap)
+            record = {
+                "phase": "t2i",
+                "step": step,
+                "eval": True,
+                "heldout": evaluate_t2i(model, heldout, seed + 400),
+                "train": evaluate_t2i(model, train_eval, seed + 400),
+            }
+            log(work, record)
+            with torch.no_grad():
+                for v, p in zip(live, params):
+                    p.copy_(v)
+            unet.train()
+            text_encoder.train()
+    (out / "done.json").write_text(json.dumps({"steps": steps}))
+
+
+def ship(work: Path, step: int) -> None:
+    """Copy the chosen snapshot (fp16 weights) and the CLIP into mmalign/assets, with the log."""
+    from diffusers import StableDiffusionPipeline
+
+    snap = work / "stage-t2i" / f"step-{step:06d}"
+    pipe = StableDiffusionPipeline.from_pretrained(snap, safety_checker=None, requires_safety_checker=False)
+    pipe.to(torch.float16)
+    target = ASSETS / "shapes-t2i"
+    shutil.rmtree(target, ignore_errors=True)
+    pipe.save_pretrained(target, safe_serialization=True)
+    clip_target = ASSETS / "shapes-clip"
+    shutil.rmtree(clip_target, ignore_errors=True)
+    shutil.copytree(work / "stage-clip", clip_target)
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    summary = {
+        "shipped_step": step,
+        "vae": [r for r in records if r.get("phase") == "vae" and r.get("done")],
+        "clip": [r for r in records if r.get("phase") == "clip" and r.get("done")],
+        "t2i_evals": [r for r in records if r.get("phase") == "t2i" and r.get("eval")],
+    }
+    (ASSETS / "TRAINING_LOG.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, required=True)
@@ -216,7 +350,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--clip-steps", type=int, default=3000)
-    parser.add_argument("--phases", default="vae,clip")
+    parser.add_argument("--t2i-steps", type=int, default=6000)
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--ship-step", type=int, default=None, help="t2i snapshot to ship (phase ship)")
+    parser.add_argument("--phases", default="vae,clip,t2i")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +362,12 @@ def main() -> None:
         train_vae(args.work_dir, args.vae_steps, args.seed)
     if "clip" in phases:
         train_clip(args.work_dir, args.clip_steps, args.seed)
+    if "t2i" in phases:
+        train_t2i(args.work_dir, args.t2i_steps, args.eval_every, args.seed)
+    if "ship" in phases:
+        if args.ship_step is None:
+            parser.error("phase ship needs --ship-step")
+        ship(args.work_dir, args.ship_step)
 
 
 if __name__ == "__main__":

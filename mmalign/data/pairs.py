@@ -143,8 +143,11 @@ def read_pickapic(dataset, source: str) -> tuple[list[PairRecord], int]:
             ties += 1
             continue
         prompt = _check_prompt(caption, _where(source, i, "caption"))
-        records.append(PairRecord(prompt, ("jpg_0" if first else "jpg_1", i), ("jpg_1" if first else "jpg_0", i),
-                                  _where(source, i)))
+        records.append(
+            PairRecord(
+                prompt, ("jpg_0" if first else "jpg_1", i), ("jpg_1" if first else "jpg_0", i), _where(source, i)
+            )
+        )
     return records, ties
 
 
@@ -169,8 +172,15 @@ class PreferencePairs(torch.utils.data.Dataset):
     flipped. Random choices are keyed by `(seed, epoch, index)` so a resumed run repeats them.
     """
 
-    def __init__(self, records: list[PairRecord], resolution: int, dataset=None, random_crop: bool = False,
-                 random_flip: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        records: list[PairRecord],
+        resolution: int,
+        dataset=None,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+    ):
         self.records, self.dataset = records, dataset
         self.resolution, self.random_crop, self.random_flip, self.seed = resolution, random_crop, random_flip, seed
         self.epoch = 0
@@ -185,8 +195,10 @@ class PreferencePairs(torch.utils.data.Dataset):
         if isinstance(record.image_w, tuple):  # (column, row) references into a datasets table
             (col_w, row), (col_l, _) = record.image_w, record.image_l
             data = self.dataset[row]
-            return (_decode(data[col_w], f"{record.where}, field {col_w!r}"),
-                    _decode(data[col_l], f"{record.where}, field {col_l!r}"))
+            return (
+                _decode(data[col_w], f"{record.where}, field {col_w!r}"),
+                _decode(data[col_l], f"{record.where}, field {col_l!r}"),
+            )
         return _decode(record.image_w, record.where), _decode(record.image_l, record.where)
 
     def _transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
@@ -226,9 +238,18 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def load_pairs(path: str | Path, *, split: str = "train", resolution: int, drop_ties: bool = True,
-               max_pairs: int | None = None, random_crop: bool = False, random_flip: bool = False,
-               seed: int = 0, verify_images: bool = True) -> PreferencePairs:
+def load_pairs(
+    path: str | Path,
+    *,
+    split: str = "train",
+    resolution: int,
+    drop_ties: bool = True,
+    max_pairs: int | None = None,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    seed: int = 0,
+    verify_images: bool = True,
+) -> PreferencePairs:
     """Open a pair source (see the module docstring) as a `PreferencePairs` dataset."""
     path = str(path)
     local = Path(path)

@@ -56,10 +56,19 @@ def build_shapes_prefs(config: EmbeddedPrefsConfig, model, directory: Path, batc
             batch = prompts[start : start + batch_size]
             images, scores = [], []
             for k in range(config.candidates):
-                noise = torch.stack([torch.randn(shape, generator=keyed_generator(config.seed, start + i, k))
-                                     for i in range(len(batch))])
-                latents = model.sample(batch, num_steps=config.num_steps, guidance_scale=config.guidance_scale,
-                                       noise=noise, use_reference=True)
+                noise = torch.stack(
+                    [
+                        torch.randn(shape, generator=keyed_generator(config.seed, start + i, k))
+                        for i in range(len(batch))
+                    ]
+                )
+                latents = model.sample(
+                    batch,
+                    num_steps=config.num_steps,
+                    guidance_scale=config.guidance_scale,
+                    noise=noise,
+                    use_reference=True,
+                )
                 decoded = model.decode_latents(latents).cpu()
                 images.append(decoded)
                 scores.append(reward(decoded, batch))
@@ -75,13 +84,24 @@ def build_shapes_prefs(config: EmbeddedPrefsConfig, model, directory: Path, batc
                 _save_png(images_t[worst, i], tmp / names[1])
                 swap = bool(rng.random() < 0.5)
                 first, second = (names[1], names[0]) if swap else names
-                rows.append({"image_0": first, "image_1": second, "label": 1 if swap else 0, "prompt": prompt,
-                             "proxy_margin": round(margin, 4)})
+                rows.append(
+                    {
+                        "image_0": first,
+                        "image_1": second,
+                        "label": 1 if swap else 0,
+                        "prompt": prompt,
+                        "proxy_margin": round(margin, 4),
+                    }
+                )
                 margins.append(margin)
         if not rows:
             raise ValueError("no pair reached data.embedded.min_margin; lower it or add candidates")
         (tmp / JSONL_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        meta = {"config": vars(config), "pairs": len(rows), "prompts": len(prompts),
-                "mean_proxy_margin": float(np.mean(margins))}
+        meta = {
+            "config": vars(config),
+            "pairs": len(rows),
+            "prompts": len(prompts),
+            "mean_proxy_margin": float(np.mean(margins)),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -203,7 +203,9 @@ def find_blobs(image: np.ndarray) -> list[Blob]:
             continue
         mask = components == largest
         ys, xs = np.nonzero(mask)
-        blobs.append(Blob(name, len(xs), (float(xs.mean()), float(ys.mean())), _classify_shape(mask[ys.min() : ys.max() + 1])))
+        blobs.append(
+            Blob(name, len(xs), (float(xs.mean()), float(ys.mean())), _classify_shape(mask[ys.min() : ys.max() + 1]))
+        )
     return blobs
 
 
@@ -223,8 +225,9 @@ def gold_checks(image: np.ndarray, caption: str) -> dict[str, float]:
     """Per-check results in {0, 1} and their mean `score` for one image `(H, W, 3)` uint8.
 
     Checks: each requested colour is present (`colour`), each present shape is the requested one
-    (`shape`; triangles taper towards the top, squares fill their bounding box, circles neither), exactly the requested number of colour blobs is present (`count`), and for two
-    shapes the relation holds between the blob centroids (`relation`). `all` is 1 when every
+    (`shape`; triangles taper towards the top, squares fill their bounding box, circles neither),
+    exactly the requested number of colour blobs is present (`count`), and for two shapes the
+    relation holds between the blob centroids (`relation`). `all` is 1 when every
     check passes.
     """
     scene = parse_caption(caption)

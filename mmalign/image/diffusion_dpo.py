@@ -27,15 +27,18 @@ class DiffusionDPOConfig:
     beta: float = _help("β multiplying mean-reduced errors (2500 for SD1.5 in the diffusers convention)", 2500.0)
     beta_convention: str = _help(
         "plain: β as given (diffusers example); salesforce_half: the effective β is β/2 (Salesforce code, "
-        "whose launchers pass 5000)", "plain")
+        "whose launchers pass 5000)",
+        "plain",
+    )
     sft_weight: float = _help("weight of an added plain denoising loss on the winners (0 = pure DPO)", 0.0)
     prompt_dropout: float = _help("probability of training a pair with the empty prompt", 0.0)
 
     @property
     def effective_beta(self) -> float:
         if self.beta_convention not in ("plain", "salesforce_half"):
-            raise ValueError(f"diffusion_dpo.beta_convention must be plain or salesforce_half, "
-                             f"got {self.beta_convention!r}")
+            raise ValueError(
+                f"diffusion_dpo.beta_convention must be plain or salesforce_half, got {self.beta_convention!r}"
+            )
         return self.beta / 2 if self.beta_convention == "salesforce_half" else self.beta
 
 
@@ -47,8 +50,10 @@ class DiffusionDPO(DiffusionPairMethod):
         p = self.config.prompt_dropout
         if p <= 0:
             return prompts
-        draws = [float(torch.rand(1, generator=keyed_generator(self.run.seed, step, int(i), "prompt")))
-                 for i in index.tolist()]
+        draws = [
+            float(torch.rand(1, generator=keyed_generator(self.run.seed, step, int(i), "prompt")))
+            for i in index.tolist()
+        ]
         return ["" if d < p else prompt for d, prompt in zip(draws, prompts)]
 
     def compute_loss(self, batch: dict[str, Any], step: int, micro: int):
@@ -60,8 +65,7 @@ class DiffusionDPO(DiffusionPairMethod):
         target = self.model.noise.target(x0, noise, t)
         err = per_sample_mse(self.model.predict(x_t, t, cond), target)
         ref_err = per_sample_mse(self.model.predict_reference(x_t, t, cond), target)
-        loss, metrics = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:],
-                                           beta=self.config.effective_beta)
+        loss, metrics = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], beta=self.config.effective_beta)
         if self.config.sft_weight:
             loss = loss + self.config.sft_weight * err[:n].mean()
         return loss, metrics

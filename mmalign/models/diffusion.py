@@ -126,8 +126,9 @@ class DiffusionModel:
         **kwargs,
     ) -> DiffusionModel:
         """Load a Hub id, a local diffusers folder or `embedded:<name>`; kwargs go to `__init__`."""
-        pipe = load_pipeline(path, torch_dtype=torch.float32 if torch_dtype is None else torch_dtype,
-                             variant=variant, revision=revision)
+        pipe = load_pipeline(
+            path, torch_dtype=torch.float32 if torch_dtype is None else torch_dtype, variant=variant, revision=revision
+        )
         return cls(pipe, weight_dtype=torch_dtype or torch.float32, **kwargs)
 
     # ------------------------------------------------------------------ properties

@@ -83,8 +83,9 @@ class FlowMatching:
     or `"uniform"`, then applies the scheduler's `shift`: σ = shift·u / (1 + (shift − 1)·u).
     """
 
-    def __init__(self, scheduler_config: dict, sampling: str = "logit_normal", logit_mean: float = 0.0,
-                 logit_std: float = 1.0):
+    def __init__(
+        self, scheduler_config: dict, sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0
+    ):
         if sampling not in ("logit_normal", "uniform"):
             raise ValueError(f"unknown timestep sampling {sampling!r}; expected logit_normal or uniform")
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
@@ -96,7 +97,9 @@ class FlowMatching:
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.sampling == "logit_normal":
-            u = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean)
+            u = torch.sigmoid(
+                torch.randn(n, generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean
+            )
         else:
             u = torch.rand(n, generator=generator, dtype=torch.float64)
         u = u.clamp(1e-4, 1 - 1e-4)

@@ -26,7 +26,16 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from mmalign.data import shapes_world
 from mmalign.models.tokenizers import clip_tokenizer
@@ -37,7 +46,25 @@ WORDS: tuple[str, ...] = tuple(
         set(shapes_world.COLOURS)
         | set(shapes_world.SHAPES)
         | {w for rel in shapes_world.RELATIONS for w in rel.split()}
-        | set("a an the of photo picture image cat dog ball red and on in with".split())
+        | set(
+            [
+                "a",
+                "an",
+                "the",
+                "of",
+                "photo",
+                "picture",
+                "image",
+                "cat",
+                "dog",
+                "ball",
+                "red",
+                "and",
+                "on",
+                "in",
+                "with",
+            ]
+        )
     )
 )
 FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "sd3")
@@ -246,4 +273,61 @@ def build_tiny_pipeline(family: str, directory: str | Path, seed: int = 0) -> Pa
         raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
     directory = Path(directory)
     pipe.save_pretrained(directory)
+    return directory
+
+
+def clip_model(tokenizer: CLIPTokenizer, hidden: int = 64, text_layers: int = 3, vision_layers: int = 4,
+               image_size: int = 32, patch_size: int = 4) -> CLIPModel:
+    """A randomly initialised transformers `CLIPModel` (the embedded toy CLIP uses the defaults)."""
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_hidden_layers=text_layers,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_attention_heads=4, num_hidden_layers=vision_layers)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden)).eval()
+
+
+def clip_processor(tokenizer: CLIPTokenizer, image_size: int = 32) -> CLIPProcessor:
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tiny_clip(directory: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random transformers CLIP folder (model, tokenizer, image processor)."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), TINY_SD.max_tokens)
+    directory = Path(directory)
+    clip_model(tokenizer, hidden=32, text_layers=2, vision_layers=2).save_pretrained(directory)
+    clip_processor(tokenizer).save_pretrained(directory)
+    return directory
+
+
+def tiny_open_clip(directory: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random open_clip model as a `local-dir:` folder (config + safetensors)."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model_cfg = {"embed_dim": 32,
+                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+    model = open_clip.CLIP(**model_cfg)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    preprocess = {"size": 32, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                 "preprocess_cfg": preprocess}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(directory / "open_clip_model.safetensors"))
     return directory

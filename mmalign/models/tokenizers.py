@@ -42,7 +42,8 @@ def _full_merges() -> tuple[tuple[str, str], ...]:
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError("open_clip_torch is required to build the local CLIP tokenizer")
     path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     return tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])  # type: ignore[misc]
 
 

@@ -62,8 +62,9 @@ def as_image_batch(samples: Any) -> list[torch.Tensor] | torch.Tensor:
         return samples.float()
     if isinstance(samples, (str, Path, Image.Image, np.ndarray)):
         samples = [samples]
-    return [to_image_tensor(s, where=str(s) if isinstance(s, (str, Path)) else f"sample {i}")
-            for i, s in enumerate(samples)]
+    return [
+        to_image_tensor(s, where=str(s) if isinstance(s, (str, Path)) else f"sample {i}") for i, s in enumerate(samples)
+    ]
 
 
 def broadcast_prompts(prompts: str | Sequence[str] | None, n: int, required: bool) -> list[str] | None:
@@ -91,15 +92,15 @@ class Reward(ABC):
     def score_batch(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         """`images (N, 3, H, W)` in [0, 1] (same size within a batch) → scores `(N,)` on CPU."""
 
-    def __call__(self, samples: Any, prompts: str | Sequence[str] | None = None,
-                 progress: bool | None = None) -> torch.Tensor:
+    def __call__(
+        self, samples: Any, prompts: str | Sequence[str] | None = None, progress: bool | None = None
+    ) -> torch.Tensor:
         images = as_image_batch(samples)
         n = len(images)
         prompt_list = broadcast_prompts(prompts, n, self.needs_prompts)
         show = n > self.progress_threshold if progress is None else progress
         scores = []
-        for start in tqdm(range(0, n, self.batch_size), desc=f"scoring ({self.name})", disable=not show,
-                          unit="batch"):
+        for start in tqdm(range(0, n, self.batch_size), desc=f"scoring ({self.name})", disable=not show, unit="batch"):
             chunk = images[start : start + self.batch_size]
             batch = chunk if isinstance(chunk, torch.Tensor) else _stack(chunk)
             chunk_prompts = None if prompt_list is None else prompt_list[start : start + self.batch_size]
@@ -113,5 +114,11 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(images)
     # Mixed sizes: resize to the first image's size (rewards resize to their own input size anyway).
     h, w = images[0].shape[1:]
-    return torch.stack([torch.nn.functional.interpolate(im[None], size=(h, w), mode="bilinear",
-                                                        antialias=True, align_corners=False)[0] for im in images])
+    return torch.stack(
+        [
+            torch.nn.functional.interpolate(
+                im[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            for im in images
+        ]
+    )

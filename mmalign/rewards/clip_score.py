@@ -49,8 +49,8 @@ class _TransformersCLIP:
         self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         processor = CLIPImageProcessor.from_pretrained(path)
-        crop = processor.crop_size
-        self.size = int(crop["height"] if isinstance(crop, dict) else crop)
+        crop = processor.crop_size  # a dict in transformers 4, a SizeDict in 5, an int in old configs
+        self.size = int(crop if isinstance(crop, int) else crop["height"])
         self.mean, self.std = list(processor.image_mean), list(processor.image_std)
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
 
@@ -58,10 +58,14 @@ class _TransformersCLIP:
         return pooled(self.model.get_image_features(pixel_values=pixels))
 
     def text_features(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return pooled(self.model.get_text_features(input_ids=ids.input_ids.to(device),
-                                                   attention_mask=ids.attention_mask.to(device)))
+        ids = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return pooled(
+            self.model.get_text_features(
+                input_ids=ids.input_ids.to(device), attention_mask=ids.attention_mask.to(device)
+            )
+        )
 
 
 class _OpenCLIP:
@@ -96,8 +100,9 @@ class ClipScore(Reward):
 
     name = "clip-score"
 
-    def __init__(self, path: str | None = None, backend: str = "auto", device: str | torch.device = "cpu",
-                 batch_size: int = 64):
+    def __init__(
+        self, path: str | None = None, backend: str = "auto", device: str | torch.device = "cpu", batch_size: int = 64
+    ):
         resolved = resolve_model_path(path or DEFAULT_CLIP)
         if backend == "auto":
             is_open_clip = resolved.startswith("hf-hub:") or (Path(resolved) / "open_clip_config.json").exists()
@@ -105,8 +110,9 @@ class ClipScore(Reward):
         if backend not in ("transformers", "open_clip"):
             raise ValueError(f"unknown CLIP backend {backend!r}; expected auto, transformers or open_clip")
         self.device = torch.device(device)
-        self.backend = _OpenCLIP(resolved, self.device) if backend == "open_clip" else _TransformersCLIP(
-            resolved, self.device)
+        self.backend = (
+            _OpenCLIP(resolved, self.device) if backend == "open_clip" else _TransformersCLIP(resolved, self.device)
+        )
         self.batch_size = batch_size
         self._text_cache: dict[str, torch.Tensor] = {}
 
@@ -121,8 +127,9 @@ class ClipScore(Reward):
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings `(N, D)` of `(N, 3, H, W)` images in [0, 1] (keeps the graph)."""
-        pixels = preprocess(images.to(self.device, torch.float32), self.backend.size, self.backend.mean,
-                            self.backend.std)
+        pixels = preprocess(
+            images.to(self.device, torch.float32), self.backend.size, self.backend.mean, self.backend.std
+        )
         return F.normalize(self.backend.image_features(pixels).float(), dim=-1)
 
     def differentiable_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -88,8 +88,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
     if torch.cuda.is_available():
@@ -100,8 +104,9 @@ def rng_state() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -112,9 +117,10 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def remove_partial(root: Path) -> None:
@@ -129,8 +135,18 @@ def tmp_dir(root: Path, step: int) -> Path:
     return root / f".tmp-{PREFIX}{step:06d}"
 
 
-def write_checkpoint(root: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                     trainer_state: dict[str, Any], process_index: int, is_main: bool, barrier) -> Path:
+def write_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    process_index: int,
+    is_main: bool,
+    barrier,
+) -> Path:
     """Write every part into a temporary folder, then (main process) rename it to `step-N`.
 
     `barrier()` synchronises processes: every rank writes its RNG state before the rename.

@@ -49,9 +49,16 @@ class DiffusionPairMethod(Method):
         resolution = d.resolution or self.model.default_resolution[0]
         with accelerator.main_process_first():
             path = resolve_pairs_path(d, self.model, resolve_model_path(m.path))
-            self.dataset = load_pairs(path, split=d.split, resolution=resolution, drop_ties=d.drop_ties,
-                                      max_pairs=d.max_pairs, random_crop=d.random_crop,
-                                      random_flip=d.random_flip, seed=self.run.seed)
+            self.dataset = load_pairs(
+                path,
+                split=d.split,
+                resolution=resolution,
+                drop_ties=d.drop_ties,
+                max_pairs=d.max_pairs,
+                random_crop=d.random_crop,
+                random_flip=d.random_flip,
+                seed=self.run.seed,
+            )
         self.evaluator = DiffusionEvaluator(self.run.eval, device=self.device)
 
     # ------------------------------------------------------------------ Method plumbing
@@ -94,8 +101,9 @@ class DiffusionPairMethod(Method):
         """One keyed generator per sample id: the same id at the same step gets the same draws."""
         return [keyed_generator(self.run.seed, step, micro, int(i), stream) for i in index.tolist()]
 
-    def noised_latents(self, pixels: torch.Tensor, index: torch.Tensor, step: int, micro: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def noised_latents(
+        self, pixels: torch.Tensor, index: torch.Tensor, step: int, micro: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents, noise, timesteps and noised latents for `pixels (k·B, 3, H, W)`.
 
         `index (B,)` holds the sample ids; the `k` groups of B images (e.g. winners then losers)

@@ -52,13 +52,20 @@ class DiffusionEvaluator:
         c = self.config
         shape = model.latent_shape(1, model.default_resolution)[1:]
         images = []
-        for start in tqdm(range(0, len(self.prompts), c.batch_size), desc="evaluating", leave=False,
-                          disable=not show_progress):
+        for start in tqdm(
+            range(0, len(self.prompts), c.batch_size), desc="evaluating", leave=False, disable=not show_progress
+        ):
             prompts = self.prompts[start : start + c.batch_size]
-            noise = torch.stack([torch.randn(shape, generator=keyed_generator(c.seed, start + i))
-                                 for i in range(len(prompts))])
-            latents = model.sample(prompts, num_steps=c.num_steps, guidance_scale=c.guidance_scale, noise=noise,
-                                   use_reference=use_reference)
+            noise = torch.stack(
+                [torch.randn(shape, generator=keyed_generator(c.seed, start + i)) for i in range(len(prompts))]
+            )
+            latents = model.sample(
+                prompts,
+                num_steps=c.num_steps,
+                guidance_scale=c.guidance_scale,
+                noise=noise,
+                use_reference=use_reference,
+            )
             images.append(model.decode_latents(latents).cpu())
         return torch.cat(images)
 
@@ -76,4 +83,3 @@ class DiffusionEvaluator:
         n = min(self.config.grid_size, len(images))
         grid = image_grid(images[:n], self.prompts[:n])
         return Evaluation(self.score(images), grid, {"images": images})
-

@@ -8,8 +8,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
-def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns: int = 8, cell: int = 128,
-               caption_lines: int = 3) -> Image.Image:
+def image_grid(
+    images: torch.Tensor, captions: list[str] | None = None, columns: int = 8, cell: int = 128, caption_lines: int = 3
+) -> Image.Image:
     """`images (N, 3, H, W)` in [0, 1] → a grid; each image is upscaled (nearest) to `cell` pixels.
 
     Captions are wrapped under their image; pass None for a grid without text.
@@ -33,8 +34,9 @@ def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns:
     return grid
 
 
-def side_by_side(left: Image.Image, right: Image.Image, labels: tuple[str, str] = ("before", "after"),
-                 gap: int = 16) -> Image.Image:
+def side_by_side(
+    left: Image.Image, right: Image.Image, labels: tuple[str, str] = ("before", "after"), gap: int = 16
+) -> Image.Image:
     """Two grids next to each other with a label above each."""
     header = 16
     width = left.width + gap + right.width

@@ -48,22 +48,23 @@ def write_report(out: Path, run: RunConfig, method, state, final_eval, saved: li
     atomic_write_json(out / "report.json", report)
 
     keys = list(dict.fromkeys([*before["metrics"], *after["metrics"]]))
+    b, a = before["metrics"], after["metrics"]
     rows = "\n".join(
-        f"| {'**' + k + '**' if k == gold else k} | {_fmt(before['metrics'].get(k))} | {_fmt(after['metrics'].get(k))} |"
-        f" {_fmt(after['metrics'].get(k, 0.0) - before['metrics'].get(k, 0.0))} |"
+        f"| {'**' + k + '**' if k == gold else k} | {_fmt(b.get(k))} | {_fmt(a.get(k))} |"
+        f" {_fmt(a.get(k, 0.0) - b.get(k, 0.0))} |"
         for k in keys
     )
     curve = "\n".join(
-        f"| {e['step']} | " + " | ".join(_fmt(e['metrics'].get(k)) for k in keys[:4]) + " |" for e in evaluations
+        f"| {e['step']} | " + " | ".join(_fmt(e["metrics"].get(k)) for k in keys[:4]) + " |" for e in evaluations
     )
     train_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in report["train"].items())
-    md = f"""# Run report: {report['recipe']}
+    md = f"""# Run report: {report["recipe"]}
 
 Method `{run.method}` on `{run.model.path}` with data `{run.data.path}`; {state.step} optimizer steps,
-{report['train_seconds']} s of training. Evaluated on `{run.eval.prompts}` prompts
+{report["train_seconds"]} s of training. Evaluated on `{run.eval.prompts}` prompts
 ({run.eval.samples_per_prompt} sample(s) each, the same noise before and after).
 
-**Gold metric `{gold}`: {_fmt(report['before'])} → {_fmt(report['after'])} ({report['delta']:+.4f}).**
+**Gold metric `{gold}`: {_fmt(report["before"])} → {_fmt(report["after"])} ({report["delta"]:+.4f}).**
 
 | metric | before | after | change |
 |---|---|---|---|
@@ -71,8 +72,8 @@ Method `{run.method}` on `{run.model.path}` with data `{run.data.path}`; {state.
 
 ## Evaluations during training
 
-| step | {' | '.join(keys[:4])} |
-|---|{'---|' * len(keys[:4])}
+| step | {" | ".join(keys[:4])} |
+|---|{"---|" * len(keys[:4])}
 {curve}
 
 ## Last logged training metrics
@@ -85,9 +86,10 @@ Method `{run.method}` on `{run.model.path}` with data `{run.data.path}`; {state.
 
 Before (left) and after (right), same prompts and noise:
 
-![before and after]({samples.get('comparison', samples['after'])})
+![before and after]({samples.get("comparison", samples["after"])})
 
-Saved: {', '.join(f'`{p}`' for p in saved)}. Resolved config: `config.yaml`. TensorBoard: `tensorboard --logdir {out / 'logs'}`.
+Saved: {", ".join(f"`{p}`" for p in saved)}. Resolved config: `config.yaml`.
+TensorBoard: `tensorboard --logdir {out / "logs"}`.
 """
     atomic_write_text(out / "report.md", md)
     return report

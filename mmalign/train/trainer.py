@@ -85,8 +85,9 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         if t.batch_size % self.accelerator.num_processes:
-            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the "
-                             f"{self.accelerator.num_processes} processes")
+            raise ValueError(
+                f"train.batch_size={t.batch_size} must be divisible by the {self.accelerator.num_processes} processes"
+            )
         if t.threads:
             torch.set_num_threads(t.threads)
         self.state = TrainerState()
@@ -189,10 +190,16 @@ class Trainer:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the method exposes no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                      eps=t.adam_epsilon, weight_decay=t.weight_decay)
-        scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
-                                  num_training_steps=t.max_steps)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_epsilon,
+            weight_decay=t.weight_decay,
+        )
+        scheduler = get_scheduler(
+            t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
+        )
         module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
         self.method.set_trainable_module(module)
 
@@ -212,8 +219,13 @@ class Trainer:
             self._evaluate(0)
 
         batches = self._micro_batches()
-        progress = tqdm(total=t.max_steps, initial=self.state.step, desc=self.run.recipe or self.run.method,
-                        disable=not self.is_main, unit="step")
+        progress = tqdm(
+            total=t.max_steps,
+            initial=self.state.step,
+            desc=self.run.recipe or self.run.method,
+            disable=not self.is_main,
+            unit="step",
+        )
         totals: dict[str, float] = {}
         count = 0
         session_start = time.time()
@@ -236,9 +248,9 @@ class Trainer:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 for key, value in {"loss": loss.detach(), **metrics}.items():
-                    totals[key] = totals.get(key, 0.0) + float(acc.reduce(torch.as_tensor(value, device=acc.device,
-                                                                                           dtype=torch.float32),
-                                                                           "mean"))
+                    totals[key] = totals.get(key, 0.0) + float(
+                        acc.reduce(torch.as_tensor(value, device=acc.device, dtype=torch.float32), "mean")
+                    )
                 count += 1
             self.state.step += 1
             self.state.seconds = seconds_before + time.time() - session_start
@@ -288,8 +300,9 @@ class Trainer:
         if self.is_main:
             with atomic_directory(self.out / "final") as tmp:
                 saved = self.method.save_final(tmp)
-            report = write_report(self.out, self.run, self.method, self.state, final_eval,
-                                  saved=[f"final/{p}" for p in saved])
+            report = write_report(
+                self.out, self.run, self.method, self.state, final_eval, saved=[f"final/{p}" for p in saved]
+            )
             if self.writer is not None:
                 self.writer.close()
         acc.wait_for_everyone()
