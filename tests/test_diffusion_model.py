@@ -17,8 +17,17 @@ FAMILIES = ["sd", "sd-v", "sdxl", "sd3"]
 
 
 def _dpo_method(model_dir, pair_folder, *extra: str) -> DiffusionDPO:
-    run = load_config(None, [f"model={model_dir}", f"data={pair_folder}", "eval.rewards=[]", "model.lora_rank=4",
-                             "diffusion_dpo.beta=5000", *extra])
+    run = load_config(
+        None,
+        [
+            f"model={model_dir}",
+            f"data={pair_folder}",
+            "eval.rewards=[]",
+            "model.lora_rank=4",
+            "diffusion_dpo.beta=5000",
+            *extra,
+        ],
+    )
     method = DiffusionDPO(run)
     method.setup(Accelerator(cpu=True))
     return method

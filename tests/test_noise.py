@@ -24,8 +24,10 @@ def test_v_mse_is_eps_mse_over_alpha_bar():
     """ε − ε̂ = √ᾱ (v − v̂): the v-prediction error is the ε error divided by ᾱ_t."""
     vp_v = VariancePreserving({**SD_SCHEDULE, "prediction_type": "v_prediction"})
     g = torch.Generator().manual_seed(1)
-    x0, noise = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 4, 8, 8, generator=g,
-                                                                                          dtype=torch.float64)
+    x0, noise = (
+        torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64),
+        torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64),
+    )
     t = torch.tensor([50, 300, 600, 950])
     x_t = vp_v.add_noise(x0, noise, t)
     v_hat = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
@@ -38,8 +40,10 @@ def test_v_mse_is_eps_mse_over_alpha_bar():
 
 def test_predictions_invert_the_forward_process():
     g = torch.Generator().manual_seed(2)
-    x0, noise = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(3, 4, 8, 8, generator=g,
-                                                                                          dtype=torch.float64)
+    x0, noise = (
+        torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64),
+    )
     for process, t in (
         (VariancePreserving({**SD_SCHEDULE, "prediction_type": "epsilon"}), torch.tensor([1, 400, 998])),
         (VariancePreserving({**SD_SCHEDULE, "prediction_type": "v_prediction"}), torch.tensor([1, 400, 998])),

@@ -31,8 +31,9 @@ def test_true_renders_score_near_one_and_wrong_captions_low():
     captions = w.sample_captions(300, "train", rng)
     right = np.mean([w.gold_checks(w.render(c, rng), c)["score"] for c in captions])
     wrong = np.mean([w.gold_checks(w.render(c, rng), d)["score"] for c, d in zip(captions, captions[1:])])
-    noise = np.mean([w.gold_checks(rng.integers(0, 256, (32, 32, 3)).astype(np.uint8), c)["score"]
-                     for c in captions[:50]])
+    noise = np.mean(
+        [w.gold_checks(rng.integers(0, 256, (32, 32, 3)).astype(np.uint8), c)["score"] for c in captions[:50]]
+    )
     assert right > 0.98
     assert wrong < 0.5
     assert noise < 0.05

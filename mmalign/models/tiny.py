@@ -276,8 +276,14 @@ def build_tiny_pipeline(family: str, directory: str | Path, seed: int = 0) -> Pa
     return directory
 
 
-def clip_model(tokenizer: CLIPTokenizer, hidden: int = 64, text_layers: int = 3, vision_layers: int = 4,
-               image_size: int = 32, patch_size: int = 4) -> CLIPModel:
+def clip_model(
+    tokenizer: CLIPTokenizer,
+    hidden: int = 64,
+    text_layers: int = 3,
+    vision_layers: int = 4,
+    image_size: int = 32,
+    patch_size: int = 4,
+) -> CLIPModel:
     """A randomly initialised transformers `CLIPModel` (the embedded toy CLIP uses the defaults)."""
     text = dict(
         vocab_size=len(tokenizer),
@@ -290,14 +296,21 @@ def clip_model(tokenizer: CLIPTokenizer, hidden: int = 64, text_layers: int = 3,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                  num_attention_heads=4, num_hidden_layers=vision_layers)
+    vision = dict(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_hidden_layers=vision_layers,
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden)).eval()
 
 
 def clip_processor(tokenizer: CLIPTokenizer, image_size: int = 32) -> CLIPProcessor:
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -319,15 +332,17 @@ def tiny_open_clip(directory: str | Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model_cfg = {"embed_dim": 32,
-                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8},
-                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    }
     model = open_clip.CLIP(**model_cfg)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     preprocess = {"size": 32, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
-    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
-                                                                 "preprocess_cfg": preprocess}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(directory / "open_clip_model.safetensors"))
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors")
+    )
     return directory

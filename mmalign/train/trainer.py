@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -79,9 +79,13 @@ class Trainer:
         t = run.train
         if t.max_steps < 1:
             raise ValueError("train.max_steps must be at least 1")
+        # The loop fixes the step structure (accumulation micro-steps per optimizer step), so an
+        # epoch boundary must not force an early synchronisation.
         self.accelerator = Accelerator(
             mixed_precision=t.mixed_precision,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False
+            ),
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         if t.batch_size % self.accelerator.num_processes:
@@ -185,6 +189,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         acc, t = self.accelerator, self.run.train
         resume_from = self._prepare_run_dir()
+        set_seed(self.run.seed)  # model initialisation (e.g. LoRA matrices) is part of the run's seed
         self.method.setup(acc)
         module = self.method.trainable_module()
         params = [p for p in module.parameters() if p.requires_grad]

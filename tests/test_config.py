@@ -1,0 +1,95 @@
+"""Recipe configs: YAML + dotted overrides, type conversion, typos with suggestions, help text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmalign.config import ConfigError, dump_config, help_text, load_config
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses(recipe):
+    config = load_config(recipe)
+    assert config.recipe and config.method_args is not None
+    again = load_config(None, [f"{k}={v}" for k, v in _flatten(config.to_dict()).items()])
+    assert dump_config(again) == dump_config(config)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = "null" if value is None else value
+    return out
+
+
+def test_overrides_convert_types_and_section_shorthand():
+    config = load_config(
+        RECIPES[0],
+        [
+            "train.learning_rate=3e-4",
+            "model=org/model",
+            "data=/data/pairs",
+            "train.max_grad_norm=null",
+            "eval.rewards=[clip-score, shapes-gold]",
+            "diffusion_dpo.beta=5000",
+        ],
+    )
+    assert config.train.learning_rate == 3e-4
+    assert config.model.path == "org/model" and config.data.path == "/data/pairs"
+    assert config.train.max_grad_norm is None
+    assert config.eval.rewards == ["clip-score", "shapes-gold"]
+    assert config.method_args.beta == 5000.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.learnig_rate=1", "unknown config key 'train.learnig_rate'; did you mean 'train.learning_rate'?"),
+        ("trian.max_steps=1", "unknown config key 'trian'; did you mean 'train'?"),
+        ("diffusion_dpo.bta=1", "did you mean 'diffusion_dpo.beta'?"),
+        ("train.max_steps=abc", "config key 'train.max_steps' expects int, got 'abc'"),
+        ("train.max_steps=1.5", "expects int"),
+        ("train.resume=maybe", "expects bool"),
+        ("train=3", "is a section"),
+        ("no_equals_sign", "must look like key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        load_config(RECIPES[0], [override])
+
+
+def test_unknown_method_suggests_the_closest():
+    with pytest.raises(KeyError, match="did you mean 'diffusion-dpo'"):
+        load_config(None, ["method=difusion-dpo"])
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_help_documents_every_key():
+    text = help_text()
+    for key in (
+        "train.learning_rate",
+        "model.lora_rank",
+        "data.embedded.candidates",
+        "eval.gold",
+        "diffusion_dpo.beta",
+        "diffusion_sft.both_images",
+    ):
+        assert key in text

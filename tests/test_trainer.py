@@ -1,0 +1,104 @@
+"""The shared trainer: exact resume after SIGKILL, run directories, refusing a changed config, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmalign
+from mmalign.config import load_config
+from mmalign.train.checkpoint import checkpoint_dirs
+from mmalign.train.trainer import ConfigMismatchError
+from tests.conftest import tiny_run_overrides
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "image" / "diffusion_dpo.yaml"
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "mmalign.cli", "train", str(RECIPE), *args]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_bit_identical(tiny_pipelines, pair_folder, tmp_path):
+    common = ["train.gradient_accumulation_steps=2", "train.learning_rate=1e-3", "eval.num_prompts=2"]
+    steps = 10
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(tiny_run_overrides(tiny_pipelines["sd"], pair_folder, straight, steps) + common),
+                   check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    args = _cli(tiny_run_overrides(tiny_pipelines["sd"], pair_folder, killed, steps) + common)
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000004").exists():
+        assert child.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (killed / "report.json").exists()
+    interrupted_at = int(checkpoint_dirs(killed / "checkpoints")[-1].name.split("-")[1])
+    assert interrupted_at < steps
+
+    subprocess.run(args, check=True, capture_output=True)  # the same command resumes
+    a = load_file(str(straight / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(killed / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = load_file(str(straight / "checkpoints" / f"step-{steps:06d}" / "optimizer.safetensors"))
+    opt_b = load_file(str(killed / "checkpoints" / f"step-{steps:06d}" / "optimizer.safetensors"))
+    assert all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+    log_a = json.loads((straight / "report.json").read_text())["train"]
+    log_b = json.loads((killed / "report.json").read_text())["train"]
+    assert log_a["loss"] == pytest.approx(log_b["loss"], abs=0)
+
+
+def test_run_directory_and_report(tiny_pipelines, pair_folder, tmp_path):
+    out = tmp_path / "run"
+    report = mmalign.train(load_config(RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, 4)))
+    for name in ("config.yaml", "report.md", "report.json", "evaluations.json", "samples/step-000000.png",
+                 "samples/step-000004.png", "samples/before_after.png", "final/lora/pytorch_lora_weights.safetensors"):
+        assert (out / name).exists(), name
+    assert any((out / "logs").iterdir())
+    assert [p.name for p in checkpoint_dirs(out / "checkpoints")] == ["step-000002", "step-000004"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert {"recipe", "steps", "gold_metric", "before", "after"} <= set(saved)
+    assert saved["steps"] == 4 and saved["gold_metric"] == "shapes-gold"
+    assert "Gold metric `shapes-gold`" in (out / "report.md").read_text()
+
+    # the same command on a finished run resumes at the end and rewrites the same report
+    again = mmalign.train(load_config(RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, 4)))
+    assert again["after"] == report["after"]
+
+    with pytest.raises(ConfigMismatchError, match="different config"):
+        mmalign.train(load_config(RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, 4)
+                                  + ["train.learning_rate=0.5"]))
+
+
+def test_failed_run_leaves_no_report_or_final(tiny_pipelines, pair_folder, tmp_path):
+    bad = tmp_path / "bad-pairs"
+    bad.mkdir()
+    (bad / "pairs.jsonl").write_text('{"image_0": "a.png"}\n')
+    out = tmp_path / "run"
+    result = subprocess.run(_cli(tiny_run_overrides(tiny_pipelines["sd"], bad, out, 2)), capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert "row 1, field 'image_1': missing field" in result.stderr
+    assert not (out / "report.json").exists() and not (out / "final").exists()
+
+
+def test_non_finite_loss_stops_the_run(tiny_pipelines, pair_folder, tmp_path):
+    overrides = tiny_run_overrides(tiny_pipelines["sd"], pair_folder, tmp_path / "run", 2)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        mmalign.train(load_config(RECIPE, [*overrides, "diffusion_dpo.beta=inf"]))
+    assert not (tmp_path / "run" / "final").exists()
