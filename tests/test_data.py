@@ -33,7 +33,7 @@ def test_jsonl_folder_puts_the_winner_first(pair_folder):
     pairs = load_pairs(pair_folder, resolution=32)
     assert len(pairs) == 16
     item = pairs[1]  # row 2 has label 1: image_1 (the clean render) is preferred
-    assert item["pixels_w"].shape == (3, 32, 32) and -1 <= item["pixels_w"].min() and item["pixels_w"].max() <= 1
+    assert item["pixels_w"].shape == (3, 32, 32) and item["pixels_w"].min() >= -1 and item["pixels_w"].max() <= 1
     # the winner is the clean render: a mostly flat light background, the loser is noise
     assert item["pixels_w"].std() < item["pixels_l"].std()
     assert load_pairs(pair_folder / "pairs.jsonl", resolution=16)[0]["pixels_l"].shape == (3, 16, 16)
