@@ -16,11 +16,16 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_report(out: Path, run: RunConfig, method, state, final_eval, saved: list[str]) -> dict[str, Any]:
-    """Write both report files (atomically) and return the JSON object."""
+def write_report(
+    out: Path, run: RunConfig, gold: str, state, saved: list[str], num_processes: int = 1
+) -> dict[str, Any]:
+    """Write both report files (atomically) and return the JSON object.
+
+    `gold` names the metric reported as `gold_metric`; `state` is the trainer's state with the
+    evaluation history (the first entry is "before", the last "after").
+    """
     evaluations = state.evaluations
     before, after = evaluations[0], evaluations[-1]
-    gold = method.gold_metric()
     samples = {"before": f"samples/step-{before['step']:06d}.png", "after": f"samples/step-{after['step']:06d}.png"}
     if (out / samples["before"]).exists() and (out / samples["after"]).exists():
         with Image.open(out / samples["before"]) as b, Image.open(out / samples["after"]) as a:
@@ -38,6 +43,7 @@ def write_report(out: Path, run: RunConfig, method, state, final_eval, saved: li
         "metrics": {"before": before["metrics"], "after": after["metrics"]},
         "train": {k: v for k, v in last_train.items() if k != "step"},
         "train_seconds": round(state.seconds, 1),
+        "num_processes": num_processes,
         "model": run.model.path,
         "data": run.data.path,
         "eval_prompts": run.eval.prompts,

@@ -42,6 +42,11 @@ from mmalign.train.method import Evaluation, Method
 from mmalign.train.report import write_report
 
 
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 class ConfigMismatchError(UserInputError):
     """The output directory holds a run with a different configuration."""
 
@@ -82,6 +87,7 @@ class Trainer:
         # The loop fixes the step structure (accumulation micro-steps per optimizer step), so an
         # epoch boundary must not force an early synchronisation.
         self.accelerator = Accelerator(
+            cpu=not _has_accelerator(),  # lets torchrun-launched CPU processes form a gloo group (MULTI_CPU)
             mixed_precision=t.mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False
@@ -171,9 +177,10 @@ class Trainer:
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
             self.writer.flush()
 
-    def _evaluate(self, step: int) -> Evaluation:
-        result = self.method.evaluate(step)
-        if self.is_main:
+    def _evaluate(self, step: int) -> Evaluation | None:
+        """Evaluate on the main process (sampling needs no collective ops); the others wait."""
+        result = self.method.evaluate(step) if self.is_main else None
+        if result is not None:
             self.state.evaluations.append({"step": step, "metrics": result.metrics})
             self._log(result.metrics, step, "eval")
             if result.grid is not None:
@@ -183,6 +190,7 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.add_image("samples", np.asarray(result.grid), step, dataformats="HWC")
             atomic_write_json(self.out / "evaluations.json", self.state.evaluations)
+        self.accelerator.wait_for_everyone()
         return result
 
     # ------------------------------------------------------------------ main loop
@@ -300,13 +308,18 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         acc = self.accelerator
         acc.wait_for_everyone()
-        final_eval = self._evaluate(self.state.step)
+        self._evaluate(self.state.step)
         report: dict[str, Any] = {}
         if self.is_main:
             with atomic_directory(self.out / "final") as tmp:
                 saved = self.method.save_final(tmp)
             report = write_report(
-                self.out, self.run, self.method, self.state, final_eval, saved=[f"final/{p}" for p in saved]
+                self.out,
+                self.run,
+                self.method.gold_metric(),
+                self.state,
+                saved=[f"final/{p}" for p in saved],
+                num_processes=acc.num_processes,
             )
             if self.writer is not None:
                 self.writer.close()
