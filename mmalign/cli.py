@@ -64,8 +64,8 @@ def _read_prompts(args: argparse.Namespace, n: int) -> list[str] | str | None:
 def _score(args: argparse.Namespace) -> int:
     import mmalign
 
-    files = _expand_files(args.files)
     reward = mmalign.load_reward(args.reward, **_reward_kwargs(args.reward_arg))
+    files = _expand_files(args.files)
     prompts = _read_prompts(args, len(files))
     scores = reward(files, prompts).tolist()
     per_file = prompts if isinstance(prompts, list) else [prompts] * len(files)

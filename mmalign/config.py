@@ -132,6 +132,9 @@ class EvalConfig:
     samples_per_prompt: int = _help("images per prompt (different noise)", default=1)
     gold: str | None = _help("the reward reported as gold_metric (never trained on)", default="shapes-gold")
     rewards: list[str] = _help("other rewards to report (proxy metrics)", default_factory=lambda: ["clip-score"])
+    reward_args: dict[str, dict[str, Any]] = _help(
+        "keyword arguments per reward, e.g. {clip-score: {path: openai/clip-vit-large-patch14}}", default_factory=dict
+    )
     num_steps: int = _help("sampling steps", default=20)
     guidance_scale: float = _help("classifier-free guidance", default=3.0)
     seed: int = _help("seed of the evaluation noise (the same before and after)", default=1234)
@@ -176,6 +179,10 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} is a section; expected a mapping, got {value!r}")
         return from_dict(annotation, value, prefix=f"{key}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r} expects a list, got {value!r}")

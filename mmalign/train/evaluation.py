@@ -45,7 +45,9 @@ class DiffusionEvaluator:
         if not names:
             raise ValueError("eval needs a gold metric or at least one reward")
         self.gold_name = names[0]
-        self.rewards: dict[str, Reward] = {name: load_reward(name, device=device) for name in names}
+        self.rewards: dict[str, Reward] = {
+            name: load_reward(name, **{"device": device, **config.reward_args.get(name, {})}) for name in names
+        }
 
     def sample(self, model: DiffusionModel, use_reference: bool = False, show_progress: bool = False) -> torch.Tensor:
         """Images `(N, 3, H, W)` in [0, 1] for every evaluation prompt, with the fixed eval noise."""

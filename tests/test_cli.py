@@ -1,0 +1,90 @@
+"""The `mmalign` command line: methods, help, score, sample, and error exits."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmalign.cli import main
+from mmalign.data import shapes_world
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(shapes_world.render("a red circle above a blue square", rng)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_methods_lists_methods_and_rewards(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusion-dpo" in out and "clip-score" in out and "shapes-gold" in out
+
+
+def test_train_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "train.learning_rate" in out and "diffusion_dpo.beta" in out and "data.embedded.prompts" in out
+
+
+def test_score_prints_a_table_and_writes_csv_and_json(image_folder, tmp_path, capsys):
+    args = ["score", "--reward", "shapes-gold", str(image_folder), "--prompt", "a red circle above a blue square",
+            "--csv", str(tmp_path / "s.csv"), "--json", str(tmp_path / "s.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-1] == "shapes-gold" and len(out) == 4
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert len(rows) == 3 and all(float(r["score"]) > 0.8 for r in rows)
+    assert len(json.loads((tmp_path / "s.json").read_text())["scores"]) == 3
+
+
+def test_score_with_clip_folder_and_prompts_file(image_folder, tiny_clip_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na cat\n")
+    args = ["score", str(image_folder), "--prompts-file", str(prompts), "--reward-arg", f"path={tiny_clip_dir}"]
+    assert main(args) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: (d / "bad.png").write_bytes(b"xx"), "bad.png: not a readable image"),
+        (lambda d: None, "no image files inside"),
+    ],
+)
+def test_score_errors_exit_2_with_a_message(tmp_path, capsys, make, message):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    make(folder)
+    target = folder / "bad.png" if (folder / "bad.png").exists() else folder
+    assert main(["score", "--reward", "shapes-gold", str(target), "--prompt", "a red circle"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_reward_and_bad_override(capsys, tmp_path):
+    assert main(["score", "--reward", "clip-scor", str(tmp_path), "--prompt", "x"]) == 2
+    assert main(["train", "configs/image/diffusion_dpo.yaml", "train.learnig_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'clip-score'" in err
+    assert "did you mean 'train.learning_rate'" in err
+
+
+def test_sample_writes_images_and_a_grid(tiny_pipelines, tmp_path):
+    out = tmp_path / "out"
+    args = ["sample", "--model", str(tiny_pipelines["sd"]), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--num", "2", "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png", "00003.png",
+                                                           "grid.png"]
+    assert (out / "prompts.txt").read_text().splitlines() == ["a red circle"] * 2 + ["a blue square"] * 2
