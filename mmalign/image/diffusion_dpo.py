@@ -59,7 +59,7 @@ class DiffusionDPO(DiffusionPairMethod):
     def compute_loss(self, batch: dict[str, Any], step: int, micro: int):
         index, n = batch["index"], len(batch["prompt"])
         pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
-        x0, noise, t, x_t = self.noised_latents(pixels, index, step, micro)
+        x0, noise, t, x_t = self.noised_latents(pixels, index, step)
         prompts = self.prompts_with_dropout(batch["prompt"], index, step)
         cond = self.conditioning(prompts, 2, tuple(pixels.shape[-2:]))
         target = self.model.noise.target(x0, noise, t)

@@ -28,7 +28,7 @@ class DiffusionSFT(DiffusionPairMethod):
     def compute_loss(self, batch: dict[str, Any], step: int, micro: int):
         pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]) if self.config.both_images else batch["pixels_w"]
         groups = pixels.shape[0] // batch["index"].shape[0]
-        x0, noise, t, x_t = self.noised_latents(pixels, batch["index"], step, micro)
+        x0, noise, t, x_t = self.noised_latents(pixels, batch["index"], step)
         cond = self.conditioning(batch["prompt"], groups, tuple(pixels.shape[-2:]))
         err = per_sample_mse(self.model.predict(x_t, t, cond), self.model.noise.target(x0, noise, t))
         return err.mean(), {"mse": err.mean().detach()}

@@ -97,12 +97,13 @@ class DiffusionPairMethod(Method):
         return saved
 
     # ------------------------------------------------------------------ shared maths inputs
-    def sample_generators(self, index: torch.Tensor, step: int, micro: int, stream: str) -> list[torch.Generator]:
-        """One keyed generator per sample id: the same id at the same step gets the same draws."""
-        return [keyed_generator(self.run.seed, step, micro, int(i), stream) for i in index.tolist()]
+    def sample_generators(self, index: torch.Tensor, step: int, stream: str) -> list[torch.Generator]:
+        """One keyed generator per sample id and optimizer step: a sample draws the same noise whether
+        it is in a large batch, a micro-batch of an accumulated step, or on another process."""
+        return [keyed_generator(self.run.seed, step, int(i), stream) for i in index.tolist()]
 
     def noised_latents(
-        self, pixels: torch.Tensor, index: torch.Tensor, step: int, micro: int
+        self, pixels: torch.Tensor, index: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents, noise, timesteps and noised latents for `pixels (k·B, 3, H, W)`.
 
@@ -111,9 +112,9 @@ class DiffusionPairMethod(Method):
         `t` (each with k·B rows) and `x_t`.
         """
         groups = pixels.shape[0] // index.shape[0]
-        vae_gens = [g for k in range(groups) for g in self.sample_generators(index, step, micro, f"vae{k}")]
+        vae_gens = [g for k in range(groups) for g in self.sample_generators(index, step, f"vae{k}")]
         x0 = self.model.encode_images(pixels, generator=vae_gens)
-        noise_gens = self.sample_generators(index, step, micro, "noise")
+        noise_gens = self.sample_generators(index, step, "noise")
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noise_gens]).to(x0.device)
         t = torch.cat([self.model.noise.sample_timesteps(1, g) for g in noise_gens]).to(x0.device)
         noise, t = noise.repeat(groups, *[1] * (noise.ndim - 1)), t.repeat(groups)
