@@ -286,7 +286,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     section = method.replace("-", "_")
     method_tree = tree.pop(section, {}) or {}
     known = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_args"]
+    other_sections = {name.replace("-", "_"): name for name in METHODS}
     for key in tree:
+        if key in other_sections:
+            raise ConfigError(f"config section {key!r} configures method {other_sections[key]}, but this run's "
+                              f"method is {method}; remove the section or set method={other_sections[key]}")
         if key not in known:
             raise _unknown_key(key, known + [section])
     config = from_dict(RunConfig, tree)

@@ -93,3 +93,8 @@ def test_help_documents_every_key():
         "diffusion_sft.both_images",
     ):
         assert key in text
+
+
+def test_a_section_of_another_method_is_named():
+    with pytest.raises(ConfigError, match="section 'diffusion_dpo' configures method diffusion-dpo"):
+        load_config(RECIPES[0], ["method=diffusion-sft"])

@@ -46,7 +46,7 @@ def to_image_tensor(sample: Any, where: str = "sample") -> torch.Tensor:
         if sample.ndim != 3 or sample.shape[-1] != 3:
             raise RewardInputError(f"{where}: expected an (H, W, 3) image array, got shape {sample.shape}")
         scale = 255.0 if sample.dtype == np.uint8 else 1.0
-        return torch.from_numpy(np.ascontiguousarray(sample)).permute(2, 0, 1).float() / scale
+        return torch.from_numpy(np.array(sample)).permute(2, 0, 1).float() / scale  # a writable copy
     if isinstance(sample, torch.Tensor):
         if sample.ndim != 3 or sample.shape[0] != 3:
             raise RewardInputError(f"{where}: expected a (3, H, W) image tensor, got shape {tuple(sample.shape)}")
