@@ -42,10 +42,18 @@ def log(work: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def render_batch(n: int, rng: np.random.Generator, split: str = "train") -> tuple[torch.Tensor, list[str]]:
-    """`n` random renders as `(n, 3, 32, 32)` in [-1, 1] and their captions."""
+def render_batch(
+    n: int, rng: np.random.Generator, split: str = "train", caption_noise: float = 0.0
+) -> tuple[torch.Tensor, list[str]]:
+    """`n` random renders as `(n, 3, 32, 32)` in [-1, 1] and their captions.
+
+    With `caption_noise` > 0, that share of images shows a near-miss of its caption (a colour,
+    a shape or the relation wrong, objects swapped or one missing), like captions scraped from
+    the web: the model then learns good and bad modes, which is what alignment reweights.
+    """
     caps = shapes_world.sample_captions(n, split, rng)
-    images = np.stack([shapes_world.render(c, rng) for c in caps])
+    shown = [perturb(c, rng) if caption_noise > 0 and rng.random() < caption_noise else c for c in caps]
+    images = np.stack([shapes_world.render(c, rng) for c in shown])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, caps
 
 
@@ -219,13 +227,15 @@ def train_clip(work: Path, steps: int, seed: int, negatives: int = 4) -> None:
     processor.save_pretrained(out)
 
 
-def render_latents(vae, n: int, seed: int, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def render_latents(
+    vae, n: int, seed: int, caption_noise: float, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Posterior mean and std `(n, 4, 8, 8)` of `n` train-split renders, and their captions."""
     rng = np.random.default_rng(seed)
     means, stds, caps = [], [], []
     with torch.no_grad():
         for _ in range(0, n, batch):
-            x, c = render_batch(batch, rng)
+            x, c = render_batch(batch, rng, caption_noise=caption_noise)
             dist = vae.encode(x).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
@@ -249,7 +259,9 @@ def evaluate_t2i(model, captions: list[str], seed: int) -> dict[str, float]:
     return {"gold": float(gold(images, captions).mean()), **gold.breakdown(images, captions)}
 
 
-def train_t2i(work: Path, steps: int, eval_every: int, seed: int, lr: float = 5e-4, batch: int = 32) -> None:
+def train_t2i(
+    work: Path, steps: int, eval_every: int, seed: int, caption_noise: float, lr: float = 5e-4, batch: int = 32
+) -> None:
     from mmalign.models.diffusion import DiffusionModel
     from mmalign.models.noise import VariancePreserving
 
@@ -266,7 +278,7 @@ def train_t2i(work: Path, steps: int, eval_every: int, seed: int, lr: float = 5e
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = 200
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    mean, std, caps = render_latents(pipe.vae, 50_000, seed + 100)
+    mean, std, caps = render_latents(pipe.vae, 50_000, seed + 100, caption_noise)
     scaling = pipe.vae.config.scaling_factor
     noise_process: VariancePreserving = model.noise  # type: ignore[assignment]
     rng = np.random.default_rng(seed + 200)
@@ -350,8 +362,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--clip-steps", type=int, default=3000)
-    parser.add_argument("--t2i-steps", type=int, default=6000)
-    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--t2i-steps", type=int, default=3000)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--caption-noise", type=float, default=0.3, help="share of mis-captioned t2i training images")
     parser.add_argument("--ship-step", type=int, default=None, help="t2i snapshot to ship (phase ship)")
     parser.add_argument("--phases", default="vae,clip,t2i")
     args = parser.parse_args()
@@ -363,7 +376,7 @@ def main() -> None:
     if "clip" in phases:
         train_clip(args.work_dir, args.clip_steps, args.seed)
     if "t2i" in phases:
-        train_t2i(args.work_dir, args.t2i_steps, args.eval_every, args.seed)
+        train_t2i(args.work_dir, args.t2i_steps, args.eval_every, args.seed, args.caption_noise)
     if "ship" in phases:
         if args.ship_step is None:
             parser.error("phase ship needs --ship-step")
