@@ -89,3 +89,20 @@ def diffusion_dpo_loss(
     metrics["policy_margin"] = metrics["policy_err_l"] - metrics["policy_err_w"]
     metrics["ref_margin"] = metrics["ref_err_l"] - metrics["ref_err_w"]
     return loss, metrics
+
+
+def soft_preference(score_w: torch.Tensor, score_l: torch.Tensor, tau: float) -> torch.Tensor:
+    """SmPO's smoothed label `p = σ((r_w − r_l)/τ)`: `(B,)` × `(B,)` → `(B,)` in (0, 1).
+
+    Equal scores give ½; swapping the two gives `1 − p`. `τ` is the reward's range over the data
+    set in SmPO (PickScore: ≈0.167 in cosine units), so `p ∈ [½, σ(1)]` when the winner is the
+    higher-scored image.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    return torch.sigmoid((score_w - score_l) / tau)
+
+
+def smpo_pair_scale(p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """SmPO's per-pair multiplier of the DPO margin, `γ(2p − 1)` (0 at p = ½; 1 at γ = p = 1)."""
+    return gamma * (2 * p - 1)

@@ -23,6 +23,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.image.diffusion_sft:DiffusionSFT",
         "Supervised fine-tuning on the preferred image of each pair (the DPO papers' SFT baseline)",
     ),
+    "smpo": (
+        "mmalign.image.smpo:SmPO",
+        "SmPO-Diffusion (Lu et al. 2025): reward-smoothed preferences, ReNoise-inverted training latents",
+    ),
 }
 
 #: reward name → "module:Class" and a description. Every class follows `mmalign.rewards.Reward`.

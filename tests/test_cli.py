@@ -43,7 +43,7 @@ def test_score_prints_a_table_and_writes_csv_and_json(image_folder, tmp_path, ca
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[-1] == "shapes-gold" and len(out) == 4
-    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    rows = list(csv.DictReader((tmp_path / "s.csv").read_text().splitlines()))
     assert len(rows) == 3 and all(float(r["score"]) > 0.8 for r in rows)
     assert len(json.loads((tmp_path / "s.json").read_text())["scores"]) == 3
 

@@ -191,7 +191,9 @@ class PreferencePairs(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _images(self, record: PairRecord) -> tuple[Image.Image, Image.Image]:
+    def pair_images(self, index: int) -> tuple[Image.Image, Image.Image]:
+        """The untransformed (winner, loser) images of pair `index`."""
+        record = self.records[index]
         if isinstance(record.image_w, tuple):  # (column, row) references into a datasets table
             (col_w, row), (col_l, _) = record.image_w, record.image_l
             data = self.dataset[row]
@@ -220,7 +222,7 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image_w, image_l = self._images(record)
+        image_w, image_l = self.pair_images(index)
         return {
             "prompt": record.prompt,
             "pixels_w": self._transform(image_w, rng),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mmalign.losses import diffusion_dpo_loss, per_sample_mse
+from mmalign.models.families import Conditioning
 from mmalign.train.diffusion_method import DiffusionPairMethod
 from mmalign.train.rng import keyed_generator
 
@@ -56,16 +57,32 @@ class DiffusionDPO(DiffusionPairMethod):
         ]
         return ["" if d < p else prompt for d, prompt in zip(draws, prompts)]
 
+    def training_latents(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(x_t, noise)` the errors are measured at: the forward-noised latents here (SmPO inverts)."""
+        return x_t, noise
+
+    def pair_scale(self, index: torch.Tensor) -> torch.Tensor | None:
+        """Per-pair multiplier of the DPO margin, `(B,)`; None (all ones) for Diffusion-DPO."""
+        return None
+
     def compute_loss(self, batch: dict[str, Any], step: int, micro: int):
         index, n = batch["index"], len(batch["prompt"])
         pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
         x0, noise, t, x_t = self.noised_latents(pixels, index, step)
         prompts = self.prompts_with_dropout(batch["prompt"], index, step)
         cond = self.conditioning(prompts, 2, tuple(pixels.shape[-2:]))
+        x_t, noise = self.training_latents(x0, noise, t, x_t, cond)
         target = self.model.noise.target(x0, noise, t)
         err = per_sample_mse(self.model.predict(x_t, t, cond), target)
         ref_err = per_sample_mse(self.model.predict_reference(x_t, t, cond), target)
-        loss, metrics = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], beta=self.config.effective_beta)
+        scale = self.pair_scale(index)
+        loss, metrics = diffusion_dpo_loss(
+            err[:n], err[n:], ref_err[:n], ref_err[n:], beta=self.config.effective_beta, pair_scale=scale
+        )
+        if scale is not None:
+            metrics["pair_scale"] = scale.detach().mean()
         if self.config.sft_weight:
             loss = loss + self.config.sft_weight * err[:n].mean()
         return loss, metrics

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 
 from mmalign.models.families import Conditioning, Family, family_of
+from mmalign.models.inversion import renoise_invert
 from mmalign.models.noise import noise_process
 from mmalign.registry import resolve_model_path
 
@@ -201,6 +203,39 @@ class DiffusionModel:
         """The trainable denoiser's prediction (ε, v or flow velocity), in float32, with its graph."""
         out = self.family.denoise(self.denoiser, x_t.to(self.weight_dtype), t.to(self.device), cond)
         return out.float()
+
+    def noise_estimator(self, cond: Conditioning) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`(z, t) ↦ ε̂`: the trainable denoiser's noise estimate under `cond`, without guidance."""
+
+        def estimate_noise(z: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+            return self.noise.predicted_noise(z, self.predict(z, level, cond), level)
+
+        return estimate_noise
+
+    @torch.no_grad()
+    def invert(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        cond: Conditioning,
+        *,
+        steps: int = 5,
+        renoise_iterations: int = 1,
+        average_window: tuple[int, int] = (0, 2),
+        official_grid: bool = False,
+    ) -> torch.Tensor:
+        """ReNoise inversion of clean latents `x0 (B, …)` to levels `t (B,)` with the trainable
+        denoiser (no guidance, no graph); see `mmalign.models.inversion.renoise_invert`."""
+        return renoise_invert(
+            self.noise_estimator(cond),
+            self.noise,
+            x0,
+            t,
+            steps=steps,
+            renoise_iterations=renoise_iterations,
+            average_window=average_window,
+            official_grid=official_grid,
+        )
 
     @torch.no_grad()
     def predict_reference(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -74,7 +74,7 @@ class TrainerState:
     position: int = 0  # samples of the current epoch already consumed (global)
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # {"step", "metrics"}
     train_log: list[dict[str, float]] = field(default_factory=list)  # logged training metrics
-    seconds: float = 0.0  # training time accumulated over (possibly interrupted) sessions
+    seconds: float = 0.0  # time in training steps (not evaluation), over (possibly interrupted) sessions
 
 
 class Trainer:
@@ -181,7 +181,9 @@ class Trainer:
         """Evaluate on the main process (sampling needs no collective ops); the others wait."""
         result = self.method.evaluate(step) if self.is_main else None
         if result is not None:
-            self.state.evaluations.append({"step": step, "metrics": result.metrics})
+            self.state.evaluations.append(
+                {"step": step, "train_seconds": round(self.state.seconds, 2), "metrics": result.metrics}
+            )
             self._log(result.metrics, step, "eval")
             if result.grid is not None:
                 samples = self.out / "samples"
@@ -241,10 +243,9 @@ class Trainer:
         )
         totals: dict[str, float] = {}
         count = 0
-        session_start = time.time()
-        seconds_before = self.state.seconds
         while self.state.step < t.max_steps:
             step = self.state.step
+            step_start = time.perf_counter()
             for micro in range(t.gradient_accumulation_steps):
                 batch = next(batches)
                 if batch is None:
@@ -266,7 +267,7 @@ class Trainer:
                     )
                 count += 1
             self.state.step += 1
-            self.state.seconds = seconds_before + time.time() - session_start
+            self.state.seconds += time.perf_counter() - step_start
             progress.update(1)
             if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
                 means = {k: v / count for k, v in totals.items()}
