@@ -85,12 +85,12 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
     from PIL import Image
 
+    import mmalign
+    from mmalign.best_of_n import best_of_n, sample_candidates
     from mmalign.models.diffusion import DiffusionModel
     from mmalign.train.grids import image_grid
-    from mmalign.train.rng import keyed_generator
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -100,22 +100,27 @@ def _sample(args: argparse.Namespace) -> int:
     model = DiffusionModel.from_pretrained(args.model, lora_rank=None, reference=False)
     if args.lora:
         model.pipe.load_lora_weights(args.lora)
+    options = dict(num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shape = model.latent_shape(1, model.default_resolution)[1:]
     all_prompts = [p for p in prompts for _ in range(args.num)]
-    images = []
-    for start in range(0, len(all_prompts), args.batch_size):
-        batch = all_prompts[start : start + args.batch_size]
-        noise = torch.stack(
-            [torch.randn(shape, generator=keyed_generator(args.seed, start + i)) for i in range(len(batch))]
-        )
-        images.append(model.generate(batch, num_steps=args.steps, guidance_scale=args.guidance, noise=noise))
-    images_t = torch.cat(images)
+    if args.best_of is not None:
+        if args.best_of < 2:
+            raise ConfigError(f"--best-of needs N ≥ 2 candidates per prompt, got {args.best_of}")
+        reward = mmalign.load_reward(args.reward, **_reward_kwargs(args.reward_arg))
+        result = best_of_n(model, all_prompts, args.best_of, reward, **options)
+        images_t = result.images
+        scores = [{"prompt": p, "chosen": int(c), "scores": s.tolist()}
+                  for p, c, s in zip(all_prompts, result.chosen, result.scores)]
+    else:
+        images_t = sample_candidates(model, prompts, args.num, **options).flatten(0, 1)
+        scores = None
+    out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images_t):
         array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         Image.fromarray(array).save(out / f"{i:05d}.png")
     (out / "prompts.txt").write_text("\n".join(all_prompts) + "\n")
+    if scores is not None:
+        (out / "best_of_n.json").write_text(json.dumps({"reward": args.reward, "n": args.best_of, "samples": scores}))
     image_grid(images_t[:64], all_prompts[:64]).save(out / "grid.png")
     print(f"wrote {len(images_t)} images and grid.png to {out}")
     return 0
@@ -179,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="noise seed")
     sample.add_argument("--batch-size", type=int, default=32, help="images generated at once")
     sample.add_argument("--out", default="samples", help="output folder (PNGs, prompts.txt, grid.png)")
+    sample.add_argument("--best-of", type=int, metavar="N", help="draw N candidates per image, keep the reward's best")
+    sample.add_argument("--reward", default="clip-score", help="--best-of's reward: a name or a trained reward folder")
+    sample.add_argument(
+        "--reward-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the reward"
+    )
     sample.set_defaults(func=_sample)
 
     methods = sub.add_parser("methods", help="list training methods and rewards")

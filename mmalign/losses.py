@@ -106,3 +106,26 @@ def soft_preference(score_w: torch.Tensor, score_l: torch.Tensor, tau: float) ->
 def smpo_pair_scale(p: torch.Tensor, gamma: float) -> torch.Tensor:
     """SmPO's per-pair multiplier of the DPO margin, `γ(2p − 1)` (0 at p = ½; 1 at γ = p = 1)."""
     return gamma * (2 * p - 1)
+
+
+def weighted_soft_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of `(N,)` logits against soft targets `y ∈ [0, 1]`, weighted per row.
+
+    `Σ_i w_i · [−y_i log σ(l_i) − (1 − y_i) log(1 − σ(l_i))] / Σ_i w_i`. Each row's term is
+    minimised (zero gradient) at `σ(l_i) = y_i`; weights balance the classes (see
+    `class_balance_weights`).
+    """
+    if not logits.shape == targets.shape == weights.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and weights "
+                         f"{tuple(weights.shape)} must have the same shape")
+    if ((targets < 0) | (targets > 1)).any():
+        raise ValueError("targets must lie in [0, 1]")
+    per_row = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (weights * per_row).sum() / weights.sum().clamp_min(1e-12)
+
+
+def class_balance_weights(groups: torch.Tensor) -> torch.Tensor:
+    """`(N,)` integer group ids → weights giving every group present the same total weight."""
+    counts = torch.bincount(groups)
+    present = (counts > 0).sum()
+    return 1.0 / (counts[groups].float() * present)

@@ -23,6 +23,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.image.diffusion_sft:DiffusionSFT",
         "Supervised fine-tuning on the preferred image of each pair (the DPO papers' SFT baseline)",
     ),
+    "gan-rm": (
+        "mmalign.image.gan_rm_rounds:GanRMRounds",
+        "GAN-RM rounds: reward from target images vs own samples, then DPO/SFT on its best vs worst, repeated",
+    ),
     "smpo": (
         "mmalign.image.smpo:SmPO",
         "SmPO-Diffusion (Lu et al. 2025): reward-smoothed preferences, ReNoise-inverted training latents",
@@ -38,6 +42,10 @@ REWARDS: dict[str, tuple[str, str]] = {
     "shapes-gold": (
         "mmalign.rewards.shapes_gold:ShapesGold",
         "programmatic gold metric of the embedded shapes world (does the image show the caption?)",
+    ),
+    "gan-rm": (
+        "mmalign.image.gan_rm:GanRM",
+        "GAN-RM: frozen CLIP image tower + MLP head trained to tell target images from the generator's (path=folder)",
     ),
 }
 

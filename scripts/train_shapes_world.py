@@ -43,7 +43,11 @@ def log(work: Path, record: dict) -> None:
 
 
 def render_batch(
-    n: int, rng: np.random.Generator, split: str = "train", caption_noise: float = 0.0
+    n: int,
+    rng: np.random.Generator,
+    split: str = "train",
+    caption_noise: float = 0.0,
+    colour_bias: tuple[str, str, float] | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """`n` random renders as `(n, 3, 32, 32)` in [-1, 1] and their captions.
 
@@ -228,14 +232,14 @@ def train_clip(work: Path, steps: int, seed: int, negatives: int = 4) -> None:
 
 
 def render_latents(
-    vae, n: int, seed: int, caption_noise: float, batch: int = 256
+    vae, n: int, seed: int, caption_noise: float, colour_bias: tuple[str, str, float] | None = None, batch: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Posterior mean and std `(n, 4, 8, 8)` of `n` train-split renders, and their captions."""
     rng = np.random.default_rng(seed)
     means, stds, caps = [], [], []
     with torch.no_grad():
         for _ in range(0, n, batch):
-            x, c = render_batch(batch, rng, caption_noise=caption_noise)
+            x, c = render_batch(batch, rng, caption_noise=caption_noise, colour_bias=colour_bias)
             dist = vae.encode(x).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
@@ -260,7 +264,15 @@ def evaluate_t2i(model, captions: list[str], seed: int) -> dict[str, float]:
 
 
 def train_t2i(
-    work: Path, steps: int, eval_every: int, seed: int, caption_noise: float, lr: float = 5e-4, batch: int = 32
+    work: Path,
+    steps: int,
+    eval_every: int,
+    seed: int,
+    caption_noise: float,
+    colour_bias: tuple[str, str, float] | None = None,
+    init: Path | None = None,
+    lr: float = 5e-4,
+    batch: int = 32,
 ) -> None:
     from mmalign.models.diffusion import DiffusionModel
     from mmalign.models.noise import VariancePreserving
@@ -269,7 +281,7 @@ def train_t2i(
     if (out / "done.json").exists():
         return
     torch.manual_seed(seed)
-    model = DiffusionModel.from_pretrained(work / "stage-vae", lora_rank=None, reference=False)
+    model = DiffusionModel.from_pretrained(init or work / "stage-vae", lora_rank=None, reference=False)
     pipe = model.pipe
     unet, text_encoder = pipe.unet, pipe.text_encoder
     text_encoder.requires_grad_(True).train()
@@ -278,7 +290,7 @@ def train_t2i(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = 200
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    mean, std, caps = render_latents(pipe.vae, 50_000, seed + 100, caption_noise)
+    mean, std, caps = render_latents(pipe.vae, 50_000, seed + 100, caption_noise, colour_bias)
     scaling = pipe.vae.config.scaling_factor
     noise_process: VariancePreserving = model.noise  # type: ignore[assignment]
     rng = np.random.default_rng(seed + 200)
@@ -365,6 +377,8 @@ def main() -> None:
     parser.add_argument("--t2i-steps", type=int, default=3000)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--caption-noise", type=float, default=0.3, help="share of mis-captioned t2i training images")
+    parser.add_argument("--colour-bias", default=None, help="systematic error A:B:P (colour A drawn as B w.p. P)")
+    parser.add_argument("--t2i-init", type=Path, default=None, help="continue the t2i phase from this snapshot")
     parser.add_argument("--ship-step", type=int, default=None, help="t2i snapshot to ship (phase ship)")
     parser.add_argument("--phases", default="vae,clip,t2i")
     args = parser.parse_args()
@@ -376,7 +390,11 @@ def main() -> None:
     if "clip" in phases:
         train_clip(args.work_dir, args.clip_steps, args.seed)
     if "t2i" in phases:
-        train_t2i(args.work_dir, args.t2i_steps, args.eval_every, args.seed, args.caption_noise)
+        bias = None
+        if args.colour_bias:
+            a, b, p = args.colour_bias.split(":")
+            bias = (a, b, float(p))
+        train_t2i(args.work_dir, args.t2i_steps, args.eval_every, args.seed, args.caption_noise, bias, args.t2i_init)
     if "ship" in phases:
         if args.ship_step is None:
             parser.error("phase ship needs --ship-step")

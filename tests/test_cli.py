@@ -88,3 +88,15 @@ def test_sample_writes_images_and_a_grid(tiny_pipelines, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png", "00003.png",
                                                            "grid.png"]
     assert (out / "prompts.txt").read_text().splitlines() == ["a red circle"] * 2 + ["a blue square"] * 2
+
+
+def test_sample_best_of_n_keeps_the_rewards_choice(tiny_pipelines, tmp_path):
+    out = tmp_path / "best"
+    args = ["sample", "--model", str(tiny_pipelines["sd"]), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--steps", "2", "--best-of", "3", "--reward", "shapes-gold", "--out", str(out)]
+    assert main(args) == 0
+    record = json.loads((out / "best_of_n.json").read_text())
+    assert record["n"] == 3 and len(record["samples"]) == 2
+    for sample in record["samples"]:
+        assert sample["chosen"] == max(range(3), key=lambda k: sample["scores"][k])
+    assert main([*args[:-2], "--best-of", "1", "--out", str(tmp_path / "one")]) == 2  # N < 2 is a clear error

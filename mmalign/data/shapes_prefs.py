@@ -2,7 +2,8 @@
 
 For each training caption (train split) the model draws `candidates` images; the proxy reward
 (the toy CLIP by default, never the gold metric) scores them, and the best and the worst form a
-pair when their scores differ by at least `min_margin`. The pair is written as two PNGs and a
+pair when their scores differ by at least `min_margin` (`write_self_pairs`, which GAN-RM's
+rounds reuse with their own reward). The pair is written as two PNGs and a
 line of `pairs.jsonl` (in random order, `label` = index of the preferred image), i.e. in the
 same local-folder format a user's own data uses.
 """
@@ -18,12 +19,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mmalign.best_of_n import best_of_n
 from mmalign.config import EmbeddedPrefsConfig
 from mmalign.data import shapes_world
 from mmalign.data.pairs import JSONL_NAME
 from mmalign.io import atomic_directory
 from mmalign.rewards import load_reward
-from mmalign.train.rng import keyed_generator
 
 
 def fingerprint(config: EmbeddedPrefsConfig, model_path: str) -> str:
@@ -41,47 +42,78 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 
 def build_shapes_prefs(config: EmbeddedPrefsConfig, model, directory: Path, batch_size: int = 64) -> dict:
     """Generate the pair folder at `directory` (atomically) with `model` (a `DiffusionModel`)."""
-    if config.candidates < 2:
-        raise ValueError(f"data.embedded.candidates must be at least 2, got {config.candidates}")
     rng = np.random.default_rng(config.seed)
     pool = shapes_world.captions("train")
     order = rng.permutation(len(pool))
     prompts = [pool[order[i % len(pool)]] for i in range(config.prompts)]
     reward = load_reward(config.reward, device=model.device)
-    shape = model.latent_shape(1, model.default_resolution)[1:]
+    return write_self_pairs(
+        model,
+        prompts,
+        reward,
+        directory,
+        candidates=config.candidates,
+        min_margin=config.min_margin,
+        num_steps=config.num_steps,
+        guidance_scale=config.guidance_scale,
+        seed=config.seed,
+        batch_size=batch_size,
+        meta={"config": vars(config)},
+    )
+
+
+def write_self_pairs(
+    model,
+    prompts: list[str],
+    reward,
+    directory: Path,
+    *,
+    candidates: int,
+    min_margin: float,
+    num_steps: int = 20,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    use_reference: bool = True,
+    meta: dict | None = None,
+) -> dict:
+    """Best-vs-worst pairs of `model`'s own samples under `reward`, written as a pair folder.
+
+    For each prompt the model (its frozen reference weights unless `use_reference=False`) draws
+    `candidates` images; the
+    reward's best and worst form a pair when their scores differ by at least `min_margin`. Rows
+    carry `score_w`/`score_l`; the folder appears complete or not at all. Returns its `meta.json`.
+    """
+    if candidates < 2:
+        raise ValueError(f"a best-vs-worst pair needs at least 2 candidates per prompt, got {candidates}")
+    rng = np.random.default_rng(seed)
     rows, margins = [], []
     with atomic_directory(directory) as tmp:
         (tmp / "images").mkdir()
         for start in tqdm(range(0, len(prompts), batch_size), desc="generating preference pairs", unit="batch"):
             batch = prompts[start : start + batch_size]
-            images, scores = [], []
-            for k in range(config.candidates):
-                noise = torch.stack(
-                    [
-                        torch.randn(shape, generator=keyed_generator(config.seed, start + i, k))
-                        for i in range(len(batch))
-                    ]
-                )
-                latents = model.sample(
-                    batch,
-                    num_steps=config.num_steps,
-                    guidance_scale=config.guidance_scale,
-                    noise=noise,
-                    use_reference=True,
-                )
-                decoded = model.decode_latents(latents).cpu()
-                images.append(decoded)
-                scores.append(reward(decoded, batch))
-            images_t, scores_t = torch.stack(images), torch.stack(scores)  # (K, b, 3, H, W), (K, b)
+            drawn = best_of_n(
+                model,
+                batch,
+                candidates,
+                reward,
+                num_steps=num_steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                batch_size=batch_size,
+                use_reference=use_reference,
+                index_offset=start,
+            )
             for i, prompt in enumerate(batch):
-                best, worst = int(scores_t[:, i].argmax()), int(scores_t[:, i].argmin())
-                margin = float(scores_t[best, i] - scores_t[worst, i])
-                if margin < config.min_margin:
+                scores = drawn.scores[i]
+                best, worst = int(scores.argmax()), int(scores.argmin())
+                margin = float(scores[best] - scores[worst])
+                if margin < min_margin:
                     continue
                 n = start + i
                 names = [f"images/{n:05d}_w.png", f"images/{n:05d}_l.png"]
-                _save_png(images_t[best, i], tmp / names[0])
-                _save_png(images_t[worst, i], tmp / names[1])
+                _save_png(drawn.candidates[i, best], tmp / names[0])
+                _save_png(drawn.candidates[i, worst], tmp / names[1])
                 swap = bool(rng.random() < 0.5)
                 first, second = (names[1], names[0]) if swap else names
                 rows.append(
@@ -90,18 +122,14 @@ def build_shapes_prefs(config: EmbeddedPrefsConfig, model, directory: Path, batc
                         "image_1": second,
                         "label": 1 if swap else 0,
                         "prompt": prompt,
-                        "proxy_margin": round(margin, 4),
+                        "score_w": round(float(scores[best]), 6),
+                        "score_l": round(float(scores[worst]), 6),
                     }
                 )
                 margins.append(margin)
         if not rows:
-            raise ValueError("no pair reached data.embedded.min_margin; lower it or add candidates")
+            raise ValueError(f"no pair reached min_margin={min_margin}; lower it or draw more candidates")
         (tmp / JSONL_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        meta = {
-            "config": vars(config),
-            "pairs": len(rows),
-            "prompts": len(prompts),
-            "mean_proxy_margin": float(np.mean(margins)),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
+        info = {**(meta or {}), "pairs": len(rows), "prompts": len(prompts), "mean_margin": float(np.mean(margins))}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+    return info

@@ -102,13 +102,13 @@ class Reward(ABC):
         scores = []
         for start in tqdm(range(0, n, self.batch_size), desc=f"scoring ({self.name})", disable=not show, unit="batch"):
             chunk = images[start : start + self.batch_size]
-            batch = chunk if isinstance(chunk, torch.Tensor) else _stack(chunk)
+            batch = chunk if isinstance(chunk, torch.Tensor) else stack_images(chunk)
             chunk_prompts = None if prompt_list is None else prompt_list[start : start + self.batch_size]
             scores.append(self.score_batch(batch, chunk_prompts).detach().float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
 
 
-def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     sizes = {tuple(im.shape) for im in images}
     if len(sizes) == 1:
         return torch.stack(images)

@@ -20,6 +20,8 @@ def run(config: Any, *overrides: str) -> dict[str, Any]:
 
     run_config = config if isinstance(config, RunConfig) else load_config(Path(config), overrides)
     method = load(METHODS, "method", run_config.method)(run_config)
+    if hasattr(method, "run_all"):  # a multi-stage recipe (e.g. GAN-RM rounds) that runs its own loops
+        return method.run_all()
     return Trainer(run_config, method).train()
 
 
