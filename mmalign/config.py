@@ -47,107 +47,108 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def option(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field documented by `text` (what `mmalign train --help` prints)."""
+    return field(default=default, metadata={"help": text}, **kwargs)
 
 
 @dataclass
 class ModelConfig:
-    path: str = _help("Hub id, local diffusers folder, or embedded:<name>", default="embedded:shapes-t2i")
-    lora_rank: int | None = _help("LoRA rank on the denoiser's attention; null = full fine-tuning", default=8)
-    lora_alpha: int | None = _help("LoRA alpha (scale = alpha / rank); null = rank", default=None)
-    lora_targets: list[str] | None = _help(
+    path: str = option("Hub id, local diffusers folder, or embedded:<name>", default="embedded:shapes-t2i")
+    lora_rank: int | None = option("LoRA rank on the denoiser's attention; null = full fine-tuning", default=8)
+    lora_alpha: int | None = option("LoRA alpha (scale = alpha / rank); null = rank", default=None)
+    lora_targets: list[str] | None = option(
         "module names to adapt; null = the family's attention projections", default=None
     )
-    dtype: str = _help(
+    dtype: str = option(
         "dtype of frozen weights: float32, float16 or bfloat16 (trainable weights stay fp32)", default="float32"
     )
-    variant: str | None = _help("weights variant to load, e.g. fp16", default=None)
-    revision: str | None = _help("Hub revision (branch, tag or commit)", default=None)
-    gradient_checkpointing: bool = _help("recompute denoiser activations in backward to save memory", default=False)
-    flow_sampling: str = _help("σ law for flow-matching models: logit_normal or uniform", default="logit_normal")
+    variant: str | None = option("weights variant to load, e.g. fp16", default=None)
+    revision: str | None = option("Hub revision (branch, tag or commit)", default=None)
+    gradient_checkpointing: bool = option("recompute denoiser activations in backward to save memory", default=False)
+    flow_sampling: str = option("σ law for flow-matching models: logit_normal or uniform", default="logit_normal")
 
 
 @dataclass
 class EmbeddedPrefsConfig:
     """How `data.path: embedded:shapes-prefs` is generated (pairs labelled by the proxy reward)."""
 
-    prompts: int = _help("number of training captions (train split of the shapes world)", default=512)
-    candidates: int = _help("samples per caption; the proxy's best and worst form a pair", default=4)
-    min_margin: float = _help("drop pairs whose proxy scores differ by less than this", default=1.0)
-    reward: str = _help("proxy reward that labels the pairs (never the gold metric)", default="clip-score")
-    num_steps: int = _help("sampling steps for the candidates", default=20)
-    guidance_scale: float = _help("classifier-free guidance for the candidates", default=3.0)
-    seed: int = _help("seed for captions and sampling noise", default=0)
+    prompts: int = option("number of training captions (train split of the shapes world)", default=512)
+    candidates: int = option("samples per caption; the proxy's best and worst form a pair", default=4)
+    min_margin: float = option("drop pairs whose proxy scores differ by less than this", default=1.0)
+    reward: str = option("proxy reward that labels the pairs (never the gold metric)", default="clip-score")
+    num_steps: int = option("sampling steps for the candidates", default=20)
+    guidance_scale: float = option("classifier-free guidance for the candidates", default=3.0)
+    seed: int = option("seed for captions and sampling noise", default=0)
 
 
 @dataclass
 class DataConfig:
-    path: str = _help(
+    path: str = option(
         "datasets name or folder (Pick-a-Pic columns jpg_0/jpg_1/label_0/caption), a folder with pairs.jsonl "
         "(image_0/image_1/label/prompt), or embedded:shapes-prefs",
         default="embedded:shapes-prefs",
     )
-    split: str = _help("dataset split to train on", default="train")
-    drop_ties: bool = _help("drop tied pairs (label 0.5) instead of failing on them", default=True)
-    resolution: int | None = _help("training resolution in pixels; null = the model's default", default=None)
-    random_crop: bool = _help("random instead of centre crop after resizing", default=False)
-    random_flip: bool = _help("horizontal flip with probability 1/2, per image", default=False)
-    max_pairs: int | None = _help("use at most this many pairs (after dropping ties)", default=None)
-    cache_dir: str | None = _help("where generated embedded data is cached; null = ~/.cache/mmalign", default=None)
-    embedded: EmbeddedPrefsConfig = _help(
+    split: str = option("dataset split to train on", default="train")
+    drop_ties: bool = option("drop tied pairs (label 0.5) instead of failing on them", default=True)
+    resolution: int | None = option("training resolution in pixels; null = the model's default", default=None)
+    random_crop: bool = option("random instead of centre crop after resizing", default=False)
+    random_flip: bool = option("horizontal flip with probability 1/2, per image", default=False)
+    max_pairs: int | None = option("use at most this many pairs (after dropping ties)", default=None)
+    cache_dir: str | None = option("where generated embedded data is cached; null = ~/.cache/mmalign", default=None)
+    embedded: EmbeddedPrefsConfig = option(
         "generation of the embedded preference set", default_factory=EmbeddedPrefsConfig
     )
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _help("optimizer steps", default=300)
-    batch_size: int = _help("global batch per optimizer micro-step (pairs for DPO), split over processes", default=8)
-    gradient_accumulation_steps: int = _help("micro-steps per optimizer step", default=1)
-    learning_rate: float = _help("peak learning rate", default=1e-4)
-    lr_scheduler: str = _help("constant, constant_with_warmup, linear, cosine, …", default="constant_with_warmup")
-    warmup_steps: int = _help("learning-rate warm-up steps", default=0)
-    weight_decay: float = _help("AdamW weight decay", default=1e-2)
-    adam_beta1: float = _help("AdamW β1", default=0.9)
-    adam_beta2: float = _help("AdamW β2", default=0.999)
-    adam_epsilon: float = _help("AdamW ε", default=1e-8)
-    max_grad_norm: float | None = _help("clip the gradient norm to this; null = no clipping", default=1.0)
-    mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
-    log_every: int = _help("log training metrics every N steps", default=10)
-    checkpoint_every: int = _help("write a resumable checkpoint every N steps (0 = never)", default=100)
-    keep_checkpoints: int = _help("keep the newest N checkpoints", default=2)
-    resume: bool = _help("continue from the newest checkpoint in output_dir when there is one", default=True)
-    threads: int | None = _help("torch CPU threads; null = torch's default", default=None)
-    save_pipeline: bool = _help("also save the whole pipeline (LoRA merged) at the end", default=False)
+    max_steps: int = option("optimizer steps", default=300)
+    batch_size: int = option("global batch per optimizer micro-step (pairs for DPO), split over processes", default=8)
+    gradient_accumulation_steps: int = option("micro-steps per optimizer step", default=1)
+    learning_rate: float = option("peak learning rate", default=1e-4)
+    lr_scheduler: str = option("constant, constant_with_warmup, linear, cosine, …", default="constant_with_warmup")
+    warmup_steps: int = option("learning-rate warm-up steps", default=0)
+    weight_decay: float = option("AdamW weight decay", default=1e-2)
+    adam_beta1: float = option("AdamW β1", default=0.9)
+    adam_beta2: float = option("AdamW β2", default=0.999)
+    adam_epsilon: float = option("AdamW ε", default=1e-8)
+    max_grad_norm: float | None = option("clip the gradient norm to this; null = no clipping", default=1.0)
+    mixed_precision: str = option("no, fp16 or bf16 (accelerate autocast)", default="no")
+    log_every: int = option("log training metrics every N steps", default=10)
+    checkpoint_every: int = option("write a resumable checkpoint every N steps (0 = never)", default=100)
+    keep_checkpoints: int = option("keep the newest N checkpoints", default=2)
+    resume: bool = option("continue from the newest checkpoint in output_dir when there is one", default=True)
+    threads: int | None = option("torch CPU threads; null = torch's default", default=None)
+    save_pipeline: bool = option("also save the whole pipeline (LoRA merged) at the end", default=False)
 
 
 @dataclass
 class EvalConfig:
-    every: int = _help("evaluate every N steps (0 = only before and after)", default=100)
-    prompts: str = _help(
+    every: int = option("evaluate every N steps (0 = only before and after)", default=100)
+    prompts: str = option(
         "heldout / train (shapes-world splits) or a text file with one prompt per line", default="heldout"
     )
-    num_prompts: int | None = _help("use the first N prompts; null = all", default=None)
-    samples_per_prompt: int = _help("images per prompt (different noise)", default=1)
-    gold: str | None = _help("the reward reported as gold_metric (never trained on)", default="shapes-gold")
-    rewards: list[str] = _help("other rewards to report (proxy metrics)", default_factory=lambda: ["clip-score"])
-    reward_args: dict[str, dict[str, Any]] = _help(
+    num_prompts: int | None = option("use the first N prompts; null = all", default=None)
+    samples_per_prompt: int = option("images per prompt (different noise)", default=1)
+    gold: str | None = option("the reward reported as gold_metric (never trained on)", default="shapes-gold")
+    rewards: list[str] = option("other rewards to report (proxy metrics)", default_factory=lambda: ["clip-score"])
+    reward_args: dict[str, dict[str, Any]] = option(
         "keyword arguments per reward, e.g. {clip-score: {path: openai/clip-vit-large-patch14}}", default_factory=dict
     )
-    num_steps: int = _help("sampling steps", default=20)
-    guidance_scale: float = _help("classifier-free guidance", default=3.0)
-    seed: int = _help("seed of the evaluation noise (the same before and after)", default=1234)
-    batch_size: int = _help("prompts sampled at once", default=64)
-    grid_size: int = _help("images in each sample grid", default=16)
+    num_steps: int = option("sampling steps", default=20)
+    guidance_scale: float = option("classifier-free guidance", default=3.0)
+    seed: int = option("seed of the evaluation noise (the same before and after)", default=1234)
+    batch_size: int = option("prompts sampled at once", default=64)
+    grid_size: int = option("images in each sample grid", default=16)
 
 
 @dataclass
 class RunConfig:
-    method: str = _help("training method; `mmalign methods` lists them", default="diffusion-dpo")
-    recipe: str = _help("name shown in reports", default="")
-    seed: int = _help("global seed (data order, noise, timesteps)", default=0)
-    output_dir: str = _help("run directory: config, logs, checkpoints, samples, report", default="runs/run")
+    method: str = option("training method; `mmalign methods` lists them", default="diffusion-dpo")
+    recipe: str = option("name shown in reports", default="")
+    seed: int = option("global seed (data order, noise, timesteps)", default=0)
+    output_dir: str = option("run directory: config, logs, checkpoints, samples, report", default="runs/run")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -8,31 +8,28 @@ errors (see `mmalign.losses.diffusion_dpo_loss`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mmalign.config import option
 from mmalign.losses import diffusion_dpo_loss, per_sample_mse
 from mmalign.models.families import Conditioning
 from mmalign.train.diffusion_method import DiffusionPairMethod
 from mmalign.train.rng import keyed_generator
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class DiffusionDPOConfig:
-    beta: float = _help("β multiplying mean-reduced errors (2500 for SD1.5 in the diffusers convention)", 2500.0)
-    beta_convention: str = _help(
+    beta: float = option("β multiplying mean-reduced errors (2500 for SD1.5 in the diffusers convention)", 2500.0)
+    beta_convention: str = option(
         "plain: β as given (diffusers example); salesforce_half: the effective β is β/2 (Salesforce code, "
         "whose launchers pass 5000)",
         "plain",
     )
-    sft_weight: float = _help("weight of an added plain denoising loss on the winners (0 = pure DPO)", 0.0)
-    prompt_dropout: float = _help("probability of training a pair with the empty prompt", 0.0)
+    sft_weight: float = option("weight of an added plain denoising loss on the winners (0 = pure DPO)", 0.0)
+    prompt_dropout: float = option("probability of training a pair with the empty prompt", 0.0)
 
     @property
     def effective_beta(self) -> float:

@@ -16,7 +16,7 @@ clips `(N, F, 3, H, W)` are scored by averaging the head's logits over frames (`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmalign.config import option
 from mmalign.errors import UserInputError
 from mmalign.io import atomic_directory
 from mmalign.losses import class_balance_weights, weighted_soft_bce
@@ -33,26 +34,22 @@ from mmalign.rewards.base import Reward, as_image_batch, stack_images
 from mmalign.rewards.clip_score import DEFAULT_CLIP, ClipScore
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class GanRMConfig:
     """How the GAN-RM head is trained (the paper's values are unknown; these fit the toy world)."""
 
-    encoder: str = _help("frozen CLIP folder or id giving the image embeddings", DEFAULT_CLIP)
-    backend: str = _help("auto, transformers or open_clip", "auto")
-    hidden: int = _help("width of the MLP head", 512)
-    dropout: float = _help("dropout inside the head", 0.1)
-    learning_rate: float = _help("AdamW learning rate of the head", 1e-3)
-    weight_decay: float = _help("AdamW weight decay", 1e-4)
-    batch_size: int = _help("embeddings per head update", 64)
-    epochs: int = _help("passes over the training rows", 100)
-    holdout_fraction: float = _help("share of each class kept out of training to measure AUC", 0.1)
-    bootstrap_top: int = _help("M: top and bottom generated samples added by rank bootstrapping (0 = off)", 0)
-    bootstrap_alpha: float = _help("α of the soft labels exp(−α·rank) of bootstrapped positives", 0.01)
-    seed: int = _help("seed of the split, the head's init and the batch order", 0)
+    encoder: str = option("frozen CLIP folder or id giving the image embeddings", DEFAULT_CLIP)
+    backend: str = option("auto, transformers or open_clip", "auto")
+    hidden: int = option("width of the MLP head", 512)
+    dropout: float = option("dropout inside the head", 0.1)
+    learning_rate: float = option("AdamW learning rate of the head", 1e-3)
+    weight_decay: float = option("AdamW weight decay", 1e-4)
+    batch_size: int = option("embeddings per head update", 64)
+    epochs: int = option("passes over the training rows", 100)
+    holdout_fraction: float = option("share of each class kept out of training to measure AUC", 0.1)
+    bootstrap_top: int = option("M: top and bottom generated samples added by rank bootstrapping (0 = off)", 0)
+    bootstrap_alpha: float = option("α of the soft labels exp(−α·rank) of bootstrapped positives", 0.01)
+    seed: int = option("seed of the split, the head's init and the batch order", 0)
 
 
 class RewardHead(nn.Module):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from mmalign.best_of_n import sample_candidates
-from mmalign.config import RunConfig
+from mmalign.config import RunConfig, option
 from mmalign.data import shapes_world
 from mmalign.data.shapes_prefs import write_self_pairs
 from mmalign.data.sources import cache_root
@@ -45,31 +45,26 @@ EMBEDDED_TARGETS = "embedded:shapes-renders"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def _help(text: str, default: Any = None, **kwargs) -> Any:
-    if "default_factory" in kwargs:
-        return field(default_factory=kwargs["default_factory"], metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
 
 @dataclass
 class GanRMRoundsConfig:
-    rounds: int = _help("RM → pairs → generator update rounds", 2)
-    update: str = _help("dpo (best vs worst pairs) or sft (the best of each prompt)", "dpo")
-    targets: str = _help(
+    rounds: int = option("RM → pairs → generator update rounds", 2)
+    update: str = option("dpo (best vs worst pairs) or sft (the best of each prompt)", "dpo")
+    targets: str = option(
         "Preference Proxy Data: a folder of target images, or embedded:shapes-renders (clean renders)", EMBEDDED_TARGETS
     )
-    num_targets: int = _help("how many clean renders embedded:shapes-renders draws", 300)
-    raw_negatives: int = _help("generated images labelled 0 when training the RM", 300)
-    refresh_raw_negatives: bool = _help("draw the RM's negatives from the current generator every round", False)
-    bootstrap_pool: int = _help("generated images ranked for bootstrapping (needs reward_model.bootstrap_top)", 0)
-    prompts: str = _help("training prompts: train (shapes-world train split) or a text file, one per line", "train")
-    num_prompts: int = _help("prompts per round that get candidates", 256)
-    candidates: int = _help("samples per prompt; the RM's best and worst form a pair", 4)
-    min_margin: float = _help("drop pairs whose RM scores differ by less than this", 0.05)
-    num_steps: int = _help("sampling steps for raw negatives and candidates", 20)
-    guidance_scale: float = _help("classifier-free guidance for raw negatives and candidates", 3.0)
-    reward_model: GanRMConfig = _help("how each round's RM is trained", default_factory=GanRMConfig)
-    dpo: DiffusionDPOConfig = _help("Diffusion-DPO options (update: dpo)", default_factory=DiffusionDPOConfig)
+    num_targets: int = option("how many clean renders embedded:shapes-renders draws", 300)
+    raw_negatives: int = option("generated images labelled 0 when training the RM", 300)
+    refresh_raw_negatives: bool = option("draw the RM's negatives from the current generator every round", False)
+    bootstrap_pool: int = option("generated images ranked for bootstrapping (needs reward_model.bootstrap_top)", 0)
+    prompts: str = option("training prompts: train (shapes-world train split) or a text file, one per line", "train")
+    num_prompts: int = option("prompts per round that get candidates", 256)
+    candidates: int = option("samples per prompt; the RM's best and worst form a pair", 4)
+    min_margin: float = option("drop pairs whose RM scores differ by less than this", 0.05)
+    num_steps: int = option("sampling steps for raw negatives and candidates", 20)
+    guidance_scale: float = option("classifier-free guidance for raw negatives and candidates", 3.0)
+    reward_model: GanRMConfig = option("how each round's RM is trained", default_factory=GanRMConfig)
+    dpo: DiffusionDPOConfig = option("Diffusion-DPO options (update: dpo)", default_factory=DiffusionDPOConfig)
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -16,12 +16,13 @@ Two changes on top of Diffusion-DPO:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from mmalign.config import option
 from mmalign.image.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from mmalign.losses import smpo_pair_scale, soft_preference
 from mmalign.models.families import Conditioning
@@ -31,24 +32,19 @@ from mmalign.rewards import load_reward
 INVERSIONS = ("renoise", "ddim", "forward")
 
 
-def _help(text: str, default: Any = None, **kwargs) -> Any:
-    if "default_factory" in kwargs:
-        return field(default_factory=kwargs["default_factory"], metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
 
 @dataclass
 class SmPOConfig(DiffusionDPOConfig):
-    gamma: float = _help("sensitivity γ: the margin is scaled by γ(2p − 1) (10 in the paper)", 10.0)
-    label_reward: str = _help("reward that gives the soft labels (PickScore in the paper)", "clip-score")
-    label_reward_args: dict[str, Any] = _help(
+    gamma: float = option("sensitivity γ: the margin is scaled by γ(2p − 1) (10 in the paper)", 10.0)
+    label_reward: str = option("reward that gives the soft labels (PickScore in the paper)", "clip-score")
+    label_reward_args: dict[str, Any] = option(
         "keyword arguments of the label reward, e.g. {path: yuvalkirstain/PickScore_v1}", default_factory=dict
     )
-    tau: float | None = _help("temperature of p = σ(Δr/τ); null = the reward's range over the training pairs", None)
-    inversion: str = _help("renoise (SmPO), ddim (no ReNoise iterations) or forward (Diffusion-DPO noising)", "renoise")
-    inversion_steps: int = _help("inversion steps from 0 to t (5 for SD1.5, 10 for SDXL in the paper's code)", 5)
-    renoise_iterations: int = _help("ReNoise fixed-point iterations per step; the estimates are averaged", 1)
-    official_grid: bool = _help("use SmPO's code grid {1, 1+T/n, …} below t instead of a grid ending at t", False)
+    tau: float | None = option("temperature of p = σ(Δr/τ); null = the reward's range over the training pairs", None)
+    inversion: str = option("renoise (SmPO), ddim (no ReNoise iterations) or forward (DPO noising)", "renoise")
+    inversion_steps: int = option("inversion steps from 0 to t (5 for SD1.5, 10 for SDXL in the paper's code)", 5)
+    renoise_iterations: int = option("ReNoise fixed-point iterations per step; the estimates are averaged", 1)
+    official_grid: bool = option("use SmPO's code grid {1, 1+T/n, …} below t instead of a grid ending at t", False)
 
 
 class SmPO(DiffusionDPO):

@@ -41,6 +41,20 @@ def _levels(t: torch.Tensor, steps: int, num_train_timesteps: int, official_grid
     return [lv.round() if integer else lv for lv in levels]
 
 
+def _grid_steps(noise: NoiseProcess, t: torch.Tensor, steps: int, official_grid: bool, like: torch.Tensor):
+    """The grid's moves from level a to level b (a < b), low to high, that move at least one sample:
+    `(a, b, moving, a_is_clean)` with `a, b (B,)` levels (integer when `t` is) and the masks shaped
+    to broadcast over `like`."""
+    integer = not t.is_floating_point()
+    levels = _levels(t.cpu(), steps, noise.num_train_timesteps, official_grid, integer)
+    shape = (-1, *[1] * (like.ndim - 1))
+    for a, b in zip(levels[:-1], levels[1:]):
+        moving = (b > a).to(like.device).view(shape)
+        if moving.any():
+            a_t, b_t = (a.long(), b.long()) if integer else (a.float(), b.float())
+            yield a_t, b_t, moving, (a == 0).to(like.device).view(shape)
+
+
 @torch.no_grad()
 def renoise_invert(
     estimate_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -61,16 +75,8 @@ def renoise_invert(
     the estimates of iterations k0 ≤ k < k1, iteration 0 being the DDIM estimate (SmPO's code:
     K = 1, (0, 2)). The start level is the clean latent itself (ᾱ = 1, σ = 0).
     """
-    integer = not t.is_floating_point()
-    levels = _levels(t.cpu(), steps, noise.num_train_timesteps, official_grid, integer)
     z = x0
-    shape = (-1, *[1] * (z.ndim - 1))
-    for a, b in zip(levels[:-1], levels[1:]):
-        moving = (b > a).to(z.device).view(shape)
-        if not moving.any():
-            continue
-        a_t, b_t = (a.long(), b.long()) if integer else (a.float(), b.float())
-        start_clean = (a == 0).to(z.device).view(shape)
+    for a_t, b_t, moving, start_clean in _grid_steps(noise, t, steps, official_grid, x0):
         estimates = [estimate_noise(z, b_t)]
         for _ in range(renoise_iterations):
             candidate = _ddim_move(noise, z, estimates[-1], a_t, b_t, start_clean)
@@ -126,17 +132,9 @@ def ddim_reconstruct(
 ) -> torch.Tensor:
     """Deterministic DDIM sampling from `x_t` at levels `t (B,)` back to clean latents, along the
     grid `renoise_invert` uses (the inverse of inversion: a good inversion reconstructs `x0`)."""
-    integer = not t.is_floating_point()
-    levels = _levels(t.cpu(), steps, noise.num_train_timesteps, official_grid, integer)
     z = x_t
-    shape = (-1, *[1] * (z.ndim - 1))
-    for a, b in zip(reversed(levels[:-1]), reversed(levels[1:])):
-        moving = (b > a).to(z.device).view(shape)
-        if not moving.any():
-            continue
-        a_t, b_t = (a.long(), b.long()) if integer else (a.float(), b.float())
+    for a_t, b_t, moving, end_clean in reversed(list(_grid_steps(noise, t, steps, official_grid, x_t))):
         eps = estimate_noise(z, b_t)
         x0_hat = _x0_from_noise(noise, z, eps, b_t)
-        end_clean = (a == 0).to(z.device).view(shape)
         z = torch.where(moving, torch.where(end_clean, x0_hat, noise.add_noise(x0_hat, eps, a_t)), z)
     return z
