@@ -1,10 +1,11 @@
 """SmPO against Diffusion-DPO at equal training compute on the embedded shapes world.
 
-    python benchmarks/smpo_vs_dpo.py [--seeds 0 1 2] [--steps 300] [--eval-every 50] [--out DIR]
+    python benchmarks/smpo_vs_dpo.py [--seeds 0 1 2] [--dpo-steps 300] [--smpo-steps 200] [--out DIR]
 
 Both recipes (`configs/image/diffusion_dpo.yaml`, `configs/image/smpo.yaml`) train on the same
-preference pairs from the same model for `--steps` optimizer steps per seed, evaluating the
-held-out gold metric every `--eval-every` steps. Compute is the wall time spent in training steps
+preference pairs from the same model, DPO for `--dpo-steps` and SmPO for `--smpo-steps` optimizer
+steps per seed (an SmPO step also runs the inversion, so fewer steps cost about the same), each
+evaluating the held-out gold metric `--evals` times along the way. Compute is the wall time spent in training steps
 (evaluations excluded), measured in this run. Printed per seed and as mean ± sd:
 
 - DPO's final gold metric and its compute;
@@ -70,8 +71,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--dpo-steps", type=int, default=300)
+    parser.add_argument("--smpo-steps", type=int, default=200)
+    parser.add_argument("--evals", type=int, default=5, help="evaluations per run after the one at step 0")
     parser.add_argument("--out", type=Path, default=None, help="run directories and the JSON summary")
     parser.add_argument("overrides", nargs="*", help="extra overrides for both recipes, e.g. model=...")
     args = parser.parse_args()
@@ -80,14 +82,14 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         reports = {}
-        for name in ("diffusion_dpo", "smpo"):
+        for name, steps in (("diffusion_dpo", args.dpo_steps), ("smpo", args.smpo_steps)):
             reports[name] = mmalign.train(
                 ROOT / "configs" / "image" / f"{name}.yaml",
                 f"output_dir={out / f'{name}-seed{seed}'}",
                 f"seed={seed}",
-                f"train.max_steps={args.steps}",
-                f"eval.every={args.eval_every}",
-                f"train.checkpoint_every={args.steps}",
+                f"train.max_steps={steps}",
+                f"eval.every={max(steps // args.evals, 1)}",
+                f"train.checkpoint_every={steps}",
                 *args.overrides,
             )
         rows.append({"seed": seed, **compare(reports["diffusion_dpo"], reports["smpo"])})
@@ -99,7 +101,8 @@ def main() -> None:
     }
     (out / "smpo_vs_dpo.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "seeds": rows,
                                                       "summary": summary}, indent=2))
-    print(f"\n| quantity | mean | sd |   ({len(rows)} seeds, {args.steps} steps each; results in {out})")
+    steps = f"DPO {args.dpo_steps} / SmPO {args.smpo_steps} steps"
+    print(f"\n| quantity | mean | sd |   ({len(rows)} seeds, {steps}; results in {out})")
     print("|---|---|---|")
     for k in keys:
         print(f"| {k} | {summary[k]['mean']:.4f} | {summary[k]['sd']:.4f} |")

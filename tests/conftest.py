@@ -21,6 +21,32 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["MMALIGN_CACHE"] = str(tmp_path_factory.mktemp("mmalign-cache"))
 
 
+RECIPE_TESTS = "test_recipes.py"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Recipe tests last: their runs start with the session and go on while the other tests run."""
+    items.sort(key=lambda item: RECIPE_TESTS in item.nodeid)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def recipe_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, _isolated_cache: None):
+    """Start the shipped recipes in the background when a recipe test is selected (tests/recipe_runs.py)."""
+    if not any(RECIPE_TESTS in item.nodeid for item in request.session.items):
+        yield None
+        return
+    import torch
+
+    from tests.recipe_runs import RecipeRuns
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # this process, its children and the recipes share two cores
+    torch.set_num_threads(1)
+    runs = RecipeRuns(tmp_path_factory.mktemp("recipes"))
+    runs.start()
+    yield runs
+    runs.stop()
+
+
 @pytest.fixture(autouse=True)
 def _reset_accelerate_state():
     """AcceleratorState is a process-wide singleton; give every test a fresh one."""

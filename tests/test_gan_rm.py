@@ -142,6 +142,17 @@ def test_rounds_keep_every_stage_and_reuse_the_targets(tiny_pipelines, tmp_path)
     assert (out / "report.md").exists() and (out / "samples/before_after.png").exists()
 
 
+def test_embedded_targets_depict_the_training_prompts(tiny_pipelines, tmp_path):
+    """PPD renders follow the prompts' caption mix, so the RM cannot separate them by content."""
+    from mmalign.image.gan_rm_rounds import GanRMRounds
+
+    run = _rounds_config([*_round_overrides(tiny_pipelines["sd"], tmp_path / "run"), "gan_rm.num_targets=40"])
+    prompts = ["a red circle", "a blue square left of a green circle"]
+    files = GanRMRounds(run).target_images(prompts)
+    drawn = (files[0].parent / "prompts.txt").read_text().splitlines()
+    assert len(files) == len(drawn) == 40 and set(drawn) == set(prompts)
+
+
 def test_rounds_resume_mid_round(tiny_pipelines, tmp_path):
     import shutil
 

@@ -19,15 +19,20 @@ def cache_root(config: DataConfig) -> Path:
     return Path(os.environ.get("MMALIGN_CACHE", Path.home() / ".cache" / "mmalign"))
 
 
+def embedded_pairs_directory(config: DataConfig, model_path: str) -> Path:
+    """Where the pairs of `config.path = embedded:<name>` generated from `model_path` are cached."""
+    name = config.path[len(EMBEDDED_PREFIX) :]
+    if name not in EMBEDDED_PAIRS:
+        raise unknown_name_error("embedded dataset", name, list(EMBEDDED_PAIRS))
+    return cache_root(config) / name / fingerprint(config.embedded, model_path)
+
+
 def resolve_pairs_path(config: DataConfig, model, model_path: str) -> str:
     """The pair source to open; `embedded:shapes-prefs` is generated with `model` (loaded from
     `model_path`) once and cached under a key of the generation options and the model files."""
     if not config.path.startswith(EMBEDDED_PREFIX):
         return config.path
-    name = config.path[len(EMBEDDED_PREFIX) :]
-    if name not in EMBEDDED_PAIRS:
-        raise unknown_name_error("embedded dataset", name, list(EMBEDDED_PAIRS))
-    directory = cache_root(config) / name / fingerprint(config.embedded, model_path)
+    directory = embedded_pairs_directory(config, model_path)
     if not (directory / "pairs.jsonl").is_file():
         build_shapes_prefs(config.embedded, model, directory)
     return str(directory)

@@ -17,6 +17,7 @@ each round's RM AUC, pair count and gold metric.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,17 +104,23 @@ class GanRMRounds:
         self.out = Path(run.output_dir)
 
     # ------------------------------------------------------------------ inputs
-    def target_images(self) -> list[Path]:
-        """PPD files; the embedded renders are drawn once into the data cache."""
+    def target_images(self, prompts: list[str]) -> list[Path]:
+        """PPD files; the embedded renders are drawn once into the data cache.
+
+        The embedded renders depict captions drawn from the same `prompts` as the generator's
+        samples: with another caption mix (say, more single shapes) the RM would separate the two
+        classes by content and reward dropping objects instead of clean, faithful images.
+        """
         if self.config.targets != EMBEDDED_TARGETS:
             files = _image_files(Path(self.config.targets))
             for f in files:
                 load_image(f)  # an unreadable image fails now, named, not halfway through a round
             return files
-        folder = cache_root(self.run.data) / f"shapes-renders-{self.config.num_targets}-seed{self.run.seed}"
+        key = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:12]
+        folder = cache_root(self.run.data) / f"shapes-renders-{self.config.num_targets}-seed{self.run.seed}-{key}"
         if not folder.exists():
             rng = np.random.default_rng([self.run.seed, 7])
-            captions = shapes_world.sample_captions(self.config.num_targets, "train", rng)
+            captions = self._draw(prompts, self.config.num_targets, 7)
             renders = np.stack([shapes_world.render(c, rng) for c in captions])
             _save_images(torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255, folder, captions)
         return _image_files(folder)
@@ -215,7 +222,8 @@ class GanRMRounds:
     def run_all(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "config.json", self.run.to_dict())
-        targets, prompts = self.target_images(), self.prompt_list()
+        prompts = self.prompt_list()
+        targets = self.target_images(prompts)
         generator = resolve_model_path(self.run.model.path)
         rounds = []
         for k in range(1, self.config.rounds + 1):
