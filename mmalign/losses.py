@@ -6,6 +6,8 @@ Errors are mean-reduced squared errors, so `beta` values match the papers' codes
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -129,3 +131,70 @@ def class_balance_weights(groups: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(groups)
     present = (counts > 0).sum()
     return 1.0 / (counts[groups].float() * present)
+
+
+def cs_divergence(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:
+    """Empirical Cauchy–Schwarz divergence between sample sets `x (N, D)` and `y (M, D)`: a scalar ≥ 0.
+
+    With a Gaussian kernel `κ(a, b) = exp(−‖a − b‖² / (2σ²))` and every mean taken over all pairs,
+    diagonal terms included:
+
+        D = log mean κ(x, x') + log mean κ(y, y') − 2 · log mean κ(x, y)
+
+    Each `log mean κ` is a logsumexp of `−d²/(2σ²)` minus the log of the pair count, so sets many
+    bandwidths apart give a finite value and finite gradients. `D(x, x) = 0`; no pairing between
+    `x` and `y` is used, so `N ≠ M` is fine.
+
+    `bandwidth` is σ in the embeddings' units. When None, σ is the median of the detached pairwise
+    distances of the pooled samples (diagonal included), each pair weighted as if drawn from the
+    balanced mixture `½ p̂_x + ½ p̂_y`. That is the plain pooled median when `N = M`; the balance
+    keeps σ (and D) unchanged when one set is duplicated or the batch's class ratio changes. The
+    median heuristic makes D invariant to a global scale of the embeddings; with a fixed σ an
+    encoder can raise D just by scaling its outputs up. Should more than half the weight sit at
+    distance 0, σ falls back to the largest distance (and to 1 when every point coincides).
+    Half-precision inputs are computed (and returned) in float32.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected x (N, D) and y (M, D), got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    n, m = x.shape[0], y.shape[0]
+    if n == 0 or m == 0:
+        raise ValueError(f"both sets must be non-empty, got N={n}, M={m}")
+    if bandwidth is not None and not bandwidth > 0:
+        raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+    pooled = torch.cat([x, y])
+    if pooled.dtype in (torch.float16, torch.bfloat16):
+        pooled = pooled.float()
+    pooled = pooled - pooled.detach().mean(dim=0)  # same distances, less cancellation in the expansion below
+    sq_norm = pooled.pow(2).sum(dim=1)
+    sq_dist = (sq_norm[:, None] + sq_norm[None, :] - 2 * pooled @ pooled.T).clamp_min(0)  # (N+M, N+M)
+    if bandwidth is None:
+        sigma = _balanced_median_distance(sq_dist.detach(), n)
+    else:
+        sigma = torch.as_tensor(bandwidth, dtype=sq_dist.dtype, device=sq_dist.device)
+    logits = -sq_dist / (2 * sigma**2)
+
+    def log_mean_kernel(block: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(block.reshape(-1), dim=0) - math.log(block.numel())
+
+    return (
+        log_mean_kernel(logits[:n, :n]) + log_mean_kernel(logits[n:, n:]) - 2 * log_mean_kernel(logits[:n, n:])
+    )
+
+
+def _balanced_median_distance(sq_dist: torch.Tensor, n: int) -> torch.Tensor:
+    """Lower weighted median of `sqrt(sq_dist)` over all `(K, K)` pairs, the first `n` points weighted `1/n`.
+
+    The other `K − n` points weigh `1/(K − n)`, so each set carries half the mass. Weights are kept
+    as exact integers (`K − n` and `n`, divided by their gcd) so ties at ½ resolve without rounding.
+    """
+    k = sq_dist.shape[0]
+    g = math.gcd(n, k - n)
+    weight = torch.full((k,), (k - n) // g, dtype=torch.int64, device=sq_dist.device)
+    weight[n:] = n // g
+    dist = sq_dist.reshape(-1).sqrt()
+    order = torch.argsort(dist)
+    cumulative = torch.cumsum((weight[:, None] * weight[None, :]).reshape(-1)[order], dim=0)
+    half = (cumulative[-1] + 1) // 2  # the smallest distance whose cumulative weight reaches half the total
+    median = dist[order][torch.searchsorted(cumulative, half[None])][0]
+    largest = dist.max()
+    return torch.where(median > 0, median, torch.where(largest > 0, largest, torch.ones_like(largest)))

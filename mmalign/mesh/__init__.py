@@ -1,0 +1,1 @@
+"""Meshes: file IO and validation (`io`), surface sampling (`sampling`), the embedded mesh world (`world`)."""
