@@ -1,6 +1,6 @@
 """SmPO against Diffusion-DPO at equal training compute on the embedded shapes world.
 
-    python benchmarks/smpo_vs_dpo.py [--seeds 0 1 2] [--dpo-steps 300] [--smpo-steps 200] [--out DIR]
+    python benchmarks/smpo_vs_dpo.py [--seeds 0 1 2] [--dpo-steps 300] [--smpo-steps 120] [--out DIR]
 
 Both recipes (`configs/image/diffusion_dpo.yaml`, `configs/image/smpo.yaml`) train on the same
 preference pairs from the same model, DPO for `--dpo-steps` and SmPO for `--smpo-steps` optimizer
@@ -72,8 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dpo-steps", type=int, default=300)
-    parser.add_argument("--smpo-steps", type=int, default=200)
-    parser.add_argument("--evals", type=int, default=5, help="evaluations per run after the one at step 0")
+    parser.add_argument("--smpo-steps", type=int, default=120)
+    parser.add_argument("--evals", type=int, default=3, help="evaluations per run after the one at step 0")
     parser.add_argument("--out", type=Path, default=None, help="run directories and the JSON summary")
     parser.add_argument("overrides", nargs="*", help="extra overrides for both recipes, e.g. model=...")
     args = parser.parse_args()

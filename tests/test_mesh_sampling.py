@@ -19,8 +19,22 @@ def _tensors(mesh: trimesh.Trimesh, dtype=torch.float32) -> tuple[torch.Tensor, 
 
 
 def _distance_to(mesh: trimesh.Trimesh, points: torch.Tensor) -> np.ndarray:
-    _, distance, _ = trimesh.proximity.closest_point(mesh, points.detach().double().numpy())
-    return distance
+    """`(P,)`: each point's distance to the nearest face plane among faces holding its projection.
+
+    Brute force over all faces (trimesh's closest-point query needs the optional rtree package).
+    """
+    p = points.detach().double().numpy()[:, None, :]  # (P, 1, 3)
+    a, b, c = (np.asarray(mesh.vertices)[mesh.faces][None, :, i] for i in range(3))  # (1, F, 3) each
+    normal = np.cross(b - a, c - a)
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    height = ((p - a) * normal).sum(-1)  # (P, F)
+    e0, e1, q = b - a, c - a, p - height[..., None] * normal - a
+    d00, d01, d11 = (e0 * e0).sum(-1), (e0 * e1).sum(-1), (e1 * e1).sum(-1)
+    d20, d21 = (q * e0).sum(-1), (q * e1).sum(-1)
+    den = d00 * d11 - d01 * d01
+    v, w = (d11 * d20 - d01 * d21) / den, (d00 * d21 - d01 * d20) / den
+    inside = (v >= -1e-9) & (w >= -1e-9) & (v + w <= 1 + 1e-9)
+    return np.where(inside, np.abs(height), np.inf).min(axis=1)
 
 
 # ---------------------------------------------------------------------------------------------- trimesh sampler
