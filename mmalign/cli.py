@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from mmalign.config import ConfigError, help_text, load_config
@@ -28,14 +29,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_files(items: list[str]) -> list[str]:
+def _expand_files(items: list[str], suffixes: Collection[str], kind: str) -> list[str]:
+    """Files as given; folders searched recursively for `kind` files (one of `suffixes`)."""
     files: list[str] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in suffixes)
             if not found:
-                raise FileNotFoundError(f"{path}: no image files inside")
+                raise FileNotFoundError(f"{path}: no {kind} files inside ({', '.join(sorted(suffixes))})")
             files.extend(found)
         else:
             files.append(item)
@@ -65,7 +67,9 @@ def _score(args: argparse.Namespace) -> int:
     import mmalign
 
     reward = mmalign.load_reward(args.reward, **_reward_kwargs(args.reward_arg))
-    files = _expand_files(args.files)
+    # a reward that reads other files than images (meshes) names them
+    suffixes, kind = getattr(reward, "file_suffixes", IMAGE_SUFFIXES), getattr(reward, "file_kind", "image")
+    files = _expand_files(args.files, suffixes, kind)
     prompts = _read_prompts(args, len(files))
     scores = reward(files, prompts).tolist()
     per_file = prompts if isinstance(prompts, list) else [prompts] * len(files)
@@ -157,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     train.set_defaults(func=_train)
 
-    score = sub.add_parser("score", help="score images with a reward and print a table")
-    score.add_argument("files", nargs="+", help="image files or folders (searched recursively)")
+    score = sub.add_parser("score", help="score images (or meshes, with a mesh reward) and print a table")
+    score.add_argument("files", nargs="+", help="image or mesh files, or folders (searched recursively)")
     score.add_argument("--reward", default="clip-score", help="registered reward name or a trained reward folder")
     score.add_argument("--prompt", help="one prompt for every file")
     score.add_argument("--prompts-file", help="text file with one prompt per file, in order")

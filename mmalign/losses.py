@@ -198,3 +198,14 @@ def _balanced_median_distance(sq_dist: torch.Tensor, n: int) -> torch.Tensor:
     median = dist[order][torch.searchsorted(cumulative, half[None])][0]
     largest = dist.max()
     return torch.where(median > 0, median, torch.where(largest > 0, largest, torch.ones_like(largest)))
+
+
+def bradley_terry_loss(reward_w: torch.Tensor, reward_l: torch.Tensor) -> torch.Tensor:
+    """Bradley–Terry negative log-likelihood of `(B,)` pairs, winner first: `mean_b −log σ(r_w − r_l)`.
+
+    Equal rewards give log 2. `∂L/∂r_w = −σ(r_l − r_w)/B = −∂L/∂r_l`, so a descent step raises the
+    winner and lowers the loser; only the difference matters (shifting both leaves the loss unchanged).
+    """
+    if reward_w.shape != reward_l.shape or reward_w.ndim != 1:
+        raise ValueError(f"expected two (B,) reward tensors, got {tuple(reward_w.shape)} and {tuple(reward_l.shape)}")
+    return -F.logsigmoid(reward_w - reward_l).mean()

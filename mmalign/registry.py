@@ -31,6 +31,14 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.image.smpo:SmPO",
         "SmPO-Diffusion (Lu et al. 2025): reward-smoothed preferences, ReNoise-inverted training latents",
     ),
+    "reward-cs": (
+        "mmalign.mesh.reward_cs:RewardCS",
+        "RewardCS (DreamCS): mesh reward from unpaired scored meshes, score MSE + Cauchy-Schwarz set separation",
+    ),
+    "reward-bt": (
+        "mmalign.mesh.reward_bt:RewardBT",
+        "Bradley-Terry mesh reward on same-prompt (preferred, dispreferred) pairs: the paired baseline of RewardCS",
+    ),
 }
 
 #: reward name → "module:Class" and a description. Every class follows `mmalign.rewards.Reward`.
@@ -46,6 +54,14 @@ REWARDS: dict[str, tuple[str, str]] = {
     "gan-rm": (
         "mmalign.image.gan_rm:GanRM",
         "GAN-RM: frozen CLIP image tower + MLP head trained to tell target images from the generator's (path=folder)",
+    ),
+    "reward-cs": (
+        "mmalign.mesh.reward:MeshReward",
+        "RewardCS mesh reward: point encoder + prompt FiLM + head, scores meshes with prompts (path=folder)",
+    ),
+    "reward-bt": (
+        "mmalign.mesh.reward:MeshReward",
+        "Bradley-Terry mesh reward, the same network trained on pairs (path=folder)",
     ),
 }
 

@@ -1,0 +1,75 @@
+"""`embedded:meshes`: an unpaired, scored mesh set generated from the embedded mesh world and cached.
+
+For every prompt of the world, `good_per_prompt` clean meshes and `bad_per_prompt` dispreferred
+ones (cycling through `bad_kinds`) are built, scored `5 × gold_score` (the programmatic judge
+stands in for a human rater here; the reward is then measured on held-out prompts the training
+rows never show), and written as a `meshes.jsonl` folder in the format a user's data takes, with
+`split` (the world's train / held-out prompts) and `kind` (`good` or the corruption) per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmalign.config import ConfigError, option
+from mmalign.io import atomic_directory
+from mmalign.mesh import world
+
+EMBEDDED_MESHES = "meshes"
+MESHES_JSONL = "meshes.jsonl"
+
+
+@dataclass
+class EmbeddedMeshesConfig:
+    """How `data.path: embedded:meshes` is generated from the mesh world."""
+
+    good_per_prompt: int = option("clean meshes per prompt", 8)
+    bad_per_prompt: int = option("dispreferred meshes per prompt, cycling through bad_kinds", 8)
+    bad_kinds: list[str] = option(
+        "corruptions used: noisy, holed, crumpled, flipped, wrong (another prompt's clean mesh)",
+        default_factory=lambda: list(world.BAD_KINDS),
+    )
+    seed: int = option("seed of the meshes' proportions and corruptions", 0)
+
+
+def embedded_meshes_directory(config: EmbeddedMeshesConfig, cache: Path) -> Path:
+    """The cache folder of this configuration: keyed by the options and the world's source code."""
+    blob = json.dumps([asdict(config), inspect.getsource(world)], sort_keys=True)
+    return cache / EMBEDDED_MESHES / hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_embedded_meshes(config: EmbeddedMeshesConfig, directory: Path) -> Path:
+    """Write the mesh folder (PLY files + `meshes.jsonl`) to `directory` atomically; return it."""
+    unknown = sorted(set(config.bad_kinds) - set(world.BAD_KINDS))
+    if unknown or not config.bad_kinds:
+        raise ConfigError(
+            f"meshes.embedded.bad_kinds must be a non-empty subset of {world.BAD_KINDS}, got {config.bad_kinds}"
+        )
+    if config.good_per_prompt < 1 or config.bad_per_prompt < 1:
+        raise ConfigError("meshes.embedded.good_per_prompt and bad_per_prompt must be at least 1")
+    heldout, good = set(world.prompts("heldout")), config.good_per_prompt
+    jobs = [
+        (index, prompt, "good" if j < good else config.bad_kinds[(j - good) % len(config.bad_kinds)])
+        for index, prompt in enumerate(world.PROMPTS)
+        for j in range(config.good_per_prompt + config.bad_per_prompt)
+    ]
+    rows = []
+    with atomic_directory(directory) as tmp:
+        (tmp / "meshes").mkdir()
+        for number, (index, prompt, kind) in enumerate(tqdm(jobs, desc="building embedded:meshes", unit="mesh")):
+            rng = np.random.default_rng([config.seed, index, number])
+            mesh = world.good_mesh(prompt, rng) if kind == "good" else world.bad_mesh(prompt, rng, kind)
+            name = f"meshes/{number:05d}.ply"
+            mesh.export(tmp / name)
+            split = "heldout" if prompt in heldout else "train"
+            score = round(5.0 * world.gold_score(mesh, prompt), 4)
+            rows.append({"prompt": prompt, "mesh": name, "score": score, "split": split, "kind": kind})
+        (tmp / MESHES_JSONL).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory

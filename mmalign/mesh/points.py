@@ -1,0 +1,47 @@
+"""A mesh as the reward encoder sees it: `(N, 6)` surface samples with normals, whatever its vertex and face order.
+
+`mesh_points` loads and validates the mesh (`mmalign.mesh.io.load_mesh`: unit box), puts it in a
+canonical order, and draws seeded area-weighted samples. The canonical order makes the draw,
+and so any reward computed from it, exactly invariant to how a file happens to list its vertices
+and faces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+from mmalign.mesh.io import load_mesh
+from mmalign.mesh.sampling import sample_surface
+
+
+def canonical_order(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A copy with vertices sorted by (x, y, z) and faces sorted, each rotated to start at its smallest index.
+
+    Rotating a face keeps its winding (its normal). Two meshes that differ only in the order of
+    their vertices or faces become identical; `mesh` is not modified.
+    """
+    vertices = np.asarray(mesh.vertices)
+    order = np.lexsort(vertices.T[::-1])  # x is the primary key
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    faces = rank[np.asarray(mesh.faces)]
+    start = faces.argmin(axis=1)
+    faces = np.take_along_axis(faces, (start[:, None] + np.arange(3)) % 3, axis=1)
+    faces = faces[np.lexsort(faces.T[::-1])]
+    return trimesh.Trimesh(vertices[order], faces, process=False)
+
+
+def mesh_points(
+    source: str | Path | trimesh.Trimesh | trimesh.Scene, n: int, seed: int, name: str | None = None
+) -> torch.Tensor:
+    """`(n, 6)` float32: xyz in the unit box, then unit face normals, of a mesh file or object.
+
+    Bad meshes raise `MeshInputError` naming `name` (default: the file, or "mesh object").
+    """
+    mesh = canonical_order(load_mesh(source, name=name))
+    points, normals = sample_surface(mesh, n, seed)
+    return torch.cat([points, normals], dim=1)
