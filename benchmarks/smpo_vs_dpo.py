@@ -66,6 +66,14 @@ def compare(dpo: dict, smpo: dict) -> dict[str, float]:
     }
 
 
+def summarise(values: list[float]) -> dict[str, float]:
+    """Mean and sd over the seeds where the value exists (`nan`: SmPO never reached DPO's value), and how many."""
+    found = [v for v in values if not math.isnan(v)]
+    if not found:
+        return {"mean": math.nan, "sd": math.nan, "seeds": 0}
+    return {"mean": statistics.fmean(found), "sd": statistics.pstdev(found), "seeds": len(found)}
+
+
 def main() -> None:
     import mmalign
 
@@ -96,16 +104,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     keys = [k for k in rows[0] if k != "seed"]
-    summary = {
-        k: {"mean": statistics.fmean(r[k] for r in rows), "sd": statistics.pstdev(r[k] for r in rows)} for k in keys
-    }
+    summary = {k: summarise([r[k] for r in rows]) for k in keys}
     (out / "smpo_vs_dpo.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "seeds": rows,
                                                       "summary": summary}, indent=2))
     steps = f"DPO {args.dpo_steps} / SmPO {args.smpo_steps} steps"
-    print(f"\n| quantity | mean | sd |   ({len(rows)} seeds, {steps}; results in {out})")
-    print("|---|---|---|")
+    print(f"\n| quantity | mean | sd | seeds |   ({len(rows)} seeds, {steps}; results in {out})")
+    print("|---|---|---|---|")
     for k in keys:
-        print(f"| {k} | {summary[k]['mean']:.4f} | {summary[k]['sd']:.4f} |")
+        print(f"| {k} | {summary[k]['mean']:.4f} | {summary[k]['sd']:.4f} | {summary[k]['seeds']} |")
 
 
 if __name__ == "__main__":
