@@ -11,9 +11,10 @@ import torch
 
 from mmalign.data import shapes_world
 from mmalign.errors import UserInputError
-from mmalign.image.gan_rm import GanRM, GanRMConfig, bootstrap_targets, roc_auc, train_gan_rm
+from mmalign.image.gan_rm import GanRM, GanRMConfig, bootstrap_targets, train_gan_rm
 from mmalign.losses import class_balance_weights, weighted_soft_bce
 from mmalign.rewards import load_reward
+from mmalign.rewards.metrics import roc_auc
 
 
 def test_soft_bce_is_minimal_at_the_target():

@@ -32,6 +32,7 @@ from mmalign.losses import class_balance_weights, weighted_soft_bce
 from mmalign.rewards import REWARD_MANIFEST
 from mmalign.rewards.base import Reward, as_image_batch, stack_images
 from mmalign.rewards.clip_score import DEFAULT_CLIP, ClipScore
+from mmalign.rewards.metrics import roc_auc
 
 
 @dataclass
@@ -74,14 +75,6 @@ def bootstrap_targets(scores: torch.Tensor, top: int, alpha: float) -> tuple[tor
     order = torch.argsort(scores, descending=True, stable=True)
     labels = torch.exp(-alpha * torch.arange(m, dtype=torch.float32))
     return order[:m], labels, order[scores.numel() - m :]
-
-
-def roc_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
-    """Probability that a random positive outscores a random negative (ties count ½)."""
-    if positive.numel() == 0 or negative.numel() == 0:
-        return float("nan")
-    diff = positive[:, None] - negative[None, :]
-    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
 
 
 class GanRM(Reward):

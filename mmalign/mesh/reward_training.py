@@ -30,6 +30,7 @@ from mmalign.losses import cs_divergence
 from mmalign.mesh.data import MeshSet, MeshSetConfig, load_mesh_sets, same_prompt_pairs
 from mmalign.mesh.encoder import MeshEncoderConfig, MeshRewardNet, TextTower, knn_indices
 from mmalign.mesh.reward import save_mesh_reward
+from mmalign.rewards.metrics import pairwise_accuracy, roc_auc
 from mmalign.train.method import Evaluation, Method
 
 GOLD = "heldout_pairwise_accuracy"
@@ -46,13 +47,6 @@ class MeshRewardConfig:
     eval_batch_size: int = option("meshes encoded at once in evaluation", 256)
 
 
-def pairwise_accuracy(better: torch.Tensor, worse: torch.Tensor) -> float:
-    """Share of `(P,)` pairs with `better > worse`, ties counting ½; NaN without pairs."""
-    if better.numel() == 0:
-        return float("nan")
-    return float((better > worse).float().mean() + 0.5 * (better == worse).float().mean())
-
-
 def reward_metrics(
     rewards: torch.Tensor, embeddings: torch.Tensor, split: MeshSet, regresses_scores: bool
 ) -> dict[str, float]:
@@ -62,7 +56,7 @@ def reward_metrics(
     win, lose = rewards[preferred], rewards[~preferred]
     metrics = {
         GOLD: pairwise_accuracy(rewards[pairs[:, 0]], rewards[pairs[:, 1]]),
-        "heldout_auroc": pairwise_accuracy(*torch.cartesian_prod(win, lose).unbind(1)),
+        "heldout_auroc": roc_auc(win, lose),
         "heldout_cs": float(cs_divergence(embeddings[preferred], embeddings[~preferred])),
     }
     if regresses_scores:
@@ -70,7 +64,7 @@ def reward_metrics(
     losing_kinds = [k if not p else None for k, p in zip(split.kinds, preferred.tolist())]
     for kind in dict.fromkeys(k for k in losing_kinds if k is not None):
         losers = rewards[torch.tensor([k == kind for k in losing_kinds])]
-        metrics[f"heldout_auroc/{kind}"] = pairwise_accuracy(*torch.cartesian_prod(win, losers).unbind(1))
+        metrics[f"heldout_auroc/{kind}"] = roc_auc(win, losers)
     return metrics
 
 
