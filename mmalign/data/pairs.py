@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,28 @@ def _where(source: str, row: int | None = None, field: str | None = None) -> str
     if field is not None:
         parts.append(f"field {field!r}")
     return ", ".join(parts)
+
+
+def jsonl_rows(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`(line number, row)` for each non-blank line of a JSONL file whose rows must hold `fields`.
+
+    A line that is not JSON, not an object or lacks a field raises a `DataError` naming the file,
+    the row and the field.
+    """
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{_where(str(path), line_no)}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{_where(str(path), line_no)}: expected a JSON object with fields {', '.join(fields)}")
+            for name in fields:
+                if name not in row:
+                    raise DataError(f"{_where(str(path), line_no, name)}: missing field")
+            yield line_no, row
 
 
 @dataclass(frozen=True)
@@ -94,38 +117,26 @@ def read_jsonl(path: Path, verify_images: bool = True) -> tuple[list[PairRecord]
     """Records of a `pairs.jsonl` (winner first) and the number of ties found."""
     root = path.parent
     records, ties = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = _where(str(path), line_no)
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object with fields {', '.join(JSONL_FIELDS)}")
-            for name in JSONL_FIELDS:
-                if name not in row:
-                    raise DataError(f"{_where(str(path), line_no, name)}: missing field")
-            prompt = _check_prompt(row["prompt"], _where(str(path), line_no, "prompt"))
-            images = []
-            for name in ("image_0", "image_1"):
-                value = row[name]
-                if not isinstance(value, str) or not value:
-                    raise DataError(f"{_where(str(path), line_no, name)}: expected an image path, got {value!r}")
-                image_path = root / value
-                if not image_path.is_file():
-                    raise DataError(f"{_where(str(path), line_no, name)}: image file not found: {image_path}")
-                if verify_images:
-                    _decode(image_path, _where(str(path), line_no, name))
-                images.append(image_path)
-            first = _winner_first(row["label"], _where(str(path), line_no, "label"), one_means_first=False)
-            if first is None:
-                ties += 1
-                continue
-            w, lose = (images[0], images[1]) if first else (images[1], images[0])
-            records.append(PairRecord(prompt, w, lose, where))
+    for line_no, row in jsonl_rows(path, JSONL_FIELDS):
+        where = _where(str(path), line_no)
+        prompt = _check_prompt(row["prompt"], _where(str(path), line_no, "prompt"))
+        images = []
+        for name in ("image_0", "image_1"):
+            value = row[name]
+            if not isinstance(value, str) or not value:
+                raise DataError(f"{_where(str(path), line_no, name)}: expected an image path, got {value!r}")
+            image_path = root / value
+            if not image_path.is_file():
+                raise DataError(f"{_where(str(path), line_no, name)}: image file not found: {image_path}")
+            if verify_images:
+                _decode(image_path, _where(str(path), line_no, name))
+            images.append(image_path)
+        first = _winner_first(row["label"], _where(str(path), line_no, "label"), one_means_first=False)
+        if first is None:
+            ties += 1
+            continue
+        w, lose = (images[0], images[1]) if first else (images[1], images[0])
+        records.append(PairRecord(prompt, w, lose, where))
     return records, ties
 
 

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from mmalign.config import ConfigError, DataConfig, option
-from mmalign.data.pairs import DataError
+from mmalign.data.pairs import DataError, jsonl_rows
 from mmalign.data.sources import cache_root
 from mmalign.io import atomic_write_bytes
 from mmalign.mesh.embedded import (
@@ -139,25 +139,6 @@ def _check_score(value: object, where: str) -> float:
     return float(value)
 
 
-def _jsonl_objects(path: Path, fields: tuple[str, ...]):
-    """Yield `(where, row)` for each non-blank line of `path`, checking JSON and required fields."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, row {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object with fields {', '.join(fields)}")
-            for name in fields:
-                if name not in row:
-                    raise DataError(f"{where}, field {name!r}: missing field")
-            yield where, row
-
-
 def classify(score: float, config: MeshSetConfig) -> bool | None:
     """True (preferred), False (dispreferred) or None (between the thresholds: dropped)."""
     if score >= config.preferred_min:
@@ -170,7 +151,8 @@ def classify(score: float, config: MeshSetConfig) -> bool | None:
 def read_meshes_jsonl(path: Path, config: MeshSetConfig) -> list[MeshRow]:
     """Rows of a `meshes.jsonl` whose score is outside the dropped band, checked field by field."""
     rows = []
-    for where, row in _jsonl_objects(path, ("prompt", "mesh", "score")):
+    for line_no, row in jsonl_rows(path, ("prompt", "mesh", "score")):
+        where = f"{path}, row {line_no}"
         prompt = _check_prompt(row["prompt"], f"{where}, field 'prompt'")
         mesh = _check_mesh_path(row["mesh"], path.parent, f"{where}, field 'mesh'")
         score = _check_score(row["score"], f"{where}, field 'score'")
@@ -202,7 +184,8 @@ def read_class_folders(root: Path) -> list[MeshRow]:
     if not prompts_file.is_file():
         raise DataError(f"{prompts_file}: missing; it gives each mesh of {'/ and '.join(CLASS_FOLDERS)}/ its prompt")
     prompts: dict[Path, tuple[str, str]] = {}
-    for where, row in _jsonl_objects(prompts_file, ("mesh", "prompt")):
+    for line_no, row in jsonl_rows(prompts_file, ("mesh", "prompt")):
+        where = f"{prompts_file}, row {line_no}"
         mesh = _check_mesh_path(row["mesh"], root, f"{where}, field 'mesh'")
         if mesh.relative_to(root).parts[0] not in CLASS_FOLDERS:
             raise DataError(f"{where}, field 'mesh': {row['mesh']!r} is not inside {' or '.join(CLASS_FOLDERS)}/")
