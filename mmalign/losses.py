@@ -209,3 +209,45 @@ def bradley_terry_loss(reward_w: torch.Tensor, reward_l: torch.Tensor) -> torch.
     if reward_w.shape != reward_l.shape or reward_w.ndim != 1:
         raise ValueError(f"expected two (B,) reward tensors, got {tuple(reward_w.shape)} and {tuple(reward_l.shape)}")
     return -F.logsigmoid(reward_w - reward_l).mean()
+
+
+def mesh_edges(faces: torch.Tensor) -> torch.Tensor:
+    """`faces (F, 3)` long → the mesh's unique undirected edges `(E, 2)`, each as (smaller, larger) index."""
+    if faces.ndim != 2 or faces.shape[1] != 3 or faces.is_floating_point():
+        raise ValueError(f"faces must be an integer (F, 3) tensor, got {faces.dtype} {tuple(faces.shape)}")
+    pairs = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    return torch.unique(torch.sort(pairs, dim=1).values, dim=0)
+
+
+def laplacian_smoothing_loss(vertices: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Uniform Laplacian energy: `mean_i ‖v_i − mean_{j ∈ N(i)} v_j‖²` over vertices with neighbours.
+
+    `vertices (V, 3)`, `edges (E, 2)` undirected (`mesh_edges`). Zero on a flat regular grid's interior
+    and for any translation of a mesh; it grows with roughness (a vertex pulled off its neighbours'
+    centroid), and its gradient moves every vertex towards that centroid. In the vertices' units².
+    """
+    degree = torch.zeros(vertices.shape[0], dtype=vertices.dtype, device=vertices.device)
+    ones = torch.ones(edges.shape[0], dtype=vertices.dtype, device=vertices.device)
+    degree.index_add_(0, edges[:, 0], ones).index_add_(0, edges[:, 1], ones)
+    neighbour_sum = torch.zeros_like(vertices)
+    neighbour_sum.index_add_(0, edges[:, 0], vertices[edges[:, 1]]).index_add_(0, edges[:, 1], vertices[edges[:, 0]])
+    connected = degree > 0
+    offsets = vertices[connected] - neighbour_sum[connected] / degree[connected, None]
+    return offsets.pow(2).sum(dim=-1).mean()
+
+
+def edge_length_loss(vertices: torch.Tensor, edges: torch.Tensor, rest_lengths: torch.Tensor) -> torch.Tensor:
+    """`mean_e ((ℓ_e − ℓ⁰_e) / mean(ℓ⁰))²`: how far edge lengths moved from their rest lengths `(E,)`.
+
+    Zero at the rest shape and for any rigid motion of it; scale-free (relative to the mean rest
+    length); keeps triangles from collapsing or stretching while other terms move the vertices.
+    """
+    lengths = (vertices[edges[:, 0]] - vertices[edges[:, 1]]).norm(dim=-1)
+    return ((lengths - rest_lengths) / rest_lengths.mean()).pow(2).mean()
+
+
+def guidance_weight(step: int, total_steps: int, alpha_min: float, alpha_max: float) -> float:
+    """DreamCS's reward weight `α(t) = α_min + (α_max − α_min) · t / T`, with t clipped to [0, T]."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    return alpha_min + (alpha_max - alpha_min) * min(max(step, 0), total_steps) / total_steps

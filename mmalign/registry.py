@@ -39,6 +39,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.mesh.reward_bt:RewardBT",
         "Bradley-Terry mesh reward on same-prompt (preferred, dispreferred) pairs: the paired baseline of RewardCS",
     ),
+    "mesh-guided": (
+        "mmalign.mesh.guided:MeshGuided",
+        "Reward-guided mesh optimisation (DreamCS guidance): vertex offsets, −α(t)·reward + Laplacian + edge terms",
+    ),
 }
 
 #: reward name → "module:Class" and a description. Every class follows `mmalign.rewards.Reward`.
@@ -57,10 +61,10 @@ REWARDS: dict[str, tuple[str, str]] = {
     ),
     "reward-cs": (
         "mmalign.mesh.reward:MeshReward",
-        "RewardCS mesh reward: point encoder + prompt FiLM + head, scores meshes with prompts (path=folder)",
+        "RewardCS mesh reward: point encoder + prompt FiLM + head, scores meshes with prompts (path=folder or shipped)",
     ),
     "reward-bt": (
-        "mmalign.mesh.reward:MeshReward",
+        "mmalign.mesh.reward:BradleyTerryMeshReward",
         "Bradley-Terry mesh reward, the same network trained on pairs (path=folder)",
     ),
 }
@@ -69,6 +73,7 @@ REWARDS: dict[str, tuple[str, str]] = {
 EMBEDDED: dict[str, str] = {
     "shapes-t2i": "shapes-t2i",
     "shapes-clip": "shapes-clip",
+    "mesh-reward-cs": "mesh-reward-cs",
 }
 
 

@@ -210,7 +210,8 @@ def test_same_prompt_pairs():
 
 
 def test_embedded_set_scores_by_the_gold_judge_and_splits_by_heldout_prompts(tmp_path):
-    config = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=2, bad_kinds=["noisy", "wrong"], seed=5)
+    config = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=2, bad_kinds=["noisy", "wrong"], seed=5,
+                                  min_strength=1.0)  # full-strength corruptions only: all clearly dispreferred
     directory = embedded_meshes_directory(config, tmp_path)
     assert directory == embedded_meshes_directory(EmbeddedMeshesConfig(**vars(config)), tmp_path)
     assert directory != embedded_meshes_directory(EmbeddedMeshesConfig(seed=6), tmp_path)
@@ -233,3 +234,12 @@ def test_embedded_set_scores_by_the_gold_judge_and_splits_by_heldout_prompts(tmp
         load_mesh_sets(DataConfig(path="embedded:shapes", cache_dir=str(tmp_path)), MeshSetConfig(), 16, 0)
     with pytest.raises(ConfigError, match="bad_kinds"):
         build_embedded_meshes(EmbeddedMeshesConfig(bad_kinds=["melted"]), tmp_path / "x")
+    with pytest.raises(ConfigError, match="min_strength"):
+        build_embedded_meshes(EmbeddedMeshesConfig(min_strength=0.0), tmp_path / "x")
+
+
+def test_embedded_set_holds_mild_corruptions_between_clean_and_broken(tmp_path):
+    config = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=4, bad_kinds=["noisy"], min_strength=0.25)
+    rows = [json.loads(line) for line in (build_embedded_meshes(config, tmp_path / "set") / "meshes.jsonl").open()]
+    noisy = np.array([r["score"] for r in rows if r["kind"] == "noisy"])
+    assert (noisy <= 3.5).mean() > 0.5 and ((noisy > 0.5) & (noisy < 4.9)).sum() >= 5, np.sort(noisy)

@@ -131,7 +131,10 @@ def test_saved_reward_scores_meshes_as_in_training(cs_run, heldout):
     win, lose = reseeded[preferred], reseeded[~preferred]
     assert float((win[:, None] > lose[None]).float().mean()) > auroc - 0.1
     with pytest.raises(UserInputError, match="pass path="):
-        load_reward("reward-cs")
+        load_reward("reward-bt")  # nothing shipped for the baseline
+    shipped = load_reward("reward-cs")  # the shipped RewardCS (embedded:mesh-reward-cs)
+    assert shipped.name == "reward-cs" and shipped.metrics["heldout_pairwise_accuracy"] > 0.7
+    assert load_reward("embedded:mesh-reward-cs")(paths[:2], prompts[:2]).shape == (2,)
 
 
 def test_cli_scores_a_folder_of_meshes(cs_run, tmp_path, capsys):
@@ -156,7 +159,7 @@ def test_cli_scores_a_folder_of_meshes(cs_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["score", "--reward", str(folder), str(tmp_path / "empty"), "--prompt", "a torus"]) == 2
     assert "no mesh files inside" in capsys.readouterr().err
-    assert main(["score", "--reward", "reward-cs", str(meshes / "good.glb"), "--prompt", "a torus"]) == 2
+    assert main(["score", "--reward", "reward-bt", str(meshes / "good.glb"), "--prompt", "a torus"]) == 2
     assert "path=" in capsys.readouterr().err
     assert main(["score", "--reward", str(folder), str(meshes / "notes.txt"), "--prompt", "a torus"]) == 2
     assert "unsupported mesh format" in capsys.readouterr().err

@@ -1,10 +1,12 @@
 """`embedded:meshes`: an unpaired, scored mesh set generated from the embedded mesh world and cached.
 
-For every prompt of the world, `good_per_prompt` clean meshes and `bad_per_prompt` dispreferred
-ones (cycling through `bad_kinds`) are built, scored `5 × gold_score` (the programmatic judge
-stands in for a human rater here; the reward is then measured on held-out prompts the training
-rows never show), and written as a `meshes.jsonl` folder in the format a user's data takes, with
-`split` (the world's train / held-out prompts) and `kind` (`good` or the corruption) per row.
+For every prompt of the world, `good_per_prompt` clean meshes and `bad_per_prompt` corrupted
+ones (cycling through `bad_kinds`; noisy, crumpled and deformed ones at random strengths, so the set
+holds mild, immature geometry as well as plainly broken meshes) are built, scored
+`5 × gold_score` (the programmatic judge stands in for a human rater here; the reward is then
+measured on held-out prompts the training rows never show), and written as a `meshes.jsonl`
+folder in the format a user's data takes, with `split` (the world's train / held-out prompts)
+and `kind` (`good` or the corruption) per row.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class EmbeddedMeshesConfig:
         "corruptions used: noisy, holed, crumpled, flipped, wrong (another prompt's clean mesh)",
         default_factory=lambda: list(world.BAD_KINDS),
     )
+    min_strength: float = option(
+        "noisy, crumpled and deformed meshes are corrupted with a strength drawn uniformly from [min_strength, 1]: "
+        "milder ones are the immature states a generator passes through (1 = full corruption only)",
+        0.25,
+    )
     seed: int = option("seed of the meshes' proportions and corruptions", 0)
 
 
@@ -54,6 +61,8 @@ def build_embedded_meshes(config: EmbeddedMeshesConfig, directory: Path) -> Path
         )
     if config.good_per_prompt < 1 or config.bad_per_prompt < 1:
         raise ConfigError("meshes.embedded.good_per_prompt and bad_per_prompt must be at least 1")
+    if not 0.0 < config.min_strength <= 1.0:
+        raise ConfigError(f"meshes.embedded.min_strength must lie in (0, 1], got {config.min_strength}")
     heldout, good = set(world.prompts("heldout")), config.good_per_prompt
     jobs = [
         (index, prompt, "good" if j < good else config.bad_kinds[(j - good) % len(config.bad_kinds)])
@@ -65,7 +74,10 @@ def build_embedded_meshes(config: EmbeddedMeshesConfig, directory: Path) -> Path
         (tmp / "meshes").mkdir()
         for number, (index, prompt, kind) in enumerate(tqdm(jobs, desc="building embedded:meshes", unit="mesh")):
             rng = np.random.default_rng([config.seed, index, number])
-            mesh = world.good_mesh(prompt, rng) if kind == "good" else world.bad_mesh(prompt, rng, kind)
+            if kind == "good":
+                mesh = world.good_mesh(prompt, rng)
+            else:
+                mesh = world.bad_mesh(prompt, rng, kind, strength=rng.uniform(config.min_strength, 1.0))
             name = f"meshes/{number:05d}.ply"
             mesh.export(tmp / name)
             split = "heldout" if prompt in heldout else "train"

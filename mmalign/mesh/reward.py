@@ -28,6 +28,7 @@ from mmalign.io import atomic_directory
 from mmalign.mesh.encoder import MeshEncoderConfig, MeshRewardNet, TextTower
 from mmalign.mesh.io import SUFFIXES
 from mmalign.mesh.points import mesh_points
+from mmalign.registry import resolve_model_path
 from mmalign.rewards import REWARD_MANIFEST
 from mmalign.rewards.base import Reward, broadcast_prompts
 
@@ -53,18 +54,25 @@ def as_mesh_list(samples: Any) -> list[Any]:
 
 
 class MeshReward(Reward):
-    """A trained mesh reward loaded from `path` (a folder written by `save_mesh_reward`)."""
+    """A trained mesh reward loaded from `path` (a folder written by `save_mesh_reward`).
+
+    Without a path, RewardCS is the one shipped with mmalign (`embedded:mesh-reward-cs`, trained on
+    the embedded mesh world by `scripts/train_mesh_reward.py`).
+    """
 
     name = "reward-cs"
+    default_path: str | None = "embedded:mesh-reward-cs"
     file_suffixes, file_kind = SUFFIXES, "mesh"  # what `mmalign score` collects from folders
 
     def __init__(self, path: str | None = None, device: str | torch.device = "cpu", batch_size: int = 64):
+        path = path or self.default_path
         if path is None:
             raise UserInputError(
-                "the mesh reward scores with a trained model: pass path=<folder> (a run's final/reward, written by "
-                "`mmalign train configs/mesh/reward_cs.yaml`); on the command line --reward-arg path=FOLDER"
+                f"the {self.name} mesh reward scores with a trained model: pass path=<folder> (a run's final/reward, "
+                f"written by `mmalign train configs/mesh/{self.name.replace('-', '_')}.yaml`); on the command line "
+                "--reward-arg path=FOLDER"
             )
-        folder = Path(path)
+        folder = Path(resolve_model_path(path))
         manifest_path = folder / REWARD_MANIFEST
         if not manifest_path.is_file() or not (folder / WEIGHTS).is_file():
             raise UserInputError(f"{folder} is not a trained mesh reward folder ({REWARD_MANIFEST} + {WEIGHTS})")
@@ -118,3 +126,10 @@ class MeshReward(Reward):
             chunk_prompts = None if prompt_list is None else prompt_list[start : start + self.batch_size]
             scores.append(self.score_batch(points[start : start + self.batch_size], chunk_prompts))
         return torch.cat(scores)
+
+
+class BradleyTerryMeshReward(MeshReward):
+    """The paired Bradley–Terry mesh reward: nothing is shipped, so `path` is required."""
+
+    name = "reward-bt"
+    default_path = None

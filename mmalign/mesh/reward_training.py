@@ -108,6 +108,12 @@ class MeshRewardMethod(Method):
     def gold_metric(self) -> str:
         return GOLD
 
+    def report_description(self) -> str:
+        return (
+            f"Mesh set `{self.run.data.path}`: {len(self.train_set)} training meshes; evaluated on the "
+            f"{len(self.heldout_set)} held-out meshes, whose prompts training never saw."
+        )
+
     # ------------------------------------------------------------------ training
     def encode(self, split: str, index: torch.Tensor, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings `(B, D)` and rewards `(B,)` of rows `index (B,)` of a split ("train" or "heldout")."""

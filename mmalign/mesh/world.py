@@ -68,7 +68,7 @@ PROMPTS: tuple[str, ...] = (
     "a sphere next to a torus",
 )
 HELDOUT: tuple[str, ...] = ("a tall cylinder", "a sphere on a cylinder", "a torus on a cube", "a cone next to a cube")
-BAD_KINDS: tuple[str, ...] = ("noisy", "holed", "crumpled", "flipped", "wrong")
+BAD_KINDS: tuple[str, ...] = ("noisy", "holed", "crumpled", "flipped", "wrong", "deformed", "intersecting")
 
 _SECTIONS = 32  # around the axis of revolved parts; their profiles are cut into edges of the same length
 
@@ -197,18 +197,26 @@ def _grid_box(extents: np.ndarray, step: float) -> trimesh.Trimesh:
     return trimesh.Trimesh(grid[on_surface], np.concatenate(faces), process=False)
 
 
-def good_mesh(prompt: str, rng: np.random.Generator) -> trimesh.Trimesh:
-    """A clean watertight mesh for `prompt`: one component per part, placed as the relation says."""
+def good_mesh(prompt: str, rng: np.random.Generator, overlap: float = 0.0) -> trimesh.Trimesh:
+    """A clean watertight mesh for `prompt`: one component per part, placed as the relation says.
+
+    `overlap` > 0 (for `bad_mesh`'s `intersecting`) pushes the parts into each other: the upper
+    part sinks by that share of its height, or side-by-side parts overlap by that share of the
+    narrower one's width. Without it the random draws and the mesh are those of a clean mesh.
+    """
     spec = parse_prompt(prompt)
     meshes = [_part_mesh(part, rng) for part in spec.parts]
     if spec.relation == "on":
         upper, lower = meshes
         half = lower.extents[:2] / 2
-        upper.apply_translation([*(rng.uniform(-0.2, 0.2, 2) * half), lower.bounds[1, 2]])
+        sunk = overlap * upper.extents[2]
+        upper.apply_translation([*(rng.uniform(-0.2, 0.2, 2) * half), lower.bounds[1, 2] - sunk])
     elif spec.relation == "next to":
         axis = int(rng.integers(2))  # side by side along x or y, in either order
         sign = 1.0 if rng.random() < 0.5 else -1.0
         gap = rng.uniform(0.1, 0.3)
+        if overlap > 0:
+            gap = -overlap * min(m.extents[axis] for m in meshes)
         for mesh, direction in zip(meshes, (-sign, sign)):
             offset = np.zeros(3)
             offset[axis] = direction * (mesh.extents[axis] + gap) / 2
@@ -220,7 +228,7 @@ def good_mesh(prompt: str, rng: np.random.Generator) -> trimesh.Trimesh:
 # Bad meshes
 
 
-def bad_mesh(prompt: str, rng: np.random.Generator, kind: str) -> trimesh.Trimesh:
+def bad_mesh(prompt: str, rng: np.random.Generator, kind: str, strength: float = 1.0) -> trimesh.Trimesh:
     """A dispreferred mesh for `prompt`: a good one corrupted by `kind`, or (`"wrong"`) another prompt's.
 
     - `noisy`: every vertex jittered by 0.2–0.35 mean edge lengths (a roughness that shows the same
@@ -229,24 +237,55 @@ def bad_mesh(prompt: str, rng: np.random.Generator, kind: str) -> trimesh.Trimes
     - `crumpled`: 8–15 % of vertices thrown 10–25 % of the size in random directions, so faces fold
       over and pass through each other;
     - `flipped`: the winding of 2–4 patches reversed (their normals point inwards);
-    - `wrong`: a clean mesh for a different prompt of `PROMPTS`.
+    - `wrong`: a clean mesh for a different prompt of `PROMPTS`;
+    - `intersecting`: parts that pass through each other: a composition's parts pushed 15–40 %
+      into one another, or a single part with a half-size copy of itself stuck through its side;
+    - `deformed`: a smooth warp (three random sine waves across the mesh, each moving vertices by
+      4–10 % of the size along a random direction): a clean surface whose boxes bend and whose
+      cylinders bulge, so the shape or proportions no longer match the prompt (spheres, cones and
+      tori often survive it).
+
+    `strength` in (0, 1] scales the displacements of `noisy`, `crumpled`, `deformed` and
+    `intersecting` (a milder, "immature" mesh, as a generator's intermediate state; the other kinds
+    ignore it). The random draws do not depend on it: the same `rng` state gives the same mesh
+    moved `strength` of the way from clean.
     """
     if kind not in BAD_KINDS:
         raise ValueError(f"unknown bad kind {kind!r}; expected one of {BAD_KINDS}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must lie in (0, 1], got {strength}")
     if kind == "wrong":
         others = [p for p in PROMPTS if p != parse_prompt(prompt).text]
         return good_mesh(others[int(rng.integers(len(others)))], rng)
+    if kind == "intersecting":
+        overlap = strength * rng.uniform(0.15, 0.4)
+        mesh = good_mesh(prompt, rng, overlap=overlap)
+        if len(parse_prompt(prompt).parts) == 2:
+            return mesh
+        stray = mesh.copy().apply_scale(0.5)
+        centre = mesh.bounds.mean(axis=0)
+        centre[0] = mesh.bounds[1, 0] - overlap * mesh.extents[0]  # half-size copy through the +x side
+        stray.apply_translation(centre - stray.bounds.mean(axis=0))
+        return trimesh.util.concatenate([mesh, stray])
     mesh = good_mesh(prompt, rng)
     size = float(mesh.extents.max())
     vertices = mesh.vertices.copy()
     faces = mesh.faces.copy()
     if kind == "noisy":
-        vertices += rng.normal(0.0, rng.uniform(0.2, 0.35) * mesh.edges_unique_length.mean(), vertices.shape)
+        vertices += strength * rng.normal(0.0, rng.uniform(0.2, 0.35) * mesh.edges_unique_length.mean(), vertices.shape)
+    elif kind == "deformed":
+        for _ in range(3):
+            frequency = rng.normal(size=3)
+            frequency *= 2 * np.pi * rng.uniform(0.5, 1.2) / size / np.linalg.norm(frequency)
+            direction = rng.normal(size=3)
+            direction /= np.linalg.norm(direction)
+            wave = np.sin(mesh.vertices @ frequency + rng.uniform(0, 2 * np.pi))
+            vertices += strength * wave[:, None] * direction * rng.uniform(0.04, 0.1) * size
     elif kind == "crumpled":
         chosen = rng.random(len(vertices)) < rng.uniform(0.08, 0.15)
         directions = rng.normal(size=(int(chosen.sum()), 3))
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-        vertices[chosen] += directions * rng.uniform(0.1, 0.25, (len(directions), 1)) * size
+        vertices[chosen] += strength * directions * rng.uniform(0.1, 0.25, (len(directions), 1)) * size
     else:  # holed or flipped: patches of faces around random faces
         patch = _random_patches(mesh, rng, count=int(rng.integers(2, 5)), radius=rng.uniform(0.08, 0.14) * size)
         if kind == "holed":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmalign.registry import REWARDS, import_string, load, unknown_name_error
+from mmalign.registry import REWARDS, import_string, load, resolve_model_path, unknown_name_error
 from mmalign.rewards.base import Reward, RewardInputError
 
 __all__ = ["Reward", "RewardInputError", "load_reward", "available_rewards"]
@@ -22,15 +22,17 @@ def available_rewards() -> dict[str, str]:
 def load_reward(name_or_path: str, **kwargs) -> Reward:
     """A registered reward by name (`clip-score`, `shapes-gold`, …) or a trained reward's folder.
 
-    A folder is recognised by its `mmalign_reward.json` manifest, which names the reward class;
-    keyword arguments go to the reward's constructor (e.g. `path=`, `device=`).
+    A folder (or a shipped one, `embedded:<name>`) is recognised by its `mmalign_reward.json`
+    manifest, which names the reward class; keyword arguments go to the reward's constructor
+    (e.g. `path=`, `device=`).
     """
     if name_or_path in REWARDS:
         return load(REWARDS, "reward", name_or_path)(**kwargs)
-    manifest = Path(name_or_path) / REWARD_MANIFEST
+    folder = resolve_model_path(name_or_path)
+    manifest = Path(folder) / REWARD_MANIFEST
     if manifest.is_file():
         name = json.loads(manifest.read_text())["reward"]
         if name not in REWARDS:
             raise unknown_name_error("reward", name, list(REWARDS))
-        return import_string(REWARDS[name][0])(path=str(name_or_path), **kwargs)
+        return import_string(REWARDS[name][0])(path=folder, **kwargs)
     raise unknown_name_error("reward", name_or_path, list(REWARDS))

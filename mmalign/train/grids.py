@@ -11,22 +11,24 @@ from PIL import Image, ImageDraw, ImageFont
 def image_grid(
     images: torch.Tensor, captions: list[str] | None = None, columns: int = 8, cell: int = 128, caption_lines: int = 3
 ) -> Image.Image:
-    """`images (N, 3, H, W)` in [0, 1] → a grid; each image is upscaled (nearest) to `cell` pixels.
+    """`images (N, 3, H, W)` in [0, 1] → a grid; each image is scaled (nearest) to `cell` pixels high,
+    keeping its aspect ratio.
 
     Captions are wrapped under their image; pass None for a grid without text.
     """
-    n = images.shape[0]
+    n, _, height, width = images.shape
+    cell_w = max(1, round(cell * width / height))
     columns = max(1, min(columns, n))
     rows = (n + columns - 1) // columns
     font = ImageFont.load_default()
-    chars = max(8, cell // 6)
+    chars = max(8, cell_w // 6)
     text_h = 11 * caption_lines + 4 if captions else 0
-    grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(grid)
     arrays = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     for i, array in enumerate(arrays):
-        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
-        grid.paste(Image.fromarray(array).resize((cell, cell), Image.NEAREST), (x, y))
+        x, y = (i % columns) * cell_w, (i // columns) * (cell + text_h)
+        grid.paste(Image.fromarray(array).resize((cell_w, cell), Image.NEAREST), (x, y))
         if captions:
             lines = textwrap.wrap(captions[i], chars)[:caption_lines]
             for j, line in enumerate(lines):

@@ -83,3 +83,11 @@ class Method(ABC):
     def gold_metric(self) -> str:
         """Name of the metric reported as `gold_metric`."""
         return "gold"
+
+    def report_description(self) -> str:
+        """What the run report says was trained and how it was evaluated (markdown, one paragraph)."""
+        e = self.run.eval
+        return (
+            f"Model `{self.run.model.path}`, data `{self.run.data.path}`. Evaluated on `{e.prompts}` prompts "
+            f"({e.samples_per_prompt} sample(s) each, the same noise before and after)."
+        )

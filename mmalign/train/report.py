@@ -17,12 +17,19 @@ def _fmt(value: Any) -> str:
 
 
 def write_report(
-    out: Path, run: RunConfig, gold: str, state, saved: list[str], num_processes: int = 1
+    out: Path,
+    run: RunConfig,
+    gold: str,
+    state,
+    saved: list[str],
+    num_processes: int = 1,
+    description: str | None = None,
 ) -> dict[str, Any]:
     """Write both report files (atomically) and return the JSON object.
 
     `gold` names the metric reported as `gold_metric`; `state` is the trainer's state with the
-    evaluation history (the first entry is "before", the last "after").
+    evaluation history (the first entry is "before", the last "after"); `description` says what
+    was trained and how it was evaluated (`Method.report_description`).
     """
     evaluations = state.evaluations
     before, after = evaluations[0], evaluations[-1]
@@ -66,9 +73,8 @@ def write_report(
     train_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in report["train"].items())
     md = f"""# Run report: {report["recipe"]}
 
-Method `{run.method}` on `{run.model.path}` with data `{run.data.path}`; {state.step} optimizer steps,
-{report["train_seconds"]} s of training. Evaluated on `{run.eval.prompts}` prompts
-({run.eval.samples_per_prompt} sample(s) each, the same noise before and after).
+Method `{run.method}`; {state.step} optimizer steps, {report["train_seconds"]} s of training.
+{description or f"Data `{run.data.path}`."}
 
 **Gold metric `{gold}`: {_fmt(report["before"])} → {_fmt(report["after"])} ({report["delta"]:+.4f}).**
 
@@ -90,7 +96,7 @@ Method `{run.method}` on `{run.model.path}` with data `{run.data.path}`; {state.
 
 ## Samples
 
-Before (left) and after (right), same prompts and noise:
+Before (left) and after (right):
 
 ![before and after]({samples.get("comparison", samples["after"])})
 

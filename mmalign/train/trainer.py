@@ -321,6 +321,7 @@ class Trainer:
                 self.state,
                 saved=[f"final/{p}" for p in saved],
                 num_processes=acc.num_processes,
+                description=self.method.report_description(),
             )
             if self.writer is not None:
                 self.writer.close()
