@@ -6,11 +6,11 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Collection
 from pathlib import Path
 
 from mmalign.config import ConfigError, help_text, load_config
 from mmalign.errors import UserInputError
+from mmalign.io import expand_files
 from mmalign.registry import METHODS, REWARDS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -27,21 +27,6 @@ def _train(args: argparse.Namespace) -> int:
             f"({report['delta']:+.4f}); report: {Path(config.output_dir) / 'report.md'}"
         )
     return 0
-
-
-def _expand_files(items: list[str], suffixes: Collection[str], kind: str) -> list[str]:
-    """Files as given; folders searched recursively for `kind` files (one of `suffixes`)."""
-    files: list[str] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in suffixes)
-            if not found:
-                raise FileNotFoundError(f"{path}: no {kind} files inside ({', '.join(sorted(suffixes))})")
-            files.extend(found)
-        else:
-            files.append(item)
-    return files
 
 
 def _reward_kwargs(pairs: list[str]) -> dict:
@@ -69,7 +54,7 @@ def _score(args: argparse.Namespace) -> int:
     reward = mmalign.load_reward(args.reward, **_reward_kwargs(args.reward_arg))
     # a reward that reads other files than images (meshes) names them
     suffixes, kind = getattr(reward, "file_suffixes", IMAGE_SUFFIXES), getattr(reward, "file_kind", "image")
-    files = _expand_files(args.files, suffixes, kind)
+    files = expand_files(args.files, suffixes, kind)
     prompts = _read_prompts(args, len(files))
     scores = reward(files, prompts).tolist()
     per_file = prompts if isinstance(prompts, list) else [prompts] * len(files)

@@ -1,4 +1,4 @@
-"""Small file-system helpers: outputs appear complete or not at all."""
+"""Small file-system helpers: outputs appear complete or not at all; folders expanded into files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +58,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def expand_files(items: Iterable[str | Path], suffixes: Collection[str], kind: str) -> list[str]:
+    """Files as given; folders searched recursively (sorted) for `kind` files, i.e. one of `suffixes`.
+
+    A folder without any such file raises `FileNotFoundError` naming it.
+    """
+    files: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in suffixes)
+            if not found:
+                raise FileNotFoundError(f"{path}: no {kind} files inside ({', '.join(sorted(suffixes))})")
+            files.extend(found)
+        else:
+            files.append(str(item))
+    return files

@@ -236,6 +236,8 @@ def test_embedded_set_scores_by_the_gold_judge_and_splits_by_heldout_prompts(tmp
         build_embedded_meshes(EmbeddedMeshesConfig(bad_kinds=["melted"]), tmp_path / "x")
     with pytest.raises(ConfigError, match="min_strength"):
         build_embedded_meshes(EmbeddedMeshesConfig(min_strength=0.0), tmp_path / "x")
+    with pytest.raises(ConfigError, match="prompts must be one of core, grammar"):
+        build_embedded_meshes(EmbeddedMeshesConfig(prompts="all"), tmp_path / "x")
 
 
 def test_embedded_set_holds_mild_corruptions_between_clean_and_broken(tmp_path):

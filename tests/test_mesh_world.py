@@ -25,6 +25,19 @@ def test_every_prompt_parses_back_to_itself_and_junk_is_rejected():
             world.parse_prompt(junk)
 
 
+def test_grammar_prompt_set_holds_every_composition_once_and_keeps_heldout_meanings_out_of_training():
+    grammar = world.PROMPT_SETS["grammar"]
+    assert grammar[: len(world.PROMPTS)] == world.PROMPTS and len(set(grammar)) == len(grammar)
+    parts = len(world.PARTS)
+    assert len(grammar) == parts + parts * (parts - 1) + parts * (parts - 1) // 2  # singles, "on", unordered "next to"
+    assert world.prompts("heldout", "grammar") == world.prompts("heldout")
+    train = world.prompts("train", "grammar")
+    assert "a cube next to a cone" not in train  # a rewording of the held-out "a cone next to a cube"
+    assert "a cylinder on a sphere" in train and "a cone next to a torus" in train
+    with pytest.raises(ValueError, match="prompt set"):
+        world.prompts("train", "everything")
+
+
 def test_splits_partition_the_prompts_and_heldout_recombines_trained_words():
     train, heldout = world.prompts("train"), world.prompts("heldout")
     assert sorted(train + heldout) == sorted(world.PROMPTS) and not set(train) & set(heldout)

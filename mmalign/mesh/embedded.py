@@ -32,6 +32,11 @@ MESHES_JSONL = "meshes.jsonl"
 class EmbeddedMeshesConfig:
     """How `data.path: embedded:meshes` is generated from the mesh world."""
 
+    prompts: str = option(
+        "core (the world's 16 hand-picked prompts) or grammar (all 92 the grammar makes: more compositions to "
+        "generalise from; the held-out prompts are the same)",
+        "core",
+    )
     good_per_prompt: int = option("clean meshes per prompt", 8)
     bad_per_prompt: int = option("dispreferred meshes per prompt, cycling through bad_kinds", 8)
     bad_kinds: list[str] = option(
@@ -63,10 +68,13 @@ def build_embedded_meshes(config: EmbeddedMeshesConfig, directory: Path) -> Path
         raise ConfigError("meshes.embedded.good_per_prompt and bad_per_prompt must be at least 1")
     if not 0.0 < config.min_strength <= 1.0:
         raise ConfigError(f"meshes.embedded.min_strength must lie in (0, 1], got {config.min_strength}")
-    heldout, good = set(world.prompts("heldout")), config.good_per_prompt
+    if config.prompts not in world.PROMPT_SETS:
+        known = ", ".join(world.PROMPT_SETS)
+        raise ConfigError(f"meshes.embedded.prompts must be one of {known}, got {config.prompts!r}")
+    heldout, good = set(world.HELDOUT), config.good_per_prompt
     jobs = [
         (index, prompt, "good" if j < good else config.bad_kinds[(j - good) % len(config.bad_kinds)])
-        for index, prompt in enumerate(world.PROMPTS)
+        for index, prompt in enumerate(world.PROMPT_SETS[config.prompts])
         for j in range(config.good_per_prompt + config.bad_per_prompt)
     ]
     rows = []

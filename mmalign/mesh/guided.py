@@ -6,11 +6,11 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
 
     loss = −α(t) · mean_i r(v_i | c_i) + λ_lap · L_lap + λ_edge · L_edge + λ_anchor · L_anchor
 
-- `r` is a frozen mesh reward (the shipped RewardCS by default), averaged over `draws` surface
-  draws. Each draw is made as the reward's own scoring makes its input (unit box, area-weighted
-  samples with face normals), but with `SurfaceDraw`: fresh face indices and barycentric weights
-  every step, so points and normals carry gradients to the vertices and the optimisation cannot
-  fit one fixed sample set;
+- `r` is a frozen mesh reward (the shipped RewardCS by default) or an ensemble's mean or minimum,
+  averaged over `draws` surface draws. Each draw is made as the reward's own scoring makes its
+  input (unit box, area-weighted samples with face normals), but with `SurfaceDraw`: fresh face
+  indices and barycentric weights every step, so points and normals carry gradients to the
+  vertices and the optimisation cannot fit one fixed sample set;
 - `α(t) = α_min + (α_max − α_min)·t/T` grows over the run (the spec's 10 → 20);
 - `L_lap`: uniform Laplacian energy (`mmalign.losses.laplacian_smoothing_loss`) ÷ the template's
   squared mean edge length; `L_edge`: edge lengths' relative change from the template
@@ -60,8 +60,14 @@ DEFAULT_MESH_REWARD = "embedded:mesh-reward-cs"
 class MeshGuidedConfig:
     """Options of reward-guided mesh optimisation (section `mesh_guided`)."""
 
-    reward: str = option(
-        "frozen mesh reward folder (`embedded:mesh-reward-cs` = the shipped RewardCS)", DEFAULT_MESH_REWARD
+    rewards: list[str] = option(
+        "frozen mesh reward folders (`embedded:mesh-reward-cs` = the shipped RewardCS); several form an ensemble",
+        default_factory=lambda: [DEFAULT_MESH_REWARD],
+    )
+    ensemble: str = option(
+        "how an ensemble's rewards combine per mesh: mean, or min (optimise the least convinced member, the "
+        "conservative choice against over-optimising one model's blind spots)",
+        "mean",
     )
     alpha_min: float = option("α at the first step (reward weight)", 10.0)
     alpha_max: float = option("α at the last step; α grows linearly in between", 20.0)
@@ -70,12 +76,7 @@ class MeshGuidedConfig:
     anchor_weight: float = option(
         "λ_anchor: mean squared vertex displacement from the template ÷ squared mean edge length (keeps the shape the "
         "generator made, the role SDS plays in DreamCS)",
-        30.0,
-    )
-    anchor_smoothing: float = option(
-        "λ of the low-pass filter (I + λL)⁻¹ applied before the anchor term: > 0 anchors only the template's coarse "
-        "shape and leaves its fine detail (noise) free to change; 0 anchors every vertex",
-        0.0,
+        100.0,
     )
     smoothing: float = option("λ of the smooth parametrisation δ = (I + λL)⁻¹u of the offsets; 0 = plain offsets", 10.0)
     points: int | None = option("surface samples per mesh and draw; null = what the reward was trained with", None)
@@ -152,23 +153,20 @@ class MeshGuided(Method):
         if c.laplacian_weight < 0 or c.edge_weight < 0:
             raise ConfigError("mesh_guided.laplacian_weight and edge_weight must be non-negative")
         self.device = accelerator.device
-        self.reward = load_reward(c.reward, device=self.device)
-        if not isinstance(self.reward, MeshReward):
-            kind = type(self.reward).__name__
-            raise ConfigError(f"mesh_guided.reward={c.reward!r} is not a mesh reward (got {kind})")
+        if not c.rewards or c.ensemble not in ("mean", "min"):
+            raise ConfigError(f"mesh_guided needs one or more rewards and ensemble mean or min, got {c.ensemble!r}")
+        self.rewards = [load_reward(name, device=self.device) for name in c.rewards]
+        for name, reward in zip(c.rewards, self.rewards):
+            if not isinstance(reward, MeshReward):
+                raise ConfigError(f"mesh_guided.rewards: {name!r} is not a mesh reward (got {type(reward).__name__})")
         self.templates: list[Template] = load_templates(self.run.data.path, c.templates)
         self.prompts = [t.prompt for t in self.templates]
-        self.points = c.points or self.reward.config.points
+        self.points = c.points or self.rewards[0].config.points
         to = {"device": self.device, "dtype": torch.float32}
         self.rest = [torch.as_tensor(np.asarray(t.mesh.vertices), **to) for t in self.templates]
         self.faces = [torch.as_tensor(np.asarray(t.mesh.faces), device=self.device) for t in self.templates]
         self.edges = [mesh_edges(f) for f in self.faces]
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
-        self.coarse = [
-            SmoothingSolver(e, len(v), c.anchor_smoothing) if c.anchor_smoothing > 0 else None
-            for e, v in zip(self.edges, self.rest)
-        ]
-        self.rest_coarse = [v if f is None else f(v) for v, f in zip(self.rest, self.coarse)]
         self.offsets = VertexOffsets(self.edges, [len(v) for v in self.rest], c.smoothing).to(self.device)
         self.module: nn.Module = self.offsets
         self.in_world = all(_is_world_prompt(p) for p in self.prompts)
@@ -191,10 +189,12 @@ class MeshGuided(Method):
         return "heldout_gold" if self.in_world else "reward"
 
     def report_description(self) -> str:
+        c = self.config
         gold = "and the mesh world's gold score" if self.in_world else "(no gold score: prompts outside the mesh world)"
+        rewards = ", ".join(f"`{r}`" for r in c.rewards) + (f" ({c.ensemble})" if len(c.rewards) > 1 else "")
         return (
-            f"Reward `{self.config.reward}`, {len(self.templates)} templates from `{self.run.data.path}`. Evaluated on "
-            f"the current meshes: the reward as it scores a mesh file (fixed samples) {gold}."
+            f"Reward {rewards}; {len(self.templates)} templates from `{self.run.data.path}`. Evaluated on the current "
+            f"meshes: the reward as it scores a mesh file (fixed samples) {gold}."
         )
 
     def next_batch(self, step: int, micro: int) -> int:
@@ -210,8 +210,7 @@ class MeshGuided(Method):
         edges, rest_lengths = self.edges[i], self.rest_lengths[i]
         spacing2 = rest_lengths.mean().pow(2)
         laplacian = laplacian_smoothing_loss(vertices, edges) / spacing2
-        coarse = vertices if self.coarse[i] is None else self.coarse[i](vertices)
-        anchor = (coarse - self.rest_coarse[i]).pow(2).sum(dim=-1).mean() / spacing2
+        anchor = (vertices - self.rest[i]).pow(2).sum(dim=-1).mean() / spacing2
         return laplacian, edge_length_loss(vertices, edges, rest_lengths), anchor
 
     def compute_loss(self, batch: int, step: int, micro: int):
@@ -225,7 +224,9 @@ class MeshGuided(Method):
                 points, normals = SurfaceDraw.draw(unit.detach(), f, self.points, self.generator).sample(unit, f)
                 samples.append(torch.cat([points, normals], dim=-1))
         prompts = [p for p in self.prompts for _ in range(c.draws)]
-        rewards = self.reward.rewards(torch.stack(samples), prompts).view(len(vertices), c.draws).mean(dim=1)
+        points = torch.stack(samples)
+        members = [r.rewards(points, prompts).view(len(vertices), c.draws).mean(dim=1) for r in self.rewards]
+        rewards = combine_rewards(torch.stack(members), c.ensemble)
         terms = zip(*(self.regularisers(v, i) for i, v in enumerate(vertices)))
         laplacian, edge, anchor = (torch.stack(t).mean() for t in terms)
         alpha = guidance_weight(step, self.run.train.max_steps, c.alpha_min, c.alpha_max)
@@ -249,7 +250,8 @@ class MeshGuided(Method):
 
     def evaluate(self, step: int) -> Evaluation:
         meshes = self.current_meshes()
-        rewards = self.reward(meshes, self.prompts, progress=False)
+        scores = [r(meshes, self.prompts, progress=False) for r in self.rewards]
+        rewards = combine_rewards(torch.stack(scores), self.config.ensemble)
         metrics: dict[str, float] = {}
         captions = [f"{p} r={r:.3f}" for p, r in zip(self.prompts, rewards.tolist())]
         if self.in_world:
@@ -268,6 +270,15 @@ class MeshGuided(Method):
     def save_final(self, directory: Path) -> list[str]:
         export_meshes(directory / "meshes", self.templates, self.current_meshes())
         return ["meshes"]
+
+
+def combine_rewards(members: torch.Tensor, how: str) -> torch.Tensor:
+    """`(M, K)` rewards of M ensemble members → `(K,)`: their mean, or their minimum (`how`)."""
+    if how == "mean":
+        return members.mean(dim=0)
+    if how == "min":
+        return members.min(dim=0).values
+    raise ValueError(f"unknown ensemble combination {how!r}; expected mean or min")
 
 
 def export_meshes(directory: Path, templates: list[Template], meshes: list[trimesh.Trimesh]) -> None:

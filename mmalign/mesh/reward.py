@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mmalign.errors import UserInputError
-from mmalign.io import atomic_directory
+from mmalign.io import atomic_directory, expand_files
 from mmalign.mesh.encoder import MeshEncoderConfig, MeshRewardNet, TextTower
 from mmalign.mesh.io import SUFFIXES
 from mmalign.mesh.points import mesh_points
@@ -47,10 +47,19 @@ def save_mesh_reward(
 
 
 def as_mesh_list(samples: Any) -> list[Any]:
-    """One mesh (a path or a trimesh object) or a sequence of them → a list."""
+    """One mesh (a path or a trimesh object), a folder of mesh files, or a sequence of these → a list.
+
+    Folders are searched recursively for mesh files (sorted by path).
+    """
     if isinstance(samples, (str, Path, trimesh.Trimesh, trimesh.Scene)):
-        return [samples]
-    return list(samples)
+        samples = [samples]
+    meshes: list[Any] = []
+    for item in samples:
+        if isinstance(item, (str, Path)) and Path(item).is_dir():
+            meshes.extend(expand_files([item], SUFFIXES, "mesh"))
+        else:
+            meshes.append(item)
+    return meshes
 
 
 class MeshReward(Reward):

@@ -119,11 +119,38 @@ def parse_prompt(prompt: str) -> MeshPrompt:
     raise ValueError(f"not a mesh-world prompt: {prompt!r} (parts: {', '.join(PARTS)})")
 
 
-def prompts(split: str) -> list[str]:
-    """The prompts of a split (`"train"` or `"heldout"`), in a fixed order."""
+def _same_meaning(prompt: str) -> tuple[tuple[str, ...], str | None]:
+    """A key equal for prompts that mean the same ("a P next to a Q" = "a Q next to a P")."""
+    spec = parse_prompt(prompt)
+    return (tuple(sorted(spec.names)) if spec.relation == "next to" else spec.names), spec.relation
+
+
+def _grammar_prompts() -> tuple[str, ...]:
+    """`PROMPTS` first, then every other prompt the grammar makes, one wording per meaning."""
+    names = list(PARTS)
+    candidates = [f"a {a}" for a in names]
+    candidates += [f"a {a} on a {b}" for a in names for b in names if a != b]
+    candidates += [f"a {a} next to a {b}" for i, a in enumerate(names) for b in names[i + 1 :]]
+    out, seen = list(PROMPTS), {_same_meaning(p) for p in PROMPTS}
+    for prompt in candidates:
+        if _same_meaning(prompt) not in seen:
+            seen.add(_same_meaning(prompt))
+            out.append(prompt)
+    return tuple(out)
+
+
+#: "core": the 16 hand-picked prompts; "grammar": every prompt of the grammar (92), for a reward
+#: that must generalise to new compositions. Held-out prompts (and their rewordings) are the same.
+PROMPT_SETS: dict[str, tuple[str, ...]] = {"core": PROMPTS, "grammar": _grammar_prompts()}
+
+
+def prompts(split: str, prompt_set: str = "core") -> list[str]:
+    """The prompts of a split (`"train"` or `"heldout"`) of a prompt set, in a fixed order."""
     if split not in ("train", "heldout"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
-    return [p for p in PROMPTS if (p in HELDOUT) == (split == "heldout")]
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompt_set!r}; expected one of {', '.join(PROMPT_SETS)}")
+    return [p for p in PROMPT_SETS[prompt_set] if (p in HELDOUT) == (split == "heldout")]
 
 
 # ----------------------------------------------------------------------------------------------
