@@ -167,6 +167,7 @@ class MeshGuided(Method):
         self.faces = [torch.as_tensor(np.asarray(t.mesh.faces), device=self.device) for t in self.templates]
         self.edges = [mesh_edges(f) for f in self.faces]
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
+        self.spacing2 = [lengths.mean().pow(2) for lengths in self.rest_lengths]  # squared mean edge length
         self.offsets = VertexOffsets(self.edges, [len(v) for v in self.rest], c.smoothing).to(self.device)
         self.module: nn.Module = self.offsets
         self.in_world = all(_is_world_prompt(p) for p in self.prompts)
@@ -207,8 +208,7 @@ class MeshGuided(Method):
 
     def regularisers(self, vertices: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Laplacian, edge-length and anchor terms of template `i` at `vertices (V, 3)` (module doc)."""
-        edges, rest_lengths = self.edges[i], self.rest_lengths[i]
-        spacing2 = rest_lengths.mean().pow(2)
+        edges, rest_lengths, spacing2 = self.edges[i], self.rest_lengths[i], self.spacing2[i]
         laplacian = laplacian_smoothing_loss(vertices, edges) / spacing2
         anchor = (vertices - self.rest[i]).pow(2).sum(dim=-1).mean() / spacing2
         return laplacian, edge_length_loss(vertices, edges, rest_lengths), anchor
