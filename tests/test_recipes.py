@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.recipe_runs import DPO_STEPS
+
 GAIN = 0.02  # held-out gold-metric gain every recipe must show (measured gains: see the closing notes)
 
 
@@ -26,7 +28,7 @@ def recipe_runs(recipe_runs) -> dict[str, tuple[Path, dict]]:
 def test_diffusion_dpo_recipe_raises_the_heldout_gold_metric(recipe_runs):
     out, report = recipe_runs["dpo"]
     assert report["recipe"] == "image/diffusion_dpo" and report["gold_metric"] == "shapes-gold"
-    assert report["eval_prompts"] == "heldout" and report["steps"] == 300
+    assert report["eval_prompts"] == "heldout" and report["steps"] == DPO_STEPS
     assert report["after"] > report["before"] + GAIN, report
     # the proxy that labelled the pairs moves the same way; the pictures are checked by the gold metric
     assert report["metrics"]["after"]["clip-score"] > report["metrics"]["before"]["clip-score"]
