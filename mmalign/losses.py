@@ -251,3 +251,111 @@ def guidance_weight(step: int, total_steps: int, alpha_min: float, alpha_max: fl
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     return alpha_min + (alpha_max - alpha_min) * min(max(step, 0), total_steps) / total_steps
+
+
+# ---------------------------------------------------------------------------------------------- policy RL
+# Token tensors are `(B, T)`: B sampled completions, T completion positions; `mask (B, T)` is 1 on a
+# completion's real tokens (up to and including its end-of-turn token) and 0 on padding.
+
+AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """GRPO's outcome advantages: `rewards (B,)` → `(B,)`, each reward against its own group.
+
+    Consecutive runs of `group_size` entries form a group. Returns `r − mean_group`, divided by
+    `std_group + 1e-4` (unbiased std, as `torch.std`) when `scale`. A group whose rewards are all
+    equal gets advantages of exactly zero (no NaN, no gradient).
+    """
+    if rewards.ndim != 1 or group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"rewards must be (B,) with B a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
+        )
+    groups = rewards.reshape(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    constant = (groups == groups[:, :1]).all(dim=1, keepdim=True)
+    centred = torch.where(constant, torch.zeros_like(centred), centred)
+    if scale and group_size > 1:
+        centred = centred / (groups.std(dim=1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+def k3_divergence(logp: torch.Tensor, logp_other: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π ‖ π_other) on tokens sampled from π, clamped as verl's `low_var_kl`.
+
+    `u = clamp(logp_other − logp, −20, 20)`, `k3 = clamp(exp(u) − u − 1, −10, 10)`: ≥ 0, zero
+    exactly where the two log-probs agree; its expectation under π is the KL. Same shape as the inputs.
+    """
+    u = (logp_other - logp).clamp(-20.0, 20.0)
+    return (torch.exp(u) - u - 1).clamp(-10.0, 10.0)
+
+
+def aggregate_tokens(values: torch.Tensor, mask: torch.Tensor, mode: str = "token") -> torch.Tensor:
+    """Reduce per-token `values (B, T)` over the real tokens of `mask (B, T)` to a scalar.
+
+    - `token` (DAPO): `Σ m·v / Σ m`, every token of the batch weighs the same;
+    - `sequence` (original GRPO): the mean over sequences of each sequence's token mean;
+    - `constant` (Dr. GRPO): `Σ m·v / (B · T)`, no length normalisation at all.
+    Padding positions never contribute, whatever their value.
+    """
+    if values.shape != mask.shape or values.ndim != 2:
+        raise ValueError(f"values and mask must both be (B, T), got {tuple(values.shape)} and {tuple(mask.shape)}")
+    mask = mask.to(values.dtype)
+    masked = torch.where(mask > 0, values, torch.zeros_like(values))
+    if mode == "token":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if mode == "sequence":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    if mode == "constant":
+        return masked.sum() / mask.numel()
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    beta: float = 0.0,
+    logp_ref: torch.Tensor | None = None,
+    aggregation: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's clipped surrogate with an optional k3 penalty to a reference, as a loss to minimise.
+
+    Per token, with `ρ = exp(logp − logp_old)` and the sequence's advantage `A (B,)`:
+    `λ = −(min(ρA, clip(ρ, 1 − clip_low, 1 + clip_high)A) − beta · k3(logp, logp_ref))`,
+    aggregated by `aggregate_tokens(mode=aggregation)`. On-policy (`logp_old = logp.detach()`)
+    ρ is exactly 1 and the gradient is REINFORCE with the group baseline. Returns the loss and
+    detached metrics: the fractions of tokens clipped low and high, the mean ratio and the k3 KL.
+    """
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be (B,) for logp (B, T), got {tuple(advantages.shape)}")
+    ratio = torch.exp(logp - logp_old)
+    a = advantages[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+    per_token = -surrogate
+    metrics: dict[str, torch.Tensor] = {}
+    if beta:
+        if logp_ref is None:
+            raise ValueError("beta > 0 needs the reference log-probs logp_ref")
+        kl = k3_divergence(logp, logp_ref)
+        per_token = per_token + beta * kl
+        metrics["kl"] = aggregate_tokens(kl.detach(), mask, aggregation)
+    with torch.no_grad():
+        metrics["clip_low_frac"] = aggregate_tokens(((ratio < 1 - clip_low) & (a < 0)).to(logp.dtype), mask)
+        metrics["clip_high_frac"] = aggregate_tokens(((ratio > 1 + clip_high) & (a > 0)).to(logp.dtype), mask)
+        metrics["ratio_mean"] = aggregate_tokens(ratio, mask)
+    return aggregate_tokens(per_token, mask, aggregation), metrics
+
+
+def perception_kl(logp: torch.Tensor, logp_masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PAPO's implicit perception KL: the mean of `k3_divergence(logp, logp_masked)` over response tokens.
+
+    `logp`, `logp_masked (B, T)`: log-probs of the sampled tokens given the real and the masked
+    image; `mask (B, T)` marks response tokens. A scalar carrying gradients to both inputs; PAPO
+    *maximises* it (subtracts γ times it from the loss).
+    """
+    return aggregate_tokens(k3_divergence(logp, logp_masked), mask, "token")
