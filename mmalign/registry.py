@@ -43,6 +43,14 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.mesh.guided:MeshGuided",
         "Reward-guided mesh optimisation (DreamCS guidance): vertex offsets, −α(t)·reward + Laplacian + edge terms",
     ),
+    "vlm-sft": (
+        "mmalign.vlm.sft:VLMSFT",
+        "Supervised fine-tuning of a VLM on the embedded VLM world's reference responses (the RL warm start)",
+    ),
+    "grpo": (
+        "mmalign.vlm.grpo:GRPO",
+        "GRPO (DeepSeekMath): VLM policy, group-normalised verifiable rewards, clipped ratio, optional k3 KL",
+    ),
 }
 
 #: reward name → "module:Class" and a description. Every class follows `mmalign.rewards.Reward`.
@@ -74,6 +82,7 @@ EMBEDDED: dict[str, str] = {
     "shapes-t2i": "shapes-t2i",
     "shapes-clip": "shapes-clip",
     "mesh-reward-cs": "mesh-reward-cs",
+    "vlm-shapes": "vlm-shapes",
 }
 
 

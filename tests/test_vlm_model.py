@@ -144,3 +144,17 @@ def test_bad_conversations_get_clear_errors(tiny_vlms, tmp_path):
     with pytest.raises(ConversationError, match="processor rejected .* of data.jsonl row 7"):
         qwen25 = VisionLanguageModel.from_pretrained(tiny_vlms["qwen2.5-vl"])
         qwen25.encode([_ask("How many?", sliver, source="data.jsonl row 7")])
+
+
+def test_image_placeholders_are_never_sampled_nor_accepted_in_completions(tiny_vlms):
+    vlm = VisionLanguageModel.from_pretrained(tiny_vlms["qwen2-vl"])
+    image_pad = vlm.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert image_pad in vlm.placeholder_ids
+    with torch.no_grad():  # make the placeholder the model's favourite token
+        vlm.model.lm_head.weight[image_pad] = 10 * vlm.model.lm_head.weight.abs().max()
+    rollout = _rollout(vlm, [_ask("How many red shapes?", _image(0))], n=4, tokens=8)
+    assert not (rollout.completion_ids == image_pad).any()
+    bad = rollout.completion_ids.clone()
+    bad[0, 0] = image_pad
+    with pytest.raises(ValueError, match="placeholder token"):
+        vlm.token_logprobs(rollout.prompts, bad, rollout.completion_mask)

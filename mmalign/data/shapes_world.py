@@ -125,7 +125,7 @@ def sample_captions(n: int, split: str, rng: np.random.Generator, single_fractio
     return out
 
 
-def _coverage(shape: str, cx: float, cy: float, r: float, size: int, supersample: int = 4) -> np.ndarray:
+def shape_coverage(shape: str, cx: float, cy: float, r: float, size: int, supersample: int = 4) -> np.ndarray:
     """Anti-aliased coverage `(size, size)` in [0, 1] of one shape centred at (cx, cy), pixel units."""
     n = size * supersample
     ys, xs = (np.mgrid[0:n, 0:n] + 0.5) / supersample
@@ -167,9 +167,15 @@ def _place(scene: Scene, rng: np.random.Generator, size: int) -> list[tuple[floa
 def render(caption: str | Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """One random rendering of a caption: `(size, size, 3)` uint8."""
     scene = parse_caption(caption) if isinstance(caption, str) else caption
+    placed = [(obj, cx, cy, r) for obj, (cx, cy, r) in zip(scene.objects, _place(scene, rng, size))]
+    return draw(placed, size)
+
+
+def draw(placed: list[tuple[Shape, float, float, float]], size: int) -> np.ndarray:
+    """Paint `(shape, cx, cy, r)` items (pixel units) in order onto the background: `(size, size, 3)` uint8."""
     image = np.broadcast_to(np.array(BACKGROUND, dtype=np.float32), (size, size, 3)).copy()
-    for obj, (cx, cy, r) in zip(scene.objects, _place(scene, rng, size)):
-        alpha = _coverage(obj.shape, cx, cy, r, size)[..., None]
+    for obj, cx, cy, r in placed:
+        alpha = shape_coverage(obj.shape, cx, cy, r, size)[..., None]
         image = image * (1 - alpha) + np.array(COLOURS[obj.colour], dtype=np.float32) * alpha
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 

@@ -150,6 +150,11 @@ class VisionLanguageModel:
         if generation_eos is not None:
             self.eos_token_ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        # placeholders the processor expands into vision features: never sampled, never in a completion
+        placeholders = [getattr(processor, name, None) for name in ("image_token", "video_token")]
+        self.placeholder_ids = sorted(
+            {self.tokenizer.convert_tokens_to_ids(t) for t in placeholders if t} - {self.tokenizer.unk_token_id}
+        )
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -161,6 +166,7 @@ class VisionLanguageModel:
         reference_copy: bool = False,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        revision: str | None = None,
         trust_remote_code: bool = False,
     ) -> VisionLanguageModel:
         """Load a hub name or a folder (a full checkpoint, or a LoRA adapter folder saved by this class).
@@ -176,7 +182,7 @@ class VisionLanguageModel:
         base_path = path
         if adapter_config.is_file():
             base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
         reference = None
         if reference_copy:
@@ -186,7 +192,7 @@ class VisionLanguageModel:
             model = PeftModel.from_pretrained(model, str(path), is_trainable=lora is not None)
         elif lora is not None:
             model = get_peft_model(model, lora_config(lora))
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         model.to(device).eval()
         return cls(model, processor, reference_model=reference)
 
@@ -260,6 +266,7 @@ class VisionLanguageModel:
             **prompts.inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
             pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos_token_ids),
+            suppress_tokens=self.placeholder_ids or None,
         )
         completion = out[:, prompts.input_ids.shape[1] :]
         return completion, self.completion_mask(completion)
@@ -306,6 +313,8 @@ class VisionLanguageModel:
         model: torch.nn.Module | None = None, **kwargs,
     ):
         """The model's output over `[prompt ; completion]` with the prompts' vision inputs."""
+        if self.placeholder_ids and torch.isin(completion_ids, torch.tensor(self.placeholder_ids)).any():
+            raise ValueError("a completion contains an image/video placeholder token; the processor expands those")
         inputs = dict(prompts.inputs)
         inputs["input_ids"] = torch.cat([prompts.input_ids, completion_ids], dim=1)
         inputs["attention_mask"] = torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask)], 1)
@@ -317,13 +326,15 @@ class VisionLanguageModel:
     def token_logprobs(
         self, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor, *,
         temperature: float = 1.0, with_entropy: bool = False, reference: bool = False,
+        model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs `(B, T)` of `completion_ids` (logits divided by the sampling `temperature`) and,
         with `with_entropy`, the policy's entropy at each position `(B, T)`; gradients flow unless
-        `reference`. Pass `with_images(...)` prompts to score under replacement images.
+        `reference`. Pass `with_images(...)` prompts to score under replacement images, and `model`
+        to run the policy through a wrapper of `self.model` (accelerate's DDP module).
         """
         length = completion_ids.shape[1]
-        context = self.reference() if reference else contextlib.nullcontext(self.model)
+        context = self.reference() if reference else contextlib.nullcontext(model or self.model)
         grad = contextlib.nullcontext() if not reference else torch.no_grad()
         with context as model, grad:
             output = self.forward(prompts, completion_ids, completion_mask, model=model, logits_to_keep=length + 1)

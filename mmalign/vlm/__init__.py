@@ -1,0 +1,1 @@
+"""Vision-language models: GRPO, PAPO, listener-shaped GRPO and VLM reward models on `mmalign.models.vlm`."""

@@ -1,0 +1,135 @@
+"""GRPO on a VLM (`method: grpo`): group sampling, group-normalised advantages, clipped ratio, k3 KL.
+
+Every optimizer step (per micro-batch), `train.batch_size` prompts of the world's training
+stream are each sampled `num_generations` times with the current policy at `temperature`,
+scored by the weighted verifiable rewards (`rewards`), and turned into advantages within each
+group (`mmalign.losses.group_advantages`). The loss is `mmalign.losses.grpo_loss`. A rollout is
+reused for `iterations` consecutive optimizer steps (μ); its `logp_old` is computed once, with the
+weights that sampled it, so the ratio is exactly 1 at the first inner step. With `beta > 0` the
+reference is the model with its LoRA adapter disabled, or a frozen copy under full fine-tuning.
+
+Resuming is exact when checkpoints fall on rollout boundaries (`checkpoint_every` a multiple of
+`iterations`): sampling draws from the global RNG the trainer checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mmalign.config import ConfigError, option
+from mmalign.losses import AGGREGATIONS, group_advantages, grpo_loss
+from mmalign.models.vlm import Rollout
+from mmalign.vlm import world
+from mmalign.vlm.method import VLMMethod, VLMWorldConfig
+from mmalign.vlm.rewards import RewardTerm, weighted_rewards
+from mmalign.vlm.world import Question
+
+
+@dataclass
+class GRPOConfig(VLMWorldConfig):
+    """Options of `grpo` (section `grpo`); `train.batch_size` counts prompts per micro-batch."""
+
+    num_generations: int = option("completions sampled per prompt (the group size G)", default=8)
+    temperature: float = option("sampling temperature; log-probs use the same", default=1.0)
+    top_p: float = option("nucleus sampling threshold", default=1.0)
+    iterations: int = option("optimizer steps per rollout (μ); >1 makes the clip matter", default=1)
+    clip_low: float = option("ε_low of the ratio clip", default=0.2)
+    clip_high: float = option("ε_high of the ratio clip (DAPO's clip-higher: 0.28)", default=0.28)
+    beta: float = option("weight of the k3 KL to the reference (0 = no reference)", default=0.0)
+    aggregation: str = option(f"per-token loss reduction: {', '.join(AGGREGATIONS)}", default="token")
+    scale_rewards: bool = option("divide advantages by the group's std (False: Dr. GRPO)", default=True)
+    rewards: list[RewardTerm] = option(
+        "weighted reward functions; total r = Σ weight·f",
+        default_factory=lambda: [RewardTerm("accuracy", 0.9), RewardTerm("format", 0.1)],
+    )
+
+
+@dataclass
+class GroupBatch:
+    """One micro-batch of rollouts with everything the loss needs."""
+
+    rollout: Rollout
+    questions: list[Question]
+    advantages: torch.Tensor  # (B·G,)
+    logp_old: torch.Tensor  # (B·G, T)
+    logp_ref: torch.Tensor | None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class GRPO(VLMMethod):
+    config_class = GRPOConfig
+    config: GRPOConfig
+
+    def setup(self, accelerator) -> None:
+        c = self.config
+        if c.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"grpo.aggregation must be one of {AGGREGATIONS}, got {c.aggregation!r}")
+        every = self.run.train.checkpoint_every
+        if c.iterations > 1 and every % c.iterations:
+            raise ConfigError(f"train.checkpoint_every={every} must be a multiple of grpo.iterations={c.iterations}")
+        super().setup(accelerator)
+        self._rollouts: dict[int, GroupBatch] = {}
+
+    def needs_reference_copy(self) -> bool:
+        return self.config.beta > 0
+
+    def prompts(self, step: int, micro: int) -> list[Question]:
+        """This process's share of the prompts of rollout `step // iterations`, micro-batch `micro`."""
+        per_process = self.run.train.batch_size // self.num_processes
+        rollout_index = (step // self.config.iterations) * self.run.train.gradient_accumulation_steps + micro
+        first = rollout_index * self.run.train.batch_size + self.process_index * per_process
+        return [world.mixed_stream(self.config.kinds, self.config.stream_seed, first + i) for i in range(per_process)]
+
+    def answers(self, questions: list[Question]) -> list[str]:
+        return [q.answer for q in questions for _ in range(self.config.num_generations)]
+
+    def extra_rewards(self, batch: GroupBatch) -> dict[str, torch.Tensor]:
+        """Further reward terms `{name: (B·G,)}`, already weighted (listener shaping adds one)."""
+        return {}
+
+    @torch.no_grad()
+    def rollout(self, questions: list[Question]) -> GroupBatch:
+        c, vlm = self.config, self.vlm
+        rollout = vlm.sample([q.conversation() for q in questions], c.num_generations,
+                             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
+        args = (rollout.prompts, rollout.completion_ids, rollout.completion_mask)
+        logp_old, _ = vlm.token_logprobs(*args, temperature=c.temperature)
+        logp_ref = vlm.token_logprobs(*args, temperature=c.temperature, reference=True)[0] if c.beta else None
+        batch = GroupBatch(rollout, questions, torch.zeros(0), logp_old, logp_ref)
+        total, parts = weighted_rewards(c.rewards, rollout.texts, self.answers(questions))
+        extra = self.extra_rewards(batch)
+        total = total + sum(extra.values(), torch.zeros_like(total))
+        batch.advantages = group_advantages(total, c.num_generations, c.scale_rewards).to(logp_old.device)
+        groups = total.reshape(-1, c.num_generations)
+        batch.stats = {
+            "reward": total.mean(),
+            **{f"reward/{k}": v.mean() for k, v in {**parts, **extra}.items()},
+            "frac_reward_zero_std": (groups == groups[:, :1]).all(1).float().mean(),
+            "completion_length": rollout.completion_mask.sum(1).float().mean(),
+        }
+        return batch
+
+    def next_batch(self, step: int, micro: int) -> GroupBatch:
+        if step % self.config.iterations == 0 or micro not in self._rollouts:
+            self._rollouts[micro] = self.rollout(self.prompts(step, micro))
+        return self._rollouts[micro]
+
+    def policy_logprobs(self, batch: GroupBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        r = batch.rollout
+        logp, entropy = self.vlm.token_logprobs(r.prompts, r.completion_ids, r.completion_mask,
+                                                temperature=self.config.temperature, with_entropy=True,
+                                                model=self.module)
+        return logp, entropy
+
+    def compute_loss(self, batch: GroupBatch, step: int, micro: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        c = self.config
+        logp, entropy = self.policy_logprobs(batch)
+        mask = batch.rollout.completion_mask
+        loss, metrics = grpo_loss(logp, batch.logp_old, batch.advantages, mask, clip_low=c.clip_low,
+                                  clip_high=c.clip_high, beta=c.beta, logp_ref=batch.logp_ref,
+                                  aggregation=c.aggregation)
+        entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+        return loss, {**batch.stats, **metrics, "entropy": entropy_mean}
