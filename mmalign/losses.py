@@ -359,3 +359,31 @@ def perception_kl(logp: torch.Tensor, logp_masked: torch.Tensor, mask: torch.Ten
     *maximises* it (subtracts γ times it from the loss).
     """
     return aggregate_tokens(k3_divergence(logp, logp_masked), mask, "token")
+
+
+def papo_loss(
+    policy_loss: torch.Tensor,
+    logp: torch.Tensor,
+    logp_masked: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float,
+    entropy_weight: float = 0.0,
+    masked_entropy_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PAPO's objective as a loss: `policy_loss − γ·KL_prcp + η₁·TokMean(−ℓ) + η₂·TokMean(−ℓᵐ)`.
+
+    `KL_prcp = perception_kl(logp, logp_masked, mask)` (maximised); the token-mean negative
+    log-likelihoods are Monte-Carlo entropy estimates of the policy under the real and the masked
+    image, kept low ("double entropy"). With `logp_masked` detached (PAPO's released default) the
+    η₂ term is a constant and carries no gradient. Returns the loss and detached monitors: the
+    perception KL, its variance over response tokens, and both entropy estimates.
+    """
+    kappa = k3_divergence(logp, logp_masked)
+    kl = aggregate_tokens(kappa, mask, "token")
+    nll, nll_masked = aggregate_tokens(-logp, mask, "token"), aggregate_tokens(-logp_masked, mask, "token")
+    loss = policy_loss - gamma * kl + entropy_weight * nll + masked_entropy_weight * nll_masked
+    with torch.no_grad():
+        variance = aggregate_tokens((kappa - kl).pow(2), mask, "token")
+    return loss, {"perception_kl": kl.detach(), "perception_kl_var": variance, "nll": nll.detach(),
+                  "nll_masked": nll_masked.detach()}

@@ -51,6 +51,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.vlm.grpo:GRPO",
         "GRPO (DeepSeekMath): VLM policy, group-normalised verifiable rewards, clipped ratio, optional k3 KL",
     ),
+    "papo": (
+        "mmalign.vlm.papo:PAPO",
+        "PAPO (Wang et al. 2025): GRPO + implicit perception KL to a masked-image policy + double entropy terms",
+    ),
 }
 
 #: reward name → "module:Class" and a description. Every class follows `mmalign.rewards.Reward`.

@@ -56,7 +56,8 @@ class GroupBatch:
     advantages: torch.Tensor  # (B·G,)
     logp_old: torch.Tensor  # (B·G, T)
     logp_ref: torch.Tensor | None
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # logged with the loss
+    extras: dict[str, Any] = field(default_factory=dict)  # what subclasses add (PAPO's masked prompts)
 
 
 class GRPO(VLMMethod):
@@ -117,19 +118,18 @@ class GRPO(VLMMethod):
             self._rollouts[micro] = self.rollout(self.prompts(step, micro))
         return self._rollouts[micro]
 
-    def policy_logprobs(self, batch: GroupBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        r = batch.rollout
+    def policy_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        """GRPO's loss, its metrics, and the policy's log-probs `(B·G, T)` (with gradient) it was made from."""
+        c, r = self.config, batch.rollout
         logp, entropy = self.vlm.token_logprobs(r.prompts, r.completion_ids, r.completion_mask,
-                                                temperature=self.config.temperature, with_entropy=True,
-                                                model=self.module)
-        return logp, entropy
-
-    def compute_loss(self, batch: GroupBatch, step: int, micro: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        c = self.config
-        logp, entropy = self.policy_logprobs(batch)
-        mask = batch.rollout.completion_mask
+                                                temperature=c.temperature, with_entropy=True, model=self.module)
+        mask = r.completion_mask
         loss, metrics = grpo_loss(logp, batch.logp_old, batch.advantages, mask, clip_low=c.clip_low,
                                   clip_high=c.clip_high, beta=c.beta, logp_ref=batch.logp_ref,
                                   aggregation=c.aggregation)
         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
-        return loss, {**batch.stats, **metrics, "entropy": entropy_mean}
+        return loss, {**batch.stats, **metrics, "entropy": entropy_mean}, logp
+
+    def compute_loss(self, batch: GroupBatch, step: int, micro: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss, metrics, _ = self.policy_loss(batch)
+        return loss, metrics
