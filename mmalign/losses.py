@@ -387,3 +387,22 @@ def papo_loss(
         variance = aggregate_tokens((kappa - kl).pow(2), mask, "token")
     return loss, {"perception_kl": kl.detach(), "perception_kl_var": variance, "nll": nll.detach(),
                   "nll_masked": nll_masked.detach()}
+
+
+def soft_bradley_terry_loss(
+    reward_1: torch.Tensor, reward_2: torch.Tensor, target_1: torch.Tensor, *, centring: float = 0.0
+) -> torch.Tensor:
+    """Bradley–Terry with soft labels (PickScore/HPSv2 ties) and TRL's reward centring, `(B,)` inputs.
+
+    `target_1` is the probability that item 1 wins (1, 0, or ½ for a tie). Per pair:
+    `BCE(σ(r₁ − r₂), y) − H(y)`, which is `−log σ(r_w − r_l)` for hard labels and has its minimum 0
+    at `r₁ = r₂` for a tie; plus `centring · (r₁ + r₂)²` keeping scores near zero. Mean over pairs.
+    Equal scores with a hard label give log 2.
+    """
+    if not reward_1.shape == reward_2.shape == target_1.shape or reward_1.ndim != 1:
+        raise ValueError(f"expected three (B,) tensors, got {tuple(reward_1.shape)}, {tuple(reward_2.shape)}, "
+                         f"{tuple(target_1.shape)}")
+    y = target_1.to(reward_1.dtype)
+    bce = F.binary_cross_entropy_with_logits(reward_1 - reward_2, y, reduction="none")
+    entropy = -(torch.xlogy(y, y) + torch.xlogy(1 - y, 1 - y))
+    return (bce - entropy + centring * (reward_1 + reward_2).pow(2)).mean()

@@ -55,6 +55,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.vlm.papo:PAPO",
         "PAPO (Wang et al. 2025): GRPO + implicit perception KL to a masked-image policy + double entropy terms",
     ),
+    "vlm-reward-model": (
+        "mmalign.vlm.reward_model:VLMRewardModel",
+        "VLM reward model: Bradley-Terry head on the last real token, image or response preference pairs",
+    ),
 }
 
 #: reward name → "module:Class" and a description. Every class follows `mmalign.rewards.Reward`.
@@ -78,6 +82,10 @@ REWARDS: dict[str, tuple[str, str]] = {
     "reward-bt": (
         "mmalign.mesh.reward:BradleyTerryMeshReward",
         "Bradley-Terry mesh reward, the same network trained on pairs (path=folder)",
+    ),
+    "vlm-rm": (
+        "mmalign.vlm.reward:VLMReward",
+        "VLM reward model (Bradley-Terry head on a VLM) scoring images with prompts (path=folder)",
     ),
 }
 

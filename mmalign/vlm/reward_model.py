@@ -1,0 +1,184 @@
+"""Training a VLM reward model (`method: vlm-reward-model`): a Bradley–Terry head on a VLM.
+
+Data (`data.path`):
+- `embedded:vlm-image-prefs`: the shapes world's gold-labelled image pairs (`mmalign.vlm.prefs`);
+  training on `train` captions, evaluation on `heldout` captions;
+- a folder with `pairs.jsonl`, each row either an image pair
+  `{"prompt", "image_1", "image_2", "label": 1 | 2 | 0.5}` (paths relative to the folder; each image is
+  scored with the prompt) or a response pair `{"prompt", "images": [...], "chosen", "rejected"}`
+  (the conversation with each response is scored). The last `heldout_fraction` of rows is held out.
+
+Each pair becomes two conversations scored in one batch; the loss is
+`mmalign.losses.soft_bradley_terry_loss` (ties: dropped, or soft ½ labels with `ties: soft`) with
+reward centring. Evaluation: held-out pairwise accuracy over untied pairs (the gold metric here is
+the label itself, never a training input for held-out rows). The final folder loads with
+`mmalign.load_reward(folder)` (`mmalign.vlm.reward.VLMReward`), normalised by the train-set scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmalign.config import ConfigError, option
+from mmalign.data.pairs import DataError, jsonl_rows
+from mmalign.losses import soft_bradley_terry_loss
+from mmalign.models.vlm import Conversation, LoraSpec, VisionLanguageModel
+from mmalign.registry import resolve_model_path
+from mmalign.train.method import Evaluation, Method
+from mmalign.vlm.prefs import image_pairs, score_conversation
+from mmalign.vlm.reward import VLMRewardNet, save_vlm_reward, text_hidden_size
+
+EMBEDDED_PAIRS = "embedded:vlm-image-prefs"
+
+
+@dataclass
+class VLMRewardModelConfig:
+    """Options of `vlm-reward-model` (section `vlm_reward_model`)."""
+
+    ties: str = option("tied pairs (label 0.5): drop, or soft (target ½)", default="drop")
+    centring: float = option("weight η_c of the reward-centring term (r₁ + r₂)²", default=0.01)
+    train_pairs: int = option("embedded data: training pairs (train captions)", default=2000)
+    heldout_pairs: int = option("embedded data: held-out pairs (held-out captions)", default=200)
+    heldout_fraction: float = option("a pairs.jsonl folder: share of rows (from the end) held out", default=0.1)
+    eval_batch_size: int = option("pairs scored at once in evaluation", default=32)
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """Two conversations to score and the probability that the first is better."""
+
+    first: Conversation
+    second: Conversation
+    target: float
+
+
+def _embedded_items(config: VLMRewardModelConfig, seed: int) -> tuple[list[PairItem], list[PairItem]]:
+    def items(split: str, n: int) -> list[PairItem]:
+        return [PairItem(p.scoring_conversation(1), p.scoring_conversation(2), 1.0 if p.label == 1 else
+                         0.0 if p.label == 2 else 0.5) for p in image_pairs(split, n, seed)]
+
+    return items("train", config.train_pairs), items("heldout", config.heldout_pairs)
+
+
+def read_pair_rows(folder: Path) -> list[PairItem]:
+    """The rows of `folder/pairs.jsonl` as `PairItem`s; errors name the file, row and field."""
+    path = folder / "pairs.jsonl"
+    if not path.is_file():
+        raise DataError(f"{folder}: no pairs.jsonl (rows of prompt, image_1, image_2, label or prompt, images, "
+                        "chosen, rejected)")
+    out = []
+    for row_no, row in jsonl_rows(path, ("prompt",)):
+        where = f"{path}, row {row_no}"
+        if "chosen" in row:
+            for name in ("images", "rejected"):
+                if name not in row:
+                    raise DataError(f"{where}, field {name!r}: missing field")
+            images = [folder / p for p in row["images"]]
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": row["prompt"]}]
+
+            def chat(response: str, images=images, content=content, where=where) -> Conversation:
+                return Conversation([{"role": "user", "content": content},
+                                     {"role": "assistant", "content": response}], images, where)
+
+            out.append(PairItem(chat(row["chosen"]), chat(row["rejected"]), 1.0))
+            continue
+        for name in ("image_1", "image_2", "label"):
+            if name not in row:
+                raise DataError(f"{where}, field {name!r}: missing field")
+        if row["label"] not in (1, 2, 0.5):
+            raise DataError(f"{where}, field 'label': expected 1, 2 or 0.5, got {row['label']!r}")
+        first, second = (score_conversation(folder / row[k], row["prompt"], where) for k in ("image_1", "image_2"))
+        out.append(PairItem(first, second, {1: 1.0, 2: 0.0, 0.5: 0.5}[row["label"]]))
+    return out
+
+
+class VLMRewardModel(Method):
+    config_class = VLMRewardModelConfig
+    config: VLMRewardModelConfig
+
+    def setup(self, accelerator) -> None:
+        c, m = self.config, self.run.model
+        if c.ties not in ("drop", "soft"):
+            raise ConfigError(f"vlm_reward_model.ties must be drop or soft, got {c.ties!r}")
+        lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_targets or LoraSpec.targets) if m.lora_rank else None
+        self.vlm = VisionLanguageModel.from_pretrained(resolve_model_path(m.path), lora=lora,
+                                                       dtype=getattr(torch, m.dtype), device=accelerator.device)
+        self.net = VLMRewardNet(self.vlm.model, text_hidden_size(self.vlm.model)).to(accelerator.device)
+        self.module: torch.nn.Module = self.net
+        if self.run.data.path == EMBEDDED_PAIRS:
+            train, heldout = _embedded_items(c, self.run.seed)
+        else:
+            rows = read_pair_rows(Path(self.run.data.path))
+            cut = len(rows) - max(1, round(len(rows) * c.heldout_fraction))
+            train, heldout = rows[:cut], rows[cut:]
+        self.train_items = [p for p in train if c.ties == "soft" or p.target != 0.5]
+        self.heldout_items = [p for p in heldout if p.target != 0.5]
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.net
+
+    def set_trainable_module(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.net.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def train_dataset(self) -> list[PairItem]:
+        return self.train_items
+
+    def collate(self, items: list[PairItem]) -> list[PairItem]:
+        return items
+
+    def scores(self, items: list[PairItem], module: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores `(B,)`, `(B,)` of each pair's first and second conversation, in one forward."""
+        batch = self.vlm.encode([p.first for p in items] + [p.second for p in items], add_generation_prompt=False)
+        scores = (module or self.module)(batch)
+        return scores[: len(items)], scores[len(items) :]
+
+    def compute_loss(self, batch: list[PairItem], step: int, micro: int):
+        first, second = self.scores(batch)
+        target = torch.tensor([p.target for p in batch], device=first.device)
+        loss = soft_bradley_terry_loss(first, second, target, centring=self.config.centring)
+        decided = target != 0.5
+        correct = ((first > second) == (target > 0.5))[decided].float().mean() if decided.any() else first.new_zeros(())
+        return loss, {"pair_accuracy": correct.detach(), "score_mean": torch.cat([first, second]).mean().detach()}
+
+    @torch.no_grad()
+    def _all_scores(self, items: list[PairItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.config.eval_batch_size
+        parts = [self.scores(items[i : i + size], self.net) for i in range(0, len(items), size)]
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+
+    def gold_metric(self) -> str:
+        return "heldout_pairwise_accuracy"
+
+    def evaluate(self, step: int) -> Evaluation:
+        self.net.eval()
+        first, second = self._all_scores(self.heldout_items)
+        target = torch.tensor([p.target for p in self.heldout_items])
+        accuracy = ((first > second) == (target > 0.5)).float().mean().item()
+        return Evaluation({"heldout_pairwise_accuracy": accuracy, "heldout_pairs": float(len(target)),
+                           "heldout_score_gap": (first - second).mul(2 * target - 1).mean().item()})
+
+    def report_description(self) -> str:
+        return (f"Bradley–Terry head on `{self.run.model.path}`, trained on `{self.run.data.path}` "
+                f"({len(self.train_items)} pairs, ties {self.config.ties}); pairwise accuracy on "
+                f"{len(self.heldout_items)} held-out untied pairs.")
+
+    def save_final(self, directory: Path) -> list[str]:
+        sample = self.train_items[: 4 * self.config.eval_batch_size]
+        first, second = self._all_scores(sample)
+        scores = torch.cat([first, second])
+        stats = {"mean": scores.mean().item(), "std": max(scores.std().item(), 1e-6),
+                 "metrics": self.evaluate(-1).metrics}
+        save_vlm_reward(directory / "reward", self.vlm, self.net, stats)
+        return ["reward"]
