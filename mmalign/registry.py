@@ -55,6 +55,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.vlm.papo:PAPO",
         "PAPO (Wang et al. 2025): GRPO + implicit perception KL to a masked-image policy + double entropy terms",
     ),
+    "listener-grpo": (
+        "mmalign.vlm.listener:ListenerGRPO",
+        "Listener-shaped GRPO (Gambashidze et al. 2025): a frozen VLM re-reads the reasoning; p(correct) shapes r",
+    ),
     "vlm-reward-model": (
         "mmalign.vlm.reward_model:VLMRewardModel",
         "VLM reward model: Bradley-Terry head on the last real token, image or response preference pairs",

@@ -288,6 +288,13 @@ class VisionLanguageModel:
         ids, mask = self.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         return Rollout(prompts, ids, mask, self.decode(ids, mask))
 
+    def completion_tokens(self, texts: Sequence[str], end_of_turn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids of `texts` (+ the end-of-turn token) and their mask: `(B, T)` each."""
+        eos = self.tokenizer.eos_token if end_of_turn else ""
+        encoded = self.tokenizer([t + eos for t in texts], add_special_tokens=False, padding=True,
+                                 padding_side="right", return_tensors="pt")
+        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+
     def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
         """Completion texts without padding and without the end-of-turn token."""
         texts = []

@@ -105,12 +105,12 @@ class GRPO(VLMMethod):
         total = total + sum(extra.values(), torch.zeros_like(total))
         batch.advantages = group_advantages(total, c.num_generations, c.scale_rewards).to(logp_old.device)
         groups = total.reshape(-1, c.num_generations)
-        batch.stats = {
+        batch.stats.update({
             "reward": total.mean(),
             **{f"reward/{k}": v.mean() for k, v in {**parts, **extra}.items()},
             "frac_reward_zero_std": (groups == groups[:, :1]).all(1).float().mean(),
             "completion_length": rollout.completion_mask.sum(1).float().mean(),
-        }
+        })
         return batch
 
     def next_batch(self, step: int, micro: int) -> GroupBatch:

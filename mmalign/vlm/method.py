@@ -34,7 +34,7 @@ class VLMWorldConfig:
     kinds: list[str] = option("question kinds to train on (mmalign.vlm.world.KINDS)",
                               default_factory=lambda: list(world.KINDS))
     stream_seed: int = option("seed of the training question stream (never the held-out seed 7)", default=1000)
-    max_new_tokens: int = option("longest completion, in tokens", default=24)
+    max_new_tokens: int = option("longest completion, in tokens", default=40)
     eval_kinds: list[str] = option("held-out question kinds", default_factory=lambda: list(world.KINDS))
     eval_per_kind: int = option("held-out questions per kind", default=100)
     eval_batch_size: int = option("prompts decoded at once in evaluation", default=100)
@@ -121,7 +121,12 @@ class VLMMethod(Method):
             metrics[f"blind_accuracy/{name}"] = mean(blind.correct, keep)
         metrics["blind_accuracy/all"] = mean(blind.correct, lambda k: True)
         metrics["format_rate"] = mean(real.formatted, lambda k: True)
+        metrics.update(self.response_metrics(real))
         return Evaluation({k: v for k, v in metrics.items() if v == v}, self._grid(real.responses))
+
+    def response_metrics(self, real: AnswerStats) -> dict[str, float]:
+        """Further held-out metrics computed from the greedy responses (listener shaping adds some)."""
+        return {}
 
     def _grid(self, responses: list[str], count: int = 10) -> Image.Image:
         """The first held-out questions' (first) images with question, answer and response."""

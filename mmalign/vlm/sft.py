@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mmalign.losses import aggregate_tokens
-from mmalign.models.vlm import PromptBatch, VisionLanguageModel
+from mmalign.models.vlm import PromptBatch
 from mmalign.vlm import world
 from mmalign.vlm.method import VLMMethod, VLMWorldConfig
 from mmalign.vlm.world import Question
@@ -37,14 +37,6 @@ class QuestionStream(torch.utils.data.Dataset):
         return world.mixed_stream(self.kinds, self.seed, index)
 
 
-def target_tokens(vlm: VisionLanguageModel, responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token ids of `responses` + end of turn, and their mask: `(B, T)` each."""
-    eos = vlm.tokenizer.eos_token
-    encoded = vlm.tokenizer([r + eos for r in responses], add_special_tokens=False, padding=True,
-                            padding_side="right", return_tensors="pt")
-    return encoded["input_ids"].to(vlm.device), encoded["attention_mask"].to(vlm.device)
-
-
 class VLMSFT(VLMMethod):
     config_class = VLMSFTConfig
     config: VLMSFTConfig
@@ -57,7 +49,7 @@ class VLMSFT(VLMMethod):
 
     def compute_loss(self, batch: list[Question], step: int, micro: int):
         prompts: PromptBatch = self.vlm.encode([q.conversation() for q in batch])
-        ids, mask = target_tokens(self.vlm, [q.reference_response() for q in batch])
+        ids, mask = self.vlm.completion_tokens([q.reference_response() for q in batch])
         logp, _ = self.vlm.token_logprobs(prompts, ids, mask, model=self.module)
         loss = -aggregate_tokens(logp, mask, "token")
         return loss, {"target_tokens": mask.sum(1).float().mean()}

@@ -8,7 +8,8 @@ Kinds (`KINDS`, each marked vision-dependent or answerable from the text alone):
 | `largest` | "What colour is the largest shape?" (largest radius ≥ 1.25 × the next) | a colour |
 | `leftof` | "Is the circle left of the square?" (one of each, maybe a triangle) | yes / no |
 | `match` | two images: "Which image shows a blue triangle?" | 1 / 2 |
-| `arith` | "What is 3+4?" (text only; the image is decoration) | a digit |
+| `prefer` | two renders of one caption, one with a thing changed: "Which image shows … better?" | 1 / 2 |
+| `arith` | "What is 3+4?" (text only; the image is decoration, black a quarter of the time) | a digit |
 
 Every question is drawn from its own `np.random.default_rng([seed, kind, index])`, so a set is
 the same on every machine. Training streams use seeds ≥ 1000, held-out sets `HELDOUT_SEED`.
@@ -24,18 +25,21 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from mmalign.data import shapes_world
 from mmalign.data.shapes_world import COLOURS, SHAPES, Shape, draw
 from mmalign.models.vlm import Conversation
+from mmalign.vlm.prefs import PAIR_QUESTION, corrupt
 
 IMAGE_SIZE = 56
 HELDOUT_SEED = 7
 QUESTION_COLOURS = ("red", "green", "blue", "yellow")
 #: kind → whether answering needs the image
-KINDS: dict[str, bool] = {"count": True, "largest": True, "leftof": True, "match": True, "arith": False}
+KINDS: dict[str, bool] = {"count": True, "largest": True, "leftof": True, "match": True, "prefer": True,
+                          "arith": False}
 INSTRUCTION = "Think in <think></think>, then answer in <answer></answer>."
 _THINKING = {
     "count": "count the {colour} shapes", "largest": "compare the sizes", "leftof": "compare the positions",
-    "match": "compare both images", "arith": "add {a} and {b}",
+    "match": "compare both images", "arith": "add {a} and {b}", "prefer": "image 1: {first}. image 2: {second}",
 }
 
 
@@ -136,16 +140,36 @@ def _match(rng: np.random.Generator, size: int) -> Question:
                     _THINKING["match"])
 
 
+def _prefer(rng: np.random.Generator, size: int) -> Question:
+    """A gold-labelled image pair (`mmalign.vlm.prefs`, ties redrawn); the thinking describes both images."""
+    while True:
+        caption = shapes_world.sample_captions(1, "train", rng)[0]
+        scenes = [shapes_world.parse_caption(caption)]
+        scenes.append(corrupt(scenes[0], rng))
+        images = [shapes_world.render(s, rng, size) for s in scenes]
+        gold = [shapes_world.gold_checks(im, caption)["score"] for im in images]
+        if gold[0] != gold[1]:
+            break
+    order = [0, 1] if rng.random() < 0.5 else [1, 0]
+    better = 1 + order.index(int(np.argmax(gold)))
+    thinking = _THINKING["prefer"].format(first=scenes[order[0]].caption, second=scenes[order[1]].caption)
+    return Question("prefer", PAIR_QUESTION.format(prompt=caption), (images[order[0]], images[order[1]]), str(better),
+                    thinking)
+
+
 def _arith(rng: np.random.Generator, size: int) -> Question:
     total = int(rng.integers(0, 10))  # answers uniform over 0–9
     a = int(rng.integers(0, total + 1))
     b = total - a
     shapes = [Shape(str(rng.choice(QUESTION_COLOURS)), str(rng.choice(SHAPES)))]
     image, _ = _scene(rng, shapes, [_radius(rng, size)], size)
+    if rng.random() < 0.25:  # the answer never depends on the image, not even on a black one
+        image = np.zeros_like(image)
     return Question("arith", f"What is {a}+{b}?", (image,), str(a + b), _THINKING["arith"].format(a=a, b=b))
 
 
-_MAKERS = {"count": _count, "largest": _largest, "leftof": _leftof, "match": _match, "arith": _arith}
+_MAKERS = {"count": _count, "largest": _largest, "leftof": _leftof, "match": _match, "prefer": _prefer,
+           "arith": _arith}
 assert set(_MAKERS) == set(KINDS) and set(QUESTION_COLOURS) <= set(COLOURS)
 
 
