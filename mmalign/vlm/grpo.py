@@ -5,7 +5,8 @@ stream are each sampled `num_generations` times with the current policy at `temp
 scored by the weighted verifiable rewards (`rewards`), and turned into advantages within each
 group (`mmalign.losses.group_advantages`). The loss is `mmalign.losses.grpo_loss`. A rollout is
 reused for `iterations` consecutive optimizer steps (μ); its `logp_old` is computed once, with the
-weights that sampled it, so the ratio is exactly 1 at the first inner step. With `beta > 0` the
+weights that sampled it, so the ratio is exactly 1 at the first inner step (with μ = 1 no extra
+forward is spent: `logp_old` is the detached policy log-prob, as in TRL). With `beta > 0` the
 reference is the model with its LoRA adapter disabled, or a frozen copy under full fine-tuning.
 
 Resuming is exact when checkpoints fall on rollout boundaries (`checkpoint_every` a multiple of
@@ -54,7 +55,7 @@ class GroupBatch:
     rollout: Rollout
     questions: list[Question]
     advantages: torch.Tensor  # (B·G,)
-    logp_old: torch.Tensor  # (B·G, T)
+    logp_old: torch.Tensor | None  # (B·G, T); None on-policy (μ = 1): the loss uses logp.detach()
     logp_ref: torch.Tensor | None
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # logged with the loss
     extras: dict[str, Any] = field(default_factory=dict)  # what subclasses add (PAPO's masked prompts)
@@ -97,13 +98,13 @@ class GRPO(VLMMethod):
         rollout = vlm.sample([q.conversation() for q in questions], c.num_generations,
                              max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
         args = (rollout.prompts, rollout.completion_ids, rollout.completion_mask)
-        logp_old, _ = vlm.token_logprobs(*args, temperature=c.temperature)
+        logp_old = vlm.token_logprobs(*args, temperature=c.temperature)[0] if c.iterations > 1 else None
         logp_ref = vlm.token_logprobs(*args, temperature=c.temperature, reference=True)[0] if c.beta else None
         batch = GroupBatch(rollout, questions, torch.zeros(0), logp_old, logp_ref)
         total, parts = weighted_rewards(c.rewards, rollout.texts, self.answers(questions))
         extra = self.extra_rewards(batch)
         total = total + sum(extra.values(), torch.zeros_like(total))
-        batch.advantages = group_advantages(total, c.num_generations, c.scale_rewards).to(logp_old.device)
+        batch.advantages = group_advantages(total, c.num_generations, c.scale_rewards).to(vlm.device)
         groups = total.reshape(-1, c.num_generations)
         batch.stats.update({
             "reward": total.mean(),
@@ -124,7 +125,8 @@ class GRPO(VLMMethod):
         logp, entropy = self.vlm.token_logprobs(r.prompts, r.completion_ids, r.completion_mask,
                                                 temperature=c.temperature, with_entropy=True, model=self.module)
         mask = r.completion_mask
-        loss, metrics = grpo_loss(logp, batch.logp_old, batch.advantages, mask, clip_low=c.clip_low,
+        logp_old = logp.detach() if batch.logp_old is None else batch.logp_old
+        loss, metrics = grpo_loss(logp, logp_old, batch.advantages, mask, clip_low=c.clip_low,
                                   clip_high=c.clip_high, beta=c.beta, logp_ref=batch.logp_ref,
                                   aggregation=c.aggregation)
         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
