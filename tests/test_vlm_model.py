@@ -51,8 +51,8 @@ def test_sampling_groups_and_completion_masks(tiny_vlms, family):
 def test_logprobs_do_not_depend_on_the_batch_and_only_on_each_samples_own_image(tiny_vlms, family):
     vlm = VisionLanguageModel.from_pretrained(tiny_vlms[family])
     conversations = [_ask("How many red shapes?", _image(0)), _ask("What colour is the largest shape?", _image(1))]
-    if family != "llava":  # mixed image counts per sample: Qwen's flat pixel rows are sliced per sample
-        conversations.append(_ask("Which image matches the caption?", _image(2), _image(3)))
+    # mixed image counts per sample (Qwen's flat pixel rows, LLaVA's image stack, Idefics3's padded image axis)
+    conversations.append(_ask("Which image matches the caption?", _image(2), _image(3)))
     rollout = _rollout(vlm, conversations, n=1)
     full, _ = vlm.token_logprobs(rollout.prompts, rollout.completion_ids, rollout.completion_mask)
     for i in range(len(conversations)):

@@ -5,7 +5,9 @@
 
 - `qwen2-vl`: `Qwen2VLForConditionalGeneration` + `Qwen2VLProcessor` (56 px → 4 image tokens);
 - `qwen2.5-vl`: `Qwen2_5_VLForConditionalGeneration` + its processor;
-- `llava`: `LlavaForConditionalGeneration` (CLIP vision tower, Llama text model) + `LlavaProcessor`.
+- `llava`: `LlavaForConditionalGeneration` (CLIP vision tower, Llama text model) + `LlavaProcessor`;
+- `idefics3`: `Idefics3ForConditionalGeneration` (SmolVLM class: SigLIP-style tower, pixel shuffle, Llama)
+  + `Idefics3Processor` (no image splitting; 56 px → 4 image tokens).
 
 The tokenizer is a byte-level BPE trained in about a second on `corpus` (any text still encodes,
 down to single bytes), with each family's special tokens and a chat template that renders
@@ -22,13 +24,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "llava")
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "llava", "idefics3")
 
-_QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-_LLAVA_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+_CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_SPECIAL = {"qwen2-vl": _CHATML + _QWEN_VISION, "qwen2.5-vl": _CHATML + _QWEN_VISION, "llava": _CHATML + ["<image>"],
+            "idefics3": _CHATML + ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]}
 _PLACEHOLDER = {"qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>", "qwen2.5-vl":
-                "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>"}
+                "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>", "idefics3": "<image>"}
 
 #: Text the default tokenizer is trained on: chat scaffolding, reasoning tags, digits and the
 #: vocabulary of the embedded worlds' questions.
@@ -56,7 +59,7 @@ def vlm_tokenizer(
     family: str, corpus: Iterable[str] = (DEFAULT_CORPUS,), vocab_size: int = 512
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE with the family's special tokens, end of turn `<|im_end|>`, pad `<|endoftext|>`."""
-    special = _LLAVA_SPECIAL if family == "llava" else _QWEN_SPECIAL
+    special = _SPECIAL[family]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -155,6 +158,28 @@ def _llava(tokenizer: PreTrainedTokenizerFast, size: VLMSize):
     return model, processor
 
 
+def _idefics3(tokenizer: PreTrainedTokenizerFast, size: VLMSize):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    side, patch, shuffle = size.image_size, 14, 2  # (56/14)² patches ÷ 2² pixel shuffle = 4 image tokens
+    vision = dict(hidden_size=size.vision_width, intermediate_size=2 * size.vision_width,
+                  num_hidden_layers=size.vision_layers, num_attention_heads=4, image_size=side, patch_size=patch)
+    text = dict(model_type="llama", **_text_config(tokenizer, size))
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=shuffle,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model = Idefics3ForConditionalGeneration(config)
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(size={"longest_edge": side}, max_image_size={"longest_edge": side},
+                                               do_image_splitting=False),
+        tokenizer=tokenizer, image_seq_len=(side // patch) ** 2 // shuffle**2, chat_template=tokenizer.chat_template,
+    )
+    return model, processor
+
+
+_BUILDERS = {"qwen2-vl": lambda t, s: _qwen("qwen2-vl", t, s), "qwen2.5-vl": lambda t, s: _qwen("qwen2.5-vl", t, s),
+             "llava": _llava, "idefics3": _idefics3}
+
+
 def build_tiny_vlm(
     family: str, directory: str | Path, *, corpus: Iterable[str] = (DEFAULT_CORPUS,), size: VLMSize = TINY_VLM,
     seed: int = 0,
@@ -164,7 +189,7 @@ def build_tiny_vlm(
         raise ValueError(f"unknown VLM family {family!r}; choose one of {FAMILIES}")
     tokenizer = vlm_tokenizer(family, corpus)
     torch.manual_seed(seed)
-    model, processor = _llava(tokenizer, size) if family == "llava" else _qwen(family, tokenizer, size)
+    model, processor = _BUILDERS[family](tokenizer, size)
     model.eval()
     ids = tokenizer.convert_tokens_to_ids
     model.generation_config.update(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
