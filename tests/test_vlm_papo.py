@@ -139,3 +139,15 @@ def test_papo_recipe_runs_from_the_cli_with_its_monitors(tiny_policy, tmp_path):
                            "papo.eval_kinds=[count,arith]")
     assert report["method"] == "papo" and "blind_accuracy/count" in report["metrics"]["after"]
     assert {"perception_kl", "perception_kl_var", "entropy_masked"} <= set(report["train"])
+
+
+def test_mask_ratio_zero_gives_zero_perception_kl_and_grpos_loss(tiny_policy, tmp_path):
+    method = _papo(tiny_policy, tmp_path / "p0", "papo.mask_ratio=0", "papo.entropy_weight=0",
+                   "papo.masked_entropy_weight=0")
+    method.setup(_CPU())
+    torch.manual_seed(0)
+    batch = method.next_batch(0, 0)
+    loss, metrics = method.compute_loss(batch, 0, 0)
+    assert metrics["perception_kl"].item() == 0.0
+    policy_loss, _, _ = method.policy_loss(batch)
+    assert loss.item() == policy_loss.item()

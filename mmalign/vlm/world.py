@@ -20,6 +20,7 @@ names what to look at, never the answer).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,11 +193,12 @@ def mixed_stream(kinds: list[str] | tuple[str, ...], seed: int, index: int) -> Q
     return question(kinds[index % len(kinds)], seed, index // len(kinds))
 
 
-def corpus() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def corpus() -> tuple[str, ...]:
     """Every question template and response piece, for training the world's tokenizer."""
     lines = [INSTRUCTION, "<think></think><answer></answer>", "yes no 0 1 2 3 4 5 6 7 8 9 +"]
     for kind in KINDS:
         for i in range(40):
             q = question(kind, 0, i)
             lines += [q.text, q.reference_response()]
-    return lines
+    return tuple(lines)
