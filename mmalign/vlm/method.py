@@ -129,10 +129,9 @@ class VLMMethod(Method):
         return {}
 
     def _grid(self, responses: list[str], count: int = 10) -> Image.Image:
-        """The first held-out questions' (first) images with question, answer and response."""
+        """The first held-out questions' first images with question, answer and response."""
         shown = self.heldout[:count]
-        images = torch.stack([torch.from_numpy(np.concatenate(q.images, axis=1)[:, : q.images[0].shape[1]])
-                              for q in shown]).permute(0, 3, 1, 2).float() / 255
+        images = torch.stack([torch.from_numpy(q.images[0]) for q in shown]).permute(0, 3, 1, 2).float() / 255
         captions = [f"{q.text} [{q.answer}] → {r}" for q, r in zip(shown, responses)]
         return image_grid(images, captions, columns=5, cell=112, caption_lines=5)
 
