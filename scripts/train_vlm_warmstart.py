@@ -2,14 +2,17 @@
 
 1. Builds a randomly initialised tiny Qwen2-VL (`WARMSTART_SIZE`, 56 px images → 4 image tokens)
    with a byte-level BPE trained on the embedded VLM world's questions (`mmalign.vlm.world.corpus`).
-2. Runs the recipe `configs/vlm/sft.yaml` on it through the normal CLI path (supervised
-   reference responses on the world's training stream, all kinds).
-3. Copies the merged `final/model` folder into `mmalign/assets/vlm-shapes/`.
+2. Stage 1 (`--onset-steps`): `configs/vlm/sft.yaml` on the `largest` questions only. On the full
+   mix the randomly initialised vision path did not switch on in 1,800 steps (accuracy with the real
+   image = with a black one; the merger's output grew into a large constant the language model
+   normalises away); one vision-only kind switches it on after about 300 steps.
+3. Stage 2 (`--steps`): the same recipe on every kind, from stage 1's model.
+4. Copies the merged `final/model` folder into `mmalign/assets/vlm-shapes/`.
 
-The SFT is stopped early on purpose (`configs/vlm/sft.yaml`: `train.max_steps`) so RL has room:
-the shipped model answers most questions but not all. A killed run resumes from its checkpoint.
+Stage 2 is stopped early on purpose so RL has room: the shipped model answers many questions but
+not all. A killed run resumes from its checkpoint.
 
-Usage: `python scripts/train_vlm_warmstart.py --work-dir /tmp/vlm-work [--seed 0] [--steps N]`.
+Usage: `python scripts/train_vlm_warmstart.py --work-dir /tmp/vlm-work [--seed 0] [--steps N] [--onset-steps N]`.
 """
 
 from __future__ import annotations
@@ -29,22 +32,33 @@ ASSET = ROOT / "mmalign" / "assets" / "vlm-shapes"
 WARMSTART_SIZE = VLMSize(hidden=128, layers=4, heads=4, kv_heads=2, vision_width=64, vision_layers=2, image_size=56)
 
 
+def sft(model: Path, out: Path, seed: int, steps: int | None, extra: list[str], threads: int = 1) -> Path:
+    """`configs/vlm/sft.yaml` on `model` into `out` through the CLI; returns `out`."""
+    command = [
+        sys.executable, "-m", "mmalign.cli", "train", str(ROOT / "configs" / "vlm" / "sft.yaml"),
+        f"model.path={model}", f"seed={seed}", f"output_dir={out}", f"train.threads={threads}",
+        *([f"train.max_steps={steps}"] if steps else []), *extra,
+    ]  # fmt: skip
+    subprocess.run(command, check=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="override train.max_steps of the recipe")
+    parser.add_argument("--steps", type=int, default=None, help="stage 2 steps (default: the recipe's max_steps)")
+    parser.add_argument("--onset-steps", type=int, default=400, help="stage 1 steps on `largest` questions")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     init = args.work_dir / "init"
     if not (init / "model.safetensors").is_file():
         build_tiny_vlm("qwen2-vl", init, corpus=corpus(), size=WARMSTART_SIZE, seed=args.seed)
-    run = args.work_dir / f"sft-seed{args.seed}"
-    command = [
-        sys.executable, "-m", "mmalign.cli", "train", str(ROOT / "configs" / "vlm" / "sft.yaml"),
-        f"model.path={init}", f"seed={args.seed}", f"output_dir={run}",
-        *([f"train.max_steps={args.steps}"] if args.steps else []),
-    ]  # fmt: skip
-    subprocess.run(command, check=True)
+    onset = sft(init, args.work_dir / f"onset-seed{args.seed}", args.seed, args.onset_steps,
+                ["vlm_sft.kinds=[largest]", "vlm_sft.eval_kinds=[largest]", "vlm_sft.eval_per_kind=50",
+                 "train.checkpoint_every=200", "eval.every=0"], args.threads)
+    run = sft(onset / "final" / "model", args.work_dir / f"sft-seed{args.seed}", args.seed, args.steps, [],
+              args.threads)
     tmp = ASSET.with_name(f".tmp-{ASSET.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(run / "final" / "model", tmp)

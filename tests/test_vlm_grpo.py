@@ -166,3 +166,21 @@ def test_ratio_is_exactly_one_at_the_first_inner_step_and_moves_after(tiny_polic
     with pytest.raises(ConfigError, match="multiple of grpo.iterations"):
         GRPO(load_config(ROOT / "configs/vlm/grpo.yaml", _grpo_overrides(
             tiny_policy, tmp_path / "bad", 2, "grpo.iterations=3"))).setup(accelerator)
+
+
+def test_the_shipped_warm_start_reads_the_image():
+    """embedded:vlm-shapes answers `largest` from the image: far better than with all-black images."""
+    from mmalign.models.vlm import VisionLanguageModel
+    from mmalign.registry import resolve_model_path
+    from mmalign.vlm.rewards import accuracy_reward
+
+    vlm = VisionLanguageModel.from_pretrained(resolve_model_path("embedded:vlm-shapes"))
+    questions = world.question_set(["largest"], 40)
+
+    def accuracy(blind: bool) -> float:
+        prompts = vlm.encode([q.conversation(blind=blind) for q in questions])
+        ids, mask = vlm.generate(prompts, max_new_tokens=16, do_sample=False)
+        return float(np.mean(accuracy_reward(vlm.decode(ids, mask), [q.answer for q in questions])))
+
+    real, blind = accuracy(False), accuracy(True)
+    assert real > blind + 0.25, (real, blind)
