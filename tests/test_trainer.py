@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import mmalign
+from mmalign.cli import main as cli_main
 from mmalign.config import load_config
 from mmalign.train.checkpoint import checkpoint_dirs
 from mmalign.train.trainer import ConfigMismatchError
@@ -85,15 +86,13 @@ def test_run_directory_and_report(tiny_pipelines, pair_folder, tmp_path):
                                   + ["train.learning_rate=0.5"]))
 
 
-def test_failed_run_leaves_no_report_or_final(tiny_pipelines, pair_folder, tmp_path):
+def test_failed_run_leaves_no_report_or_final(tiny_pipelines, pair_folder, tmp_path, capsys):
     bad = tmp_path / "bad-pairs"
     bad.mkdir()
     (bad / "pairs.jsonl").write_text('{"image_0": "a.png"}\n')
     out = tmp_path / "run"
-    result = subprocess.run(_cli(tiny_run_overrides(tiny_pipelines["sd"], bad, out, 2)), capture_output=True,
-                            text=True)
-    assert result.returncode == 2
-    assert "row 1, field 'image_1': missing field" in result.stderr
+    assert cli_main(["train", str(RECIPE), *tiny_run_overrides(tiny_pipelines["sd"], bad, out, 2)]) == 2
+    assert "row 1, field 'image_1': missing field" in capsys.readouterr().err
     assert not (out / "report.json").exists() and not (out / "final").exists()
 
 

@@ -62,8 +62,8 @@ def test_accuracy_reads_the_last_answer_block_even_when_the_format_is_wrong():
 def test_world_is_deterministic_balanced_and_splits_vision_from_text():
     a, b = world.question("count", 3, 5), world.question("count", 3, 5)
     assert a.text == b.text and a.answer == b.answer and np.array_equal(a.images[0], b.images[0])
-    questions = world.question_set(list(world.KINDS), 40)
-    assert len(questions) == 40 * len(world.KINDS)
+    questions = world.question_set(list(world.KINDS), 24)
+    assert len(questions) == 24 * len(world.KINDS)
     for kind in world.KINDS:
         answers = {q.answer for q in questions if q.kind == kind}
         assert len(answers) >= 2, kind  # no constant answer a blind model could learn

@@ -119,12 +119,12 @@ def test_bad_pair_rows_name_file_row_and_field(tiny_vlm, tmp_path):
 def test_embedded_pairs_are_gold_labelled_and_split_by_caption():
     from mmalign.data import shapes_world
 
-    train, heldout = image_pairs("train", 40, seed=0), image_pairs("heldout", 40, seed=0)
+    train, heldout = image_pairs("train", 30, seed=0), image_pairs("heldout", 20, seed=0)
     assert {p.prompt for p in train}.isdisjoint({p.prompt for p in heldout})
     for p in train:
         gold = tuple(shapes_world.gold_checks(im, p.prompt)["score"] for im in (p.image_1, p.image_2))
         assert gold == p.gold
         assert p.label == (1.0 if gold[0] > gold[1] else 2.0 if gold[1] > gold[0] else 0.5)
     labels = [p.label for p in train]
-    assert labels.count(1.0) > 5 and labels.count(2.0) > 5  # the better image is not always first
+    assert labels.count(1.0) > 4 and labels.count(2.0) > 4  # the better image is not always first
     assert np.array_equal(image_pairs("train", 3, seed=0)[2].image_1, train[2].image_1)
