@@ -45,17 +45,21 @@ class Method(ABC):
     def trainable_module(self) -> torch.nn.Module:
         """The module holding the trainable parameters (the trainer prepares it with accelerate)."""
 
-    @abstractmethod
     def set_trainable_module(self, module: torch.nn.Module) -> None:
-        """Receive the prepared (possibly DDP-wrapped) module to call in `compute_loss`."""
+        """Receive the prepared (possibly DDP-wrapped) module to call in `compute_loss` (kept as `self.module`)."""
+        self.module = module
 
-    @abstractmethod
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable weights by name, for checkpoints."""
+        """Trainable weights by name, for checkpoints (default: the parameters of `trainable_module()` that
+        require grad)."""
+        return {n: p.detach().clone() for n, p in self.trainable_module().named_parameters() if p.requires_grad}
 
-    @abstractmethod
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore weights written by `trainable_state_dict`."""
+        params = dict(self.trainable_module().named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
 
     def train_dataset(self) -> torch.utils.data.Dataset | None:
         """The dataset offline methods train on; None for online methods."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmalign.config import option
+from mmalign.config import ModelConfig, option
 from mmalign.models.vlm import LoraSpec, VisionLanguageModel
 from mmalign.registry import resolve_model_path
 from mmalign.train.grids import image_grid
@@ -41,6 +41,18 @@ class VLMWorldConfig:
     merge_lora: bool = option("save the final model with LoRA merged (else the adapter only)", default=True)
 
 
+def load_vlm(model: ModelConfig, device: torch.device, reference_copy: bool = False) -> VisionLanguageModel:
+    """The `model` section's VLM: LoRA when `lora_rank` is set (the reference is the adapter disabled),
+    else full fine-tuning, with a frozen copy of the start when `reference_copy`."""
+    lora = None
+    if model.lora_rank:
+        lora = LoraSpec(model.lora_rank, model.lora_alpha, model.lora_targets or LoraSpec.targets)
+    return VisionLanguageModel.from_pretrained(
+        resolve_model_path(model.path), lora=lora, reference_copy=lora is None and reference_copy,
+        dtype=getattr(torch, model.dtype), device=device, revision=model.revision,
+    )
+
+
 @dataclass
 class AnswerStats:
     """Greedy responses to a question set: accuracy and well-formed rate per question."""
@@ -60,34 +72,15 @@ class VLMMethod(Method):
         return False
 
     def setup(self, accelerator) -> None:
-        m = self.run.model
-        lora = None
-        if m.lora_rank:
-            lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_targets or LoraSpec.targets)
         self.device = accelerator.device
         self.num_processes, self.process_index = accelerator.num_processes, accelerator.process_index
-        self.vlm = VisionLanguageModel.from_pretrained(
-            resolve_model_path(m.path), lora=lora, reference_copy=lora is None and self.needs_reference_copy(),
-            dtype=getattr(torch, m.dtype), device=accelerator.device, revision=m.revision,
-        )
+        self.vlm = load_vlm(self.run.model, accelerator.device, self.needs_reference_copy())
         self.module: torch.nn.Module = self.vlm.model
         self.heldout = world.question_set(self.config.eval_kinds, self.config.eval_per_kind)
 
     # ------------------------------------------------------------------ trainable state
     def trainable_module(self) -> torch.nn.Module:
         return self.vlm.model
-
-    def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.vlm.model.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.vlm.model.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
 
     # ------------------------------------------------------------------ evaluation
     def answer(self, questions: list[Question], blind: bool = False) -> AnswerStats:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from mmalign.config import option
 from mmalign.losses import papo_loss
+from mmalign.models.vlm import PromptBatch
 from mmalign.vlm.grpo import GRPO, GroupBatch, GRPOConfig
 from mmalign.vlm.world import Question
 
@@ -52,19 +53,20 @@ class PAPO(GRPO):
     config_class = PAPOConfig
     config: PAPOConfig
 
-    def masked_images(self, questions: list[Question]) -> list[list[Image.Image]]:
-        """One masked copy of each prompt's images, repeated over its group (seeded by the global RNG)."""
+    def masked_images(self, prompts: PromptBatch) -> list[list[Image.Image]]:
+        """One masked copy of each prompt's images (the rollout's prompts hold each prompt G times in a row),
+        repeated over its group; seeded by the global RNG."""
         c = self.config
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
-        per_prompt = [[mask_patches(im, c.mask_patch, c.mask_ratio, rng) for im in q.conversation().images]
-                      for q in questions]
+        per_prompt = [[mask_patches(im, c.mask_patch, c.mask_ratio, rng) for im in conversation.images]
+                      for conversation in prompts.conversations[:: c.num_generations]]
         return [images for images in per_prompt for _ in range(c.num_generations)]
 
     @torch.no_grad()
     def rollout(self, questions: list[Question]) -> GroupBatch:
         batch = super().rollout(questions)
         r = batch.rollout
-        batch.extras["masked_prompts"] = self.vlm.with_images(r.prompts, self.masked_images(questions))
+        batch.extras["masked_prompts"] = self.vlm.with_images(r.prompts, self.masked_images(r.prompts))
         logp_masked, entropy_masked = self.vlm.token_logprobs(
             batch.extras["masked_prompts"], r.completion_ids, r.completion_mask,
             temperature=self.config.temperature, with_entropy=True,

@@ -25,9 +25,9 @@ import torch
 from mmalign.config import ConfigError, option
 from mmalign.data.pairs import DataError, jsonl_rows
 from mmalign.losses import soft_bradley_terry_loss
-from mmalign.models.vlm import Conversation, LoraSpec, VisionLanguageModel
-from mmalign.registry import resolve_model_path
+from mmalign.models.vlm import Conversation
 from mmalign.train.method import Evaluation, Method
+from mmalign.vlm.method import load_vlm
 from mmalign.vlm.prefs import image_pairs, score_conversation
 from mmalign.vlm.reward import VLMRewardNet, save_vlm_reward, text_hidden_size
 
@@ -100,12 +100,10 @@ class VLMRewardModel(Method):
     config: VLMRewardModelConfig
 
     def setup(self, accelerator) -> None:
-        c, m = self.config, self.run.model
+        c = self.config
         if c.ties not in ("drop", "soft"):
             raise ConfigError(f"vlm_reward_model.ties must be drop or soft, got {c.ties!r}")
-        lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_targets or LoraSpec.targets) if m.lora_rank else None
-        self.vlm = VisionLanguageModel.from_pretrained(resolve_model_path(m.path), lora=lora,
-                                                       dtype=getattr(torch, m.dtype), device=accelerator.device)
+        self.vlm = load_vlm(self.run.model, accelerator.device)
         self.net = VLMRewardNet(self.vlm.model, text_hidden_size(self.vlm.model)).to(accelerator.device)
         self.module: torch.nn.Module = self.net
         if self.run.data.path == EMBEDDED_PAIRS:
@@ -119,18 +117,6 @@ class VLMRewardModel(Method):
 
     def trainable_module(self) -> torch.nn.Module:
         return self.net
-
-    def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.net.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
 
     def train_dataset(self) -> list[PairItem]:
         return self.train_items
