@@ -71,6 +71,15 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {family: build_tiny_pipeline(family, root / family) for family in FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def tiny_video_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny video pipeline per family: {"wan", "animatediff"} → folder."""
+    from mmalign.models.tiny_video import VIDEO_FAMILIES, build_tiny_video_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-video-pipelines")
+    return {family: build_tiny_video_pipeline(family, root / family) for family in VIDEO_FAMILIES}
+
+
 def write_pair_folder(root: Path, n: int = 16, seed: int = 0) -> Path:
     """A `pairs.jsonl` folder: winner = a correct shapes-world render, loser = noise (label 0/1 mixed)."""
     from mmalign.data import shapes_world

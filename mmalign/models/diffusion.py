@@ -3,8 +3,8 @@
 It holds a loaded pipeline and gives the pieces every preference method needs:
 
 - `encode_prompt(prompts) -> Conditioning`, `encode_images(pixels) -> latents`,
-  `decode_latents(latents) -> pixels` (pixels `(B, 3, H, W)`; latents `(B, C, h, w)` or
-  `(B, C, F, h, w)` with a frame axis);
+  `decode_latents(latents) -> pixels` (images: pixels `(B, 3, H, W)`, latents `(B, C, h, w)`;
+  video: pixels `(B, 3, T, H, W)`, latents `(B, C, F, h, w)`, `F = latent_frame_count(T)`);
 - `noise` (the family's training noise process: timesteps, `add_noise`, `target`);
 - `predict(x_t, t, cond)` with the trainable denoiser and `predict_reference(...)` with the
   frozen reference (LoRA adapters disabled, or a frozen copy for full fine-tuning);
@@ -12,8 +12,9 @@ It holds a loaded pipeline and gives the pieces every preference method needs:
   noised part of the way (SDEdit-style, `strength < 1`);
 - `save_lora(dir)` (loads with `pipe.load_lora_weights(dir)`) and `save_pretrained(dir)`.
 
-Families: SD1.x/2.x UNets (ε or v prediction), SDXL (two text encoders, time ids) and SD3-class
-flow-matching transformers. See `mmalign.models.families`.
+Families: SD1.x/2.x UNets (ε or v prediction), SDXL (two text encoders, time ids), SD3-class
+flow-matching transformers, and for video Wan-class flow-matching 3D transformers (causal VAE, 4×
+in time) and AnimateDiff motion UNets (per-frame VAE). See `mmalign.models.families`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 
+from mmalign.data.segments import latent_frame_segments
 from mmalign.models.families import Conditioning, Family, family_of
 from mmalign.models.inversion import renoise_invert
 from mmalign.models.noise import noise_process
@@ -145,12 +147,49 @@ class DiffusionModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        """Pixels per latent cell along height and width."""
+        return self.family.spatial_compression(self.pipe.vae)
+
+    @property
+    def is_video(self) -> bool:
+        return self.family.is_video
 
     @property
     def default_resolution(self) -> tuple[int, int]:
-        size = int(self.base_denoiser.config.sample_size) * self.vae_scale_factor
-        return size, size
+        """(height, width) in pixels: the denoiser's `sample_size`, else the pipeline's call defaults."""
+        size = self.base_denoiser.config.get("sample_size")
+        if size is not None:
+            size = int(size) * self.vae_scale_factor
+            return size, size
+        defaults = inspect.signature(type(self.pipe).__call__).parameters
+        return int(defaults["height"].default), int(defaults["width"].default)
+
+    @property
+    def default_num_frames(self) -> int:
+        """Pixel frames a video pipeline makes by default (its `num_frames` call default); 1 for images."""
+        if not self.is_video:
+            return 1
+        return int(inspect.signature(type(self.pipe).__call__).parameters["num_frames"].default)
+
+    def latent_frame_count(
+        self, pixel_frames: int | None = None, *, seconds: float | None = None, fps: float | None = None
+    ) -> int:
+        """Latent frames the autoencoder makes of a clip given as `pixel_frames`, or `seconds` at `fps`.
+
+        Wan-class causal VAEs: `1 + (T − 1)/4` (T must be 1 + 4n); per-frame VAEs: T; images: 1.
+        """
+        if pixel_frames is None:
+            if seconds is None or fps is None:
+                raise ValueError("give pixel_frames, or both seconds and fps")
+            pixel_frames = round(seconds * fps)
+            if self.family.causal_time:  # as WanPipeline rounds num_frames: T // k · k + 1
+                k = self.family.temporal_compression(self.pipe.vae)
+                pixel_frames = pixel_frames // k * k + 1
+        if pixel_frames < 1:
+            raise ValueError(f"a clip needs at least one frame, got {pixel_frames}")
+        if not self.is_video:
+            return 1
+        return self.family.latent_frame_count(self.pipe.vae, pixel_frames)
 
     def to(self, device: torch.device | str) -> DiffusionModel:
         self.pipe.to(device)
@@ -175,6 +214,16 @@ class DiffusionModel:
             for name, value in state.items():
                 params[name].copy_(value)
 
+    def latent_frame_segments(
+        self, pixel_frames: int, fps: float | None, segment_seconds: float, where: str = "video"
+    ) -> tuple[torch.Tensor, int, list[int]]:
+        """Segment index of each latent frame of a `pixel_frames` clip cut every `segment_seconds` at
+        `fps`, the segment count and the segments no latent frame carries (`mmalign.data.segments`)."""
+        return latent_frame_segments(
+            pixel_frames, self.latent_frame_count(pixel_frames), fps, segment_seconds,
+            self.family.temporal_compression(self.pipe.vae), self.family.causal_time, where,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], resolution: tuple[int, int] | None = None) -> Conditioning:
@@ -183,19 +232,20 @@ class DiffusionModel:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """`pixels (B, 3, H, W)` in [-1, 1] → scaled latents `(B, C, H/f, W/f)` (a posterior sample)."""
-        vae = self.pipe.vae
-        dist = vae.encode(pixels.to(self.device, torch.float32)).latent_dist
-        latents = dist.sample(generator=generator) if generator is not None else dist.sample()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        """Pixels in [-1, 1] → normalised latents (a posterior sample).
+
+        Images: `(B, 3, H, W)` → `(B, C, H/f, W/f)`; video: `(B, 3, T, H, W)` → `(B, C, F, H/f, W/f)`.
+        """
+        expected = 5 if self.is_video else 4
+        if pixels.ndim != expected:
+            layout = "(B, 3, T, H, W)" if self.is_video else "(B, 3, H, W)"
+            raise ValueError(f"{self.family.name} encodes pixels {layout}, got shape {tuple(pixels.shape)}")
+        return self.family.vae_encode(self.pipe.vae, pixels.to(self.device, torch.float32), generator)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents `(B, C, h, w)` → pixels `(B, 3, H, W)` in [0, 1]."""
-        vae = self.pipe.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        pixels = vae.decode(latents.to(self.device, torch.float32) / vae.config.scaling_factor + shift).sample
+        """Normalised latents → pixels in [0, 1]: `(B, 3, H, W)` images or `(B, 3, T, H, W)` video."""
+        pixels = self.family.vae_decode(self.pipe.vae, latents.to(self.device, torch.float32))
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ prediction
@@ -259,10 +309,14 @@ class DiffusionModel:
             base.enable_adapters()
 
     # ------------------------------------------------------------------ sampling
-    def latent_shape(self, batch: int, resolution: tuple[int, int]) -> tuple[int, ...]:
+    def latent_shape(self, batch: int, resolution: tuple[int, int], num_frames: int | None = None) -> tuple[int, ...]:
+        """`(B, C, h, w)`, or `(B, C, F, h, w)` for video with `num_frames` pixel frames (default: the pipeline's)."""
         channels = int(self.base_denoiser.config.in_channels)
         f = self.vae_scale_factor
-        return batch, channels, resolution[0] // f, resolution[1] // f
+        spatial = (resolution[0] // f, resolution[1] // f)
+        if not self.is_video:
+            return batch, channels, *spatial
+        return batch, channels, self.latent_frame_count(num_frames or self.default_num_frames), *spatial
 
     @torch.no_grad()
     def sample(
@@ -273,6 +327,7 @@ class DiffusionModel:
         guidance_scale: float = 3.0,
         generator: torch.Generator | None = None,
         resolution: tuple[int, int] | None = None,
+        num_frames: int | None = None,
         noise: torch.Tensor | None = None,
         init_latents: torch.Tensor | None = None,
         strength: float = 1.0,
@@ -283,14 +338,18 @@ class DiffusionModel:
 
         `strength` ∈ (0, 1] is the fraction of the `num_steps` schedule that is run (SDEdit):
         1 starts from pure noise, 0.5 noises `init_latents` to the schedule's midpoint. Noise
-        comes from `generator` (CPU) unless `noise` is given. Returns latents in the same layout.
+        comes from `generator` (CPU) unless `noise` is given. Video pipelines make `num_frames`
+        pixel frames' worth of latents (default: the pipeline's). Returns latents in the same layout.
         """
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         resolution = resolution or self.default_resolution
         batch = len(prompts)
         scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        shape = tuple(init_latents.shape) if init_latents is not None else self.latent_shape(batch, resolution)
+        if init_latents is not None:
+            shape = tuple(init_latents.shape)
+        else:
+            shape = self.latent_shape(batch, resolution, num_frames)
         self._set_timesteps(scheduler, num_steps, shape)
         timesteps = scheduler.timesteps
         if noise is None:

@@ -125,4 +125,7 @@ def noise_process(scheduler, flow_sampling: str = "logit_normal") -> VariancePre
     config = dict(scheduler.config)
     if "FlowMatch" in type(scheduler).__name__:
         return FlowMatching(config, sampling=flow_sampling)
+    if config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas"):
+        # multistep solvers run on flow sigmas (Wan ships UniPC this way); their shift is `flow_shift`
+        return FlowMatching({**config, "shift": config.get("flow_shift", 1.0)}, sampling=flow_sampling)
     return VariancePreserving(config)

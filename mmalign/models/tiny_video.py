@@ -1,0 +1,165 @@
+"""Offline builders of tiny text-to-video pipelines of real diffusers architectures.
+
+- `wan_pipeline`: `WanPipeline` = `WanTransformer3DModel` (flow matching, 3D RoPE) + `AutoencoderKLWan`
+  (causal in time: T = 1 + 4n pixel frames give 1 + n latent frames) + `UMT5EncoderModel` with a
+  byte-level BPE trained locally on a caption corpus.
+- `animatediff_pipeline`: `AnimateDiffPipeline` = SD `UNet2DConditionModel` + `MotionAdapter`
+  (→ `UNetMotionModel`), the SD image autoencoder per frame, a CLIP text encoder.
+
+`build_tiny_video_pipeline(family, directory)` saves one with `save_pretrained`; everything else loads
+it through `DiffusionModel.from_pretrained`, the path a real checkpoint takes. Components are put in
+`.eval()` before saving (UMT5 has dropout).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AnimateDiffPipeline,
+    AutoencoderKLWan,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    MotionAdapter,
+    UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import CLIPTextModel, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from mmalign.models.tiny import TINY_SD, WORDS, _text_config, _vae
+from mmalign.models.tokenizers import clip_tokenizer
+
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "animatediff")
+DEFAULT_CAPTIONS: tuple[str, ...] = ("a red ball bounces twice", "a small blue ball falls", "a video")
+
+
+@dataclass(frozen=True)
+class WanSize:
+    """Widths of a Wan-class stack. The VAE halves the resolution `len(vae_dim_mult) − 1` times and
+    the frame count (after the first frame) `sum(temporal_downsample)` times."""
+
+    heads: int = 2
+    head_dim: int = 12
+    layers: int = 2
+    ffn: int = 32
+    text_dim: int = 32
+    text_layers: int = 2
+    max_tokens: int = 16
+    z_dim: int = 16
+    vae_base_dim: int = 3
+    vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    flow_shift: float = 3.0
+
+
+TINY_WAN = WanSize()
+
+
+def t5_tokenizer(captions: Iterable[str], max_tokens: int, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `captions` with T5's specials (`<pad>` = 0, `</s>` = 1, `<unk>` = 2)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    bpe.train_from_iterator([c for caption in captions for c in [caption] * 10], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_tokens
+    )
+    tokenizer._tokenizer.post_processor = _append_eos(tokenizer)
+    return tokenizer
+
+
+def _append_eos(tokenizer: PreTrainedTokenizerFast):
+    from tokenizers.processors import TemplateProcessing
+
+    return TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
+
+
+def _eval(*modules: torch.nn.Module) -> None:
+    for module in modules:
+        module.eval()
+
+
+def wan_pipeline(size: WanSize = TINY_WAN, seed: int = 0, captions: Iterable[str] = DEFAULT_CAPTIONS) -> WanPipeline:
+    """A randomly initialised Wan-class pipeline (flow-matching Euler scheduler with `flow_shift`)."""
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer(captions, size.max_tokens)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer), d_model=size.text_dim, d_kv=8, d_ff=2 * size.text_dim,
+            num_layers=size.text_layers, num_heads=4, relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+        )
+    )  # fmt: skip
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=size.heads, attention_head_dim=size.head_dim,
+        in_channels=size.z_dim, out_channels=size.z_dim, text_dim=size.text_dim, freq_dim=256, ffn_dim=size.ffn,
+        num_layers=size.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )  # fmt: skip
+    vae = AutoencoderKLWan(
+        base_dim=size.vae_base_dim, z_dim=size.z_dim, dim_mult=list(size.vae_dim_mult), num_res_blocks=1,
+        temperal_downsample=list(size.temporal_downsample), latents_mean=[0.0] * size.z_dim,
+        latents_std=[1.0] * size.z_dim, scale_factor_temporal=2 ** sum(size.temporal_downsample),
+        scale_factor_spatial=2 ** (len(size.vae_dim_mult) - 1),
+    )  # fmt: skip
+    _eval(text_encoder, transformer, vae)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=size.flow_shift),
+    )
+
+
+def animatediff_pipeline(seed: int = 0) -> AnimateDiffPipeline:
+    """A randomly initialised AnimateDiff pipeline: tiny SD UNet + motion adapter, DDIM (ε)."""
+    torch.manual_seed(seed)
+    size = TINY_SD
+    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), size.max_tokens)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=size.image_size // 2, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=size.text_hidden,
+        attention_head_dim=8, norm_num_groups=32,
+    )  # fmt: skip
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=32,
+        motion_num_attention_heads=4, motion_max_seq_length=32,
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(_text_config(tokenizer, size))
+    vae = _vae(size)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1, timestep_spacing="linspace",
+    )  # fmt: skip
+    _eval(unet, adapter, text_encoder, vae)
+    pipe = AnimateDiffPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=adapter, scheduler=scheduler
+    )
+    pipe.unet.eval()
+    return pipe
+
+
+def build_tiny_video_pipeline(
+    family: str, directory: str | Path, seed: int = 0, captions: Iterable[str] = DEFAULT_CAPTIONS
+) -> Path:
+    """Build, `.eval()` and `save_pretrained` a tiny video pipeline of `family` (one of `VIDEO_FAMILIES`)."""
+    if family == "wan":
+        pipe = wan_pipeline(seed=seed, captions=captions)
+    elif family == "animatediff":
+        pipe = animatediff_pipeline(seed=seed)
+    else:
+        raise ValueError(f"unknown tiny video family {family!r}; expected one of {VIDEO_FAMILIES}")
+    directory = Path(directory)
+    pipe.save_pretrained(directory)
+    return directory
