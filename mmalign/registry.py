@@ -59,6 +59,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.vlm.listener:ListenerGRPO",
         "Listener-shaped GRPO (Gambashidze et al. 2025): a frozen VLM re-reads the reasoning; p(correct) shapes r",
     ),
+    "densedpo": (
+        "mmalign.video.densedpo:DenseDPO",
+        "DenseDPO (Wu et al. 2025): pairs from corrupted real videos, preference labels per time segment",
+    ),
     "vlm-reward-model": (
         "mmalign.vlm.reward_model:VLMRewardModel",
         "VLM reward model: Bradley-Terry head on the last real token, image or response preference pairs",
@@ -78,6 +82,14 @@ REWARDS: dict[str, tuple[str, str]] = {
     "gan-rm": (
         "mmalign.image.gan_rm:GanRM",
         "GAN-RM: frozen CLIP image tower + MLP head trained to tell target images from the generator's (path=folder)",
+    ),
+    "balls-physics": (
+        "mmalign.rewards.balls_physics:BallsPhysics",
+        "physics gold metric of the embedded balls world (ballistic motion with bounces; videos)",
+    ),
+    "motion-smoothness": (
+        "mmalign.rewards.video:MotionSmoothness",
+        "rule-based video judge: exp(−mean |jerk|) of the moving foreground's centroid (videos, no prompt)",
     ),
     "reward-cs": (
         "mmalign.mesh.reward:MeshReward",
@@ -99,6 +111,7 @@ EMBEDDED: dict[str, str] = {
     "shapes-clip": "shapes-clip",
     "mesh-reward-cs": "mesh-reward-cs",
     "vlm-shapes": "vlm-shapes",
+    "balls-t2v": "balls-t2v",
 }
 
 

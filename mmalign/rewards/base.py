@@ -92,10 +92,14 @@ class Reward(ABC):
     def score_batch(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         """`images (N, 3, H, W)` in [0, 1] (same size within a batch) → scores `(N,)` on CPU."""
 
+    def as_batch(self, samples: Any) -> list[torch.Tensor] | torch.Tensor:
+        """Samples → one tensor or a list of per-sample tensors (images here; video rewards override)."""
+        return as_image_batch(samples)
+
     def __call__(
         self, samples: Any, prompts: str | Sequence[str] | None = None, progress: bool | None = None
     ) -> torch.Tensor:
-        images = as_image_batch(samples)
+        images = self.as_batch(samples)
         n = len(images)
         prompt_list = broadcast_prompts(prompts, n, self.needs_prompts)
         show = n > self.progress_threshold if progress is None else progress

@@ -30,7 +30,26 @@ class DiffusionPairMethod(Method):
     needs_reference: bool = True
 
     def setup(self, accelerator) -> None:
+        self.load_model(accelerator)
         m, d = self.run.model, self.run.data
+        resolution = d.resolution or self.model.default_resolution[0]
+        with accelerator.main_process_first():
+            path = resolve_pairs_path(d, self.model, resolve_model_path(m.path))
+            self.dataset = load_pairs(
+                path,
+                split=d.split,
+                resolution=resolution,
+                drop_ties=d.drop_ties,
+                max_pairs=d.max_pairs,
+                random_crop=d.random_crop,
+                random_flip=d.random_flip,
+                seed=self.run.seed,
+            )
+        self.evaluator = DiffusionEvaluator(self.run.eval, device=self.device)
+
+    def load_model(self, accelerator) -> None:
+        """`self.model`: the `model` section's pipeline on the accelerator's device."""
+        m = self.run.model
         if m.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
         self.device = accelerator.device
@@ -46,20 +65,6 @@ class DiffusionPairMethod(Method):
             flow_sampling=m.flow_sampling,
             gradient_checkpointing=m.gradient_checkpointing,
         ).to(self.device)
-        resolution = d.resolution or self.model.default_resolution[0]
-        with accelerator.main_process_first():
-            path = resolve_pairs_path(d, self.model, resolve_model_path(m.path))
-            self.dataset = load_pairs(
-                path,
-                split=d.split,
-                resolution=resolution,
-                drop_ties=d.drop_ties,
-                max_pairs=d.max_pairs,
-                random_crop=d.random_crop,
-                random_flip=d.random_flip,
-                seed=self.run.seed,
-            )
-        self.evaluator = DiffusionEvaluator(self.run.eval, device=self.device)
 
     # ------------------------------------------------------------------ Method plumbing
     def trainable_module(self) -> torch.nn.Module:
@@ -114,6 +119,14 @@ class DiffusionPairMethod(Method):
         groups = pixels.shape[0] // index.shape[0]
         vae_gens = [g for k in range(groups) for g in self.sample_generators(index, step, f"vae{k}")]
         x0 = self.model.encode_images(pixels, generator=vae_gens)
+        return self.noise_latents(x0, index, step)
+
+    def noise_latents(
+        self, x0: torch.Tensor, index: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`noised_latents` for latents `x0 (k·B, …)` already encoded: the k groups share each id's
+        noise and timestep. Returns `x0`, `noise`, `t` and `x_t`."""
+        groups = x0.shape[0] // index.shape[0]
         noise_gens = self.sample_generators(index, step, "noise")
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noise_gens]).to(x0.device)
         t = torch.cat([self.model.noise.sample_timesteps(1, g) for g in noise_gens]).to(x0.device)

@@ -13,18 +13,18 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.config import EvalConfig
-from mmalign.data import shapes_world
+from mmalign.data import balls_world, shapes_world
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.rewards import Reward, load_reward
-from mmalign.train.grids import image_grid
+from mmalign.train.grids import image_grid, video_grid_frames, video_strips
 from mmalign.train.method import Evaluation
 from mmalign.train.rng import keyed_generator
 
 
-def eval_prompts(config: EvalConfig) -> list[str]:
-    """The evaluation prompts: a shapes-world split (`heldout`, `train`) or a text file."""
+def eval_prompts(config: EvalConfig, world=shapes_world) -> list[str]:
+    """The evaluation prompts: a split of the embedded `world` (`heldout`, `train`) or a text file."""
     if config.prompts in ("heldout", "train"):
-        prompts = shapes_world.captions(config.prompts)
+        prompts = world.captions(config.prompts)
     else:
         path = Path(config.prompts)
         if not path.is_file():
@@ -38,9 +38,11 @@ def eval_prompts(config: EvalConfig) -> list[str]:
 class DiffusionEvaluator:
     """Samples every prompt `samples_per_prompt` times and scores with the gold and other rewards."""
 
+    world = shapes_world  #: the embedded world whose caption splits `eval.prompts` may name
+
     def __init__(self, config: EvalConfig, device: torch.device | str = "cpu"):
         self.config = config
-        self.prompts = [p for p in eval_prompts(config) for _ in range(config.samples_per_prompt)]
+        self.prompts = [p for p in eval_prompts(config, self.world) for _ in range(config.samples_per_prompt)]
         names = ([config.gold] if config.gold else []) + [r for r in config.rewards if r != config.gold]
         if not names:
             raise ValueError("eval needs a gold metric or at least one reward")
@@ -52,7 +54,7 @@ class DiffusionEvaluator:
     def sample(self, model: DiffusionModel, use_reference: bool = False, show_progress: bool = False) -> torch.Tensor:
         """Images `(N, 3, H, W)` in [0, 1] for every evaluation prompt, with the fixed eval noise."""
         c = self.config
-        shape = model.latent_shape(1, model.default_resolution)[1:]
+        shape = self.latent_shape(model)
         images = []
         for start in tqdm(
             range(0, len(self.prompts), c.batch_size), desc="evaluating", leave=False, disable=not show_progress
@@ -67,9 +69,17 @@ class DiffusionEvaluator:
                 guidance_scale=c.guidance_scale,
                 noise=noise,
                 use_reference=use_reference,
+                **self.sample_kwargs(),
             )
             images.append(model.decode_latents(latents).cpu())
         return torch.cat(images)
+
+    def latent_shape(self, model: DiffusionModel) -> tuple[int, ...]:
+        """Shape of one sample's latents (no batch axis)."""
+        return model.latent_shape(1, model.default_resolution)[1:]
+
+    def sample_kwargs(self) -> dict:
+        return {}
 
     def score(self, images: torch.Tensor) -> dict[str, float]:
         metrics = {}
@@ -85,3 +95,30 @@ class DiffusionEvaluator:
         n = min(self.config.grid_size, len(images))
         grid = image_grid(images[:n], self.prompts[:n])
         return Evaluation(self.score(images), grid, {"images": images})
+
+
+class VideoEvaluator(DiffusionEvaluator):
+    """Held-out evaluation of a text-to-video model: clips of `num_frames` frames at `resolution`,
+    scored by video rewards; the grid is one row of frames per clip, the animation a GIF of all."""
+
+    world = balls_world
+
+    def __init__(
+        self, config: EvalConfig, resolution: tuple[int, int], num_frames: int, fps: float, device="cpu"
+    ):
+        super().__init__(config, device)
+        self.resolution, self.num_frames, self.fps = resolution, num_frames, fps
+
+    def latent_shape(self, model: DiffusionModel) -> tuple[int, ...]:
+        return model.latent_shape(1, self.resolution, self.num_frames)[1:]
+
+    def sample_kwargs(self) -> dict:
+        return {"resolution": self.resolution}
+
+    def __call__(self, model: DiffusionModel, show_progress: bool = False) -> Evaluation:
+        videos = self.sample(model, show_progress=show_progress)
+        n = min(self.config.grid_size, len(videos))
+        return Evaluation(
+            self.score(videos), video_strips(videos[:n], self.prompts[:n]), {"images": videos},
+            animation=video_grid_frames(videos[:n], self.prompts[:n]), fps=self.fps,
+        )  # fmt: skip

@@ -49,3 +49,18 @@ def side_by_side(
     draw.text((4, 2), labels[0], fill="black", font=ImageFont.load_default())
     draw.text((left.width + gap + 4, 2), labels[1], fill="black", font=ImageFont.load_default())
     return out
+
+
+def video_strips(
+    videos: torch.Tensor, captions: list[str] | None = None, frames: int = 6, cell: int = 96
+) -> Image.Image:
+    """`videos (N, 3, F, H, W)` in [0, 1] → a grid with one row per clip: `frames` evenly spaced frames
+    side by side, captioned (how a report shows motion in a PNG)."""
+    picks = torch.linspace(0, videos.shape[2] - 1, min(frames, videos.shape[2])).round().long()
+    strips = torch.cat([videos[:, :, int(f)] for f in picks], dim=-1)  # (N, 3, H, k·W)
+    return image_grid(strips, captions, columns=1, cell=cell, caption_lines=1)
+
+
+def video_grid_frames(videos: torch.Tensor, captions: list[str] | None = None, cell: int = 96) -> list[Image.Image]:
+    """`videos (N, 3, F, H, W)` in [0, 1] → one grid image per frame (written as an animated GIF)."""
+    return [image_grid(videos[:, :, f], captions, cell=cell, caption_lines=2) for f in range(videos.shape[2])]

@@ -26,6 +26,9 @@ class Evaluation:
     metrics: dict[str, float]
     grid: Image.Image | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    #: video methods: the grid's frames, written as an animated GIF beside the PNG, and their rate
+    animation: list[Image.Image] | None = None
+    fps: float = 8.0
 
 
 class Method(ABC):

@@ -35,6 +35,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from mmalign.config import RunConfig, dump_config
+from mmalign.data.video import write_video
 from mmalign.errors import UserInputError
 from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from mmalign.train import checkpoint as ckpt
@@ -189,6 +190,9 @@ class Trainer:
                 samples = self.out / "samples"
                 samples.mkdir(exist_ok=True)
                 result.grid.save(samples / f"step-{step:06d}.png")
+                if result.animation:
+                    frames = np.stack([np.asarray(frame.convert("RGB")) for frame in result.animation])
+                    write_video(samples / f"step-{step:06d}.gif", frames, result.fps)
                 if self.writer is not None:
                     self.writer.add_image("samples", np.asarray(result.grid), step, dataformats="HWC")
             atomic_write_json(self.out / "evaluations.json", self.state.evaluations)

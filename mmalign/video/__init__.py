@@ -1,0 +1,1 @@
+"""Video alignment: DenseDPO (segment-level preferences on pairs from corrupted ground truth) and RDPO."""

@@ -1,0 +1,156 @@
+"""Ground-truth clips and stored preference pairs of videos.
+
+- `load_clips(path, …)`: real clips with captions, from `embedded:balls-world` (the simulator renders
+  train captions) or a folder holding `videos.jsonl` rows `{"video": file, "prompt": text, "fps": …}`
+  (fps optional when the file records it).
+- `load_video_pairs(folder)`: a folder with `pairs.jsonl` rows `{"prompt", "video_0", "video_1",
+  "seg_labels": [+1|0|-1 per segment], "fps"?, "segment_len_s"?}` (+1: video_0 better on that
+  segment). Errors name the file, the row and the field: unreadable video, fps missing, pairs whose
+  two videos differ in length or size, too few frames for one segment, a label count that does
+  not match the segments.
+- `write_video_pairs(folder, pairs)`: the same format, atomically (temp folder, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmalign.data import balls_world
+from mmalign.data.segments import segment_count
+from mmalign.data.video import read_video, write_video
+from mmalign.errors import UserInputError
+from mmalign.io import atomic_directory
+
+
+class VideoDataError(UserInputError):
+    """A video data file or row that cannot be used; the message names file, row and field."""
+
+
+@dataclass
+class Clip:
+    prompt: str
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    fps: float
+    source: str
+
+
+@dataclass
+class VideoPair:
+    """Two aligned clips of one prompt and their labels per segment (+1: `frames_0` better)."""
+
+    prompt: str
+    frames_0: np.ndarray
+    frames_1: np.ndarray
+    fps: float
+    segment_seconds: float
+    labels: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise VideoDataError(f"{path}: no such file")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise VideoDataError(f"{path} row {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise VideoDataError(f"{path} row {number}: expected a JSON object")
+        rows.append((number, row))
+    if not rows:
+        raise VideoDataError(f"{path}: no rows")
+    return rows
+
+
+def _field(row: dict, name: str, where: str) -> Any:
+    if name not in row:
+        raise VideoDataError(f"{where}: missing field {name!r}")
+    return row[name]
+
+
+def _read(folder: Path, row: dict, name: str, where: str):
+    from mmalign.data.video import VideoError
+
+    file = folder / str(_field(row, name, where))
+    try:
+        return read_video(file)
+    except VideoError as error:
+        raise VideoDataError(f"{where} field {name!r}: {error}") from None
+
+
+def _fps(row: dict, video_fps: float | None, where: str) -> float:
+    fps = row.get("fps", video_fps)
+    if fps is None or not isinstance(fps, (int, float)) or fps <= 0:
+        raise VideoDataError(f"{where}: field 'fps' is missing or not positive, and the video records none")
+    return float(fps)
+
+
+def load_clips(path: str, count: int, seed: int) -> list[Clip]:
+    """`count` ground-truth clips: rendered train captions for `embedded:balls-world`, else the rows
+    of `<path>/videos.jsonl` (the first `count`)."""
+    if path == "embedded:balls-world":
+        rng = np.random.default_rng(seed)
+        captions = balls_world.captions("train")
+        picks = [captions[i % len(captions)] for i in rng.permutation(max(count, len(captions)))[:count]]
+        return [Clip(c, balls_world.render(c, rng), balls_world.FPS, f"balls-world #{i}") for i, c in enumerate(picks)]
+    folder = Path(path)
+    clips = []
+    for number, row in _rows(folder / "videos.jsonl")[:count]:
+        where = f"{folder / 'videos.jsonl'} row {number}"
+        video = _read(folder, row, "video", where)
+        prompt = _field(row, "prompt", where)
+        clips.append(Clip(str(prompt), video.frames, _fps(row, video.fps, where), where))
+    return clips
+
+
+def load_video_pairs(folder: str | Path, default_segment_seconds: float = 1.0) -> list[VideoPair]:
+    folder = Path(folder)
+    table = folder / "pairs.jsonl"
+    pairs = []
+    for number, row in _rows(table):
+        where = f"{table} row {number}"
+        video_0, video_1 = _read(folder, row, "video_0", where), _read(folder, row, "video_1", where)
+        if video_0.frames.shape != video_1.frames.shape:
+            raise VideoDataError(
+                f"{where}: video_0 and video_1 differ in length or size ({video_0.frames.shape} vs "
+                f"{video_1.frames.shape}); a pair must be temporally aligned"
+            )
+        fps = _fps(row, video_0.fps, where)
+        seconds = float(row.get("segment_len_s", default_segment_seconds))
+        expected = segment_count(len(video_0.frames), fps, seconds, where)
+        labels = _field(row, "seg_labels", where)
+        if not isinstance(labels, list) or len(labels) != expected or any(v not in (-1, 0, 1) for v in labels):
+            raise VideoDataError(
+                f"{where}: field 'seg_labels' must list {expected} values in {{-1, 0, 1}} "
+                f"({len(video_0.frames)} frames at {fps:g} fps in {seconds:g} s segments), got {labels!r}"
+            )
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "video_0", "video_1", "seg_labels")}
+        pairs.append(VideoPair(str(_field(row, "prompt", where)), video_0.frames, video_1.frames, fps, seconds,
+                               [int(v) for v in labels], meta))  # fmt: skip
+    return pairs
+
+
+def write_video_pairs(folder: str | Path, pairs: list[VideoPair], suffix: str = ".gif") -> Path:
+    """Write `pairs` as `pairs.jsonl` + one file per video (GIF by default: lossless for the embedded
+    world's few colours), atomically."""
+    folder = Path(folder)
+    with atomic_directory(folder) as tmp:
+        lines = []
+        for i, pair in enumerate(pairs):
+            names = [f"pair-{i:05d}-{k}{suffix}" for k in (0, 1)]
+            write_video(tmp / names[0], pair.frames_0, pair.fps)
+            write_video(tmp / names[1], pair.frames_1, pair.fps)
+            row = {"prompt": pair.prompt, "video_0": names[0], "video_1": names[1], "fps": pair.fps,
+                   "segment_len_s": pair.segment_seconds, "seg_labels": pair.labels, **pair.meta}  # fmt: skip
+            lines.append(json.dumps(row))
+        (tmp / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
