@@ -6,9 +6,10 @@ tensor, `(F, H, W, 3)` uint8 arrays, `(3, F, H, W)` tensors or video file paths 
 `segment_scores(reward, video, fps, segment_seconds)` applies any video reward to each time
 segment of a clip (the sub-clip of its frames), which is how DenseDPO's reward labeller judges
 segments. `MotionSmoothness` (`motion-smoothness`) is a generic rule-based judge: it tracks the
-moving foreground (pixels away from the clip's per-pixel temporal median) and scores how smooth
-its centroid path is, `exp(−median |jerk| / scale)` (jerk = third difference, px/frame³; the
-median ignores the few jerks of a collision). It knows nothing about gravity, so it differs from
+moving foreground (pixels away from the clip's temporal median and from their frame's median
+colour) and scores how smooth
+its centroid path is, `exp(−mean of the smaller half of |jerk| / scale)` (jerk = third
+difference, px/frame³; the few jerks of a collision do not count). It knows nothing about gravity, so it differs from
 the balls world's physics gold metric.
 """
 
@@ -69,7 +70,10 @@ class VideoReward(Reward):
 def segment_scores(
     reward: Reward, videos: torch.Tensor, fps: float, segment_seconds: float, prompts: list[str] | None = None
 ) -> torch.Tensor:
-    """Scores `(N, S)` of each time segment of `videos (N, 3, F, H, W)`: the reward of each sub-clip."""
+    """Scores `(N, S)` of each time segment of `videos (N, 3, F, H, W)`: the reward's own
+    `segment_scores` when it has one (it may look at the whole clip), else the reward of each sub-clip."""
+    if hasattr(reward, "segment_scores"):
+        return reward.segment_scores(videos, fps, segment_seconds)
     bounds = pixel_segment_bounds(videos.shape[2], fps, segment_seconds)
     columns = [reward(videos[:, :, start:stop], prompts) for start, stop in bounds]
     return torch.stack(columns, dim=1)
@@ -77,9 +81,12 @@ def segment_scores(
 
 def foreground_track(frames: np.ndarray, threshold: float = 0.15) -> np.ndarray:
     """Centroid `(F, 2)` (x, y) of the moving foreground of `frames (F, H, W, 3)` in [0, 1]: pixels
-    farther than `threshold` from the per-pixel temporal median; NaN where a frame has none."""
-    background = np.median(frames, axis=0)
-    weight = np.clip(np.abs(frames - background).sum(-1) / 3 - threshold, 0, None)  # (F, H, W)
+    that differ by more than `threshold` both from the clip's per-pixel temporal median (so static
+    scenery drops out) and from their frame's median colour (so the trail an object leaves in the
+    temporal median does not count); NaN where a frame has none."""
+    moving = np.abs(frames - np.median(frames, axis=0)).mean(-1)
+    salient = np.abs(frames - np.median(frames, axis=(1, 2), keepdims=True)).mean(-1)
+    weight = np.clip(np.minimum(moving, salient) - threshold, 0, None)  # (F, H, W)
     mass = weight.sum(axis=(1, 2))
     ys, xs = np.mgrid[0 : frames.shape[1], 0 : frames.shape[2]] + 0.5
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -89,24 +96,43 @@ def foreground_track(frames: np.ndarray, threshold: float = 0.15) -> np.ndarray:
 
 
 class MotionSmoothness(VideoReward):
-    """`exp(−median |jerk| / scale)` of the moving foreground's centroid; 0 if a frame has no
-    foreground. Clips shorter than 4 frames score NaN (no jerk is defined)."""
+    """`exp(−low-half mean |jerk| / scale)` of the moving foreground's centroid: the mean of the
+    smaller half of the jerks, so the few jerks of a collision do not count; 0 if a frame has no
+    foreground. Per segment (`segment_scores`), the track is measured on the whole clip and each
+    jerk counts for the segment holding its window's centre. Fewer than 4 frames score NaN."""
 
     name = "motion-smoothness"
     needs_prompts = False
 
-    def __init__(self, scale: float = 1.0, threshold: float = 0.15, device: str | torch.device = "cpu"):
+    def __init__(self, scale: float = 1.0, threshold: float = 0.1, device: str | torch.device = "cpu"):
         self.scale, self.threshold = scale, threshold
 
-    def score_clip(self, frames: np.ndarray) -> float:
-        if len(frames) < 4:
-            return float("nan")
+    def jerks(self, frames: np.ndarray) -> np.ndarray | None:
+        """`|jerk|` per 4-frame window `(F − 3,)`, or None when a frame shows no foreground."""
         track = foreground_track(frames, self.threshold)
         if np.isnan(track).any():
+            return None
+        return np.linalg.norm(np.diff(track, n=3, axis=0), axis=1)
+
+    def score_jerks(self, jerks: np.ndarray | None) -> float:
+        if jerks is None:
             return 0.0
-        jerk = np.diff(track, n=3, axis=0)
-        return float(np.exp(-np.median(np.linalg.norm(jerk, axis=1)) / self.scale))
+        if len(jerks) == 0:
+            return float("nan")
+        low = np.sort(jerks)[: max(1, len(jerks) // 2)]
+        return float(np.exp(-low.mean() / self.scale))
 
     def score_batch(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         clips = images.clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()
-        return torch.tensor([self.score_clip(c) for c in clips], dtype=torch.float32)
+        return torch.tensor([self.score_jerks(self.jerks(c)) for c in clips], dtype=torch.float32)
+
+    def segment_scores(self, videos: torch.Tensor, fps: float, segment_seconds: float) -> torch.Tensor:
+        bounds = pixel_segment_bounds(videos.shape[2], fps, segment_seconds)
+        centres = np.arange(videos.shape[2] - 3) + 1.5  # window (t … t+3) centred at t + 1.5
+        out = torch.full((len(videos), len(bounds)), float("nan"))
+        for i, frames in enumerate(videos.clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()):
+            jerks = self.jerks(frames)
+            for s, (start, stop) in enumerate(bounds):
+                inside = (centres >= start) & (centres < stop)
+                out[i, s] = self.score_jerks(None if jerks is None else jerks[inside])
+        return out
