@@ -63,6 +63,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.video.densedpo:DenseDPO",
         "DenseDPO (Wu et al. 2025): pairs from corrupted real videos, preference labels per time segment",
     ),
+    "rdpo": (
+        "mmalign.video.rdpo:RDPO",
+        "RDPO (Qian et al. 2025): pairs reverse-sampled from real videos (shallower regeneration preferred), stages",
+    ),
     "vlm-reward-model": (
         "mmalign.vlm.reward_model:VLMRewardModel",
         "VLM reward model: Bradley-Terry head on the last real token, image or response preference pairs",

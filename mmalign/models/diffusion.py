@@ -358,7 +358,7 @@ class DiffusionModel:
         if init_latents is None:
             x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         else:
-            start = num_steps - max(1, round(num_steps * strength))
+            start = self._sdedit_start_index(num_steps, strength)
             timesteps = timesteps[start:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start)
@@ -381,6 +381,23 @@ class DiffusionModel:
                     pred = uncond + guidance_scale * (text - uncond)
                 x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
         return x
+
+    @staticmethod
+    def _sdedit_start_index(num_steps: int, strength: float) -> int:
+        return num_steps - max(1, round(num_steps * strength))
+
+    def sdedit_start(self, num_steps: int, strength: float, shape: tuple[int, ...]) -> torch.Tensor:
+        """The timestep `sample(num_steps=…, strength=…)` starts denoising from, for latents of `shape`."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        self._set_timesteps(scheduler, num_steps, shape)
+        return scheduler.timesteps[self._sdedit_start_index(num_steps, strength)]
+
+    def noise_for(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise ε with `noise.add_noise(x0, ε, t) = x_t` (both processes are linear in ε): how a
+        latent found by inversion is handed to `sample(init_latents=x0, noise=ε, strength=…)`."""
+        offset = self.noise.add_noise(x0, torch.zeros_like(x0), t)
+        scale = self.noise.add_noise(torch.zeros_like(x0), torch.ones_like(x0), t)
+        return (x_t - offset) / scale
 
     @contextmanager
     def _denoiser_for_sampling(self, use_reference: bool):
