@@ -1,0 +1,107 @@
+"""DenseDPO and RDPO on the shared trainer with a tiny Wan pipeline: pairs, stages, loss at init, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmalign
+from mmalign.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _overrides(model: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        f"model.path={model}", f"output_dir={out}", f"train.max_steps={steps}", "train.batch_size=2",
+        "train.checkpoint_every=2", "train.log_every=1", "train.threads=1", "eval.every=0", "eval.num_prompts=2",
+        "eval.samples_per_prompt=1", "eval.num_steps=2", "eval.grid_size=2", *extra,
+    ]  # fmt: skip
+
+
+def _dense(model: Path, out: Path, steps: int, *extra: str):
+    extra = ("densedpo.num_videos=4", "densedpo.build_batch=4", "densedpo.sample_steps=4",
+             "densedpo.labeler_args={threshold: 0.001}", *extra)  # fmt: skip
+    return load_config(ROOT / "configs/video/densedpo.yaml", _overrides(model, out, steps, *extra))
+
+
+def _rdpo(model: Path, out: Path, steps: int, *extra: str):
+    extra = ("rdpo.num_videos=4", "rdpo.build_batch=4", "rdpo.sample_steps=4", *extra)
+    return load_config(ROOT / "configs/video/rdpo.yaml", _overrides(model, out, steps, *extra))
+
+
+def _pairs(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+
+
+def _same_checkpoint(a: Path, b: Path, step: int) -> bool:
+    name = f"step-{step:06d}"
+    first = load_file(str(a / "checkpoints" / name / "trainable.safetensors"))
+    second = load_file(str(b / "checkpoints" / name / "trainable.safetensors"))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def _kill_after_step_2(run, out: Path) -> None:
+    """Run, then remove what steps 3–4 wrote, as if killed after the step-2 checkpoint; run again."""
+    mmalign.train(run)
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    shutil.rmtree(out / "final")
+    mmalign.train(run)
+
+
+def test_densedpo_builds_labelled_pairs_starts_at_log2_and_resumes_exactly(tiny_video_pipelines, tmp_path):
+    wan = tiny_video_pipelines["wan"]
+    report = mmalign.train(_dense(wan, tmp_path / "a", 4))
+    rows = _pairs(tmp_path / "a" / "pairs")
+    assert rows and all(len(r["seg_labels"]) == 3 and any(r["seg_labels"]) for r in rows)
+    assert all(0.65 <= r["eta"] <= 0.8 and r["pair_kind"] == "structural" for r in rows)
+    assert report["gold_metric"] == "balls-physics" and "motion-smoothness" in report["metrics"]["after"]
+    assert (tmp_path / "a" / "samples" / "step-000004.gif").is_file()
+    _kill_after_step_2(_dense(wan, tmp_path / "b", 4), tmp_path / "b")
+    assert _same_checkpoint(tmp_path / "a", tmp_path / "b", 4)
+    first = mmalign.train(_dense(wan, tmp_path / "init", 1, "densedpo.labels=clip", "densedpo.pairs=vanilla"))
+    rows = _pairs(tmp_path / "init" / "pairs")
+    assert all(len(set(r["seg_labels"])) == 1 and r["eta"] == 1.0 for r in rows)  # one label per clip, from noise
+    assert first["train"]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at the first step
+
+
+def test_densedpo_refuses_the_gold_metric_as_labeller(tiny_video_pipelines, tmp_path):
+    run = _dense(tiny_video_pipelines["wan"], tmp_path / "gold", 1, "densedpo.labeler_reward=balls-physics")
+    with pytest.raises(ValueError, match="gold metric must never label"):
+        mmalign.train(run)
+
+
+def test_rdpo_stages_ordering_loss_composition_and_resume(tiny_video_pipelines, tmp_path):
+    wan = tiny_video_pipelines["wan"]
+    extra = ("model.lora_rank=null", "rdpo.refresh_reference=true", "rdpo.positive_depths=[0.5,0.25]",
+             "rdpo.sft_weight=0.5")  # fmt: skip
+    mmalign.train(_rdpo(wan, tmp_path / "a", 4, *extra))
+    stages = [_pairs(tmp_path / "a" / "pairs" / f"stage-{s}") for s in (0, 1)]
+    assert [rows[0]["k_w"] for rows in stages] == [0.5, 0.25]  # heavy → light
+    assert all(r["k_l"] == 1.0 for rows in stages for r in rows)
+    latents = load_file(str(tmp_path / "a" / "pairs" / "stage-0" / "latents.safetensors"))
+    to_real = {k: (latents[k] - latents["latents_real"]).flatten(1).norm(dim=1) for k in ("latents_0", "latents_1")}
+    assert (to_real["latents_0"] < to_real["latents_1"]).all()  # the shallower regeneration stays closer to real
+    assert (tmp_path / "a" / "pairs" / "stage-1" / "reference.safetensors").is_file()
+    _kill_after_step_2(_rdpo(wan, tmp_path / "b", 4, *extra), tmp_path / "b")
+    assert _same_checkpoint(tmp_path / "a", tmp_path / "b", 4)
+    # at θ = reference the DPO term is log 2, so the first step's loss is log 2 + λ·e_θ(x_w)
+    first = mmalign.train(_rdpo(wan, tmp_path / "init", 1, "rdpo.sft_weight=0.5"))["train"]
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["sft_loss"], rel=1e-4)
+
+
+def test_rdpo_nearest_selection_picks_the_closest_candidate(tiny_video_pipelines, tmp_path):
+    wan = tiny_video_pipelines["wan"]
+    distances = {}
+    for select in ("nearest", "random"):
+        out = tmp_path / select
+        mmalign.train(_rdpo(wan, out, 1, f"rdpo.select={select}", "rdpo.candidates=3", "rdpo.positive_depths=[0.5]"))
+        distances[select] = [r["selection_distance"] for r in _pairs(out / "pairs" / "stage-0")]
+    assert all(n <= r + 1e-6 for n, r in zip(distances["nearest"], distances["random"]))
+    assert sum(distances["nearest"]) < sum(distances["random"])
