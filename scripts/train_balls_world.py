@@ -3,7 +3,7 @@
 Phases, each skipped when its output already exists in `--work-dir` (a killed run resumes at the
 last finished phase):
 
-1. `vae` — the Wan-class causal video autoencoder (`EMBEDDED_WAN`: 17×32×32 clips → 8×5×8×8) on
+1. `vae` — the Wan-class causal video autoencoder (`EMBEDDED_WAN`: 17×32×32 clips → 8×9×8×8) on
    rendered clips: squared error with ball pixels weighted ×10 (the ball is a few pixels on a dark
    room) plus a small KL; then `latents_mean` / `latents_std` per channel from held-out clips, as
    Wan's config carries them. Logged: the physics gold of reconstructions vs the real clips.
@@ -67,8 +67,8 @@ def train_vae(work: Path, steps: int, seed: int, batch: int = 8) -> None:
     train = balls_world.captions("train")
     pipe = wan_pipeline(EMBEDDED_WAN, seed=seed, captions=balls_world.captions("all"))
     vae = pipe.vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
     background = torch.tensor(balls_world.BACKGROUND).float().view(1, 3, 1, 1, 1) / 127.5 - 1
     start = time.time()
     for step in range(1, steps + 1):
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=700)
     parser.add_argument("--t2v-steps", type=int, default=3000)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--ship-step", type=int, default=None, help="snapshot to ship (default: none yet)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -73,3 +76,26 @@ def test_missing_ball_and_segments():
     assert gap["visible"] == pytest.approx(13 / 17) and gap["physics"] < full["physics"] - 0.3
     assert len(full["segments"]) == 3  # 17 frames at 8 fps in 1 s segments
     assert gap["segments"][1] < full["segments"][1]
+
+
+def test_video_rewards_score_files_arrays_and_tensors_from_python_and_the_cli(tmp_path, capsys):
+    import torch
+
+    import mmalign
+    from mmalign.cli import main
+    from mmalign.data.video import write_video
+
+    clip = bw.render(bw.captions("train")[0], np.random.default_rng(5))
+    write_video(tmp_path / "clips" / "real.gif", clip, bw.FPS)
+    write_video(tmp_path / "clips" / "scrambled.mp4", clip[np.random.default_rng(0).permutation(len(clip))], bw.FPS)
+    gold = mmalign.load_reward("balls-physics")
+    from_file = gold([tmp_path / "clips" / "real.gif"])
+    from_array = gold(clip)
+    from_tensor = gold(torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 255)
+    assert from_file.item() == pytest.approx(from_array.item(), abs=1e-6) == pytest.approx(from_tensor.item(), abs=1e-6)
+    out = tmp_path / "s.json"
+    assert main(["score", "--reward", "motion-smoothness", str(tmp_path / "clips"), "--json", str(out)]) == 0
+    scores = {Path(r["file"]).name: r["score"] for r in json.loads(out.read_text())["scores"]}
+    assert scores["real.gif"] > scores["scrambled.mp4"]
+    with pytest.raises(mmalign.rewards.base.RewardInputError, match="nothing.mp4"):
+        gold([tmp_path / "nothing.mp4"])

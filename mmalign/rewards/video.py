@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mmalign.data.segments import pixel_segment_bounds
-from mmalign.data.video import VideoError, read_video
+from mmalign.data.video import VIDEO_SUFFIXES, VideoError, read_video
 from mmalign.rewards.base import Reward, RewardInputError
 
 
@@ -62,6 +62,8 @@ class VideoReward(Reward):
     Lists of clips are scored one clip at a time (clips may differ in length and size)."""
 
     batch_size = 1
+    file_suffixes = VIDEO_SUFFIXES  # what `mmalign score` collects from folders
+    file_kind = "video"
 
     def as_batch(self, samples: Any) -> list[torch.Tensor] | torch.Tensor:
         return as_video_batch(samples)
