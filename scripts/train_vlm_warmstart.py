@@ -6,13 +6,16 @@
    mix the randomly initialised vision path did not switch on in 1,800 steps (accuracy with the real
    image = with a black one; the merger's output grew into a large constant the language model
    normalises away); one vision-only kind switches it on after about 300 steps.
-3. Stage 2 (`--steps`): the same recipe on every kind, from stage 1's model.
-4. Copies the merged `final/model` folder into `mmalign/assets/vlm-shapes/`.
+3. Stage 2 (`--count-steps`): `largest` and `count` questions, so counting reads the image too
+   (with stage 3 alone it stayed at the black-image accuracy).
+4. Stage 3 (`--steps`): the same recipe on every kind, from stage 2's model.
+5. Copies the merged `final/model` folder into `mmalign/assets/vlm-shapes/`.
 
-Stage 2 is stopped early on purpose so RL has room: the shipped model answers many questions but
+Stage 3 is stopped early on purpose so RL has room: the shipped model answers many questions but
 not all. A killed run resumes from its checkpoint.
 
-Usage: `python scripts/train_vlm_warmstart.py --work-dir /tmp/vlm-work [--seed 0] [--steps N] [--onset-steps N]`.
+Usage: `python scripts/train_vlm_warmstart.py --work-dir /tmp/vlm-work [--seed 0] [--steps N] [--onset-steps N]
+[--count-steps N]`.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="stage 2 steps (default: the recipe's max_steps)")
+    parser.add_argument("--steps", type=int, default=600, help="stage 3 steps on every kind")
     parser.add_argument("--onset-steps", type=int, default=400, help="stage 1 steps on `largest` questions")
+    parser.add_argument("--count-steps", type=int, default=800, help="stage 2 steps on `largest` and `count`")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     init = args.work_dir / "init"
@@ -57,8 +61,11 @@ def main() -> None:
     onset = sft(init, args.work_dir / f"onset-seed{args.seed}", args.seed, args.onset_steps,
                 ["vlm_sft.kinds=[largest]", "vlm_sft.eval_kinds=[largest]", "vlm_sft.eval_per_kind=50",
                  "train.checkpoint_every=200", "eval.every=0"], args.threads)
-    run = sft(onset / "final" / "model", args.work_dir / f"sft-seed{args.seed}", args.seed, args.steps, [],
-              args.threads)
+    count = sft(onset / "final" / "model", args.work_dir / f"count-seed{args.seed}", args.seed, args.count_steps,
+                ["vlm_sft.kinds=[largest,count]", "vlm_sft.eval_kinds=[count,largest]", "train.checkpoint_every=200",
+                 "eval.every=200"], args.threads)  # fmt: skip
+    run = sft(count / "final" / "model", args.work_dir / f"sft-seed{args.seed}", args.seed, args.steps,
+              ["train.checkpoint_every=200", "eval.every=200"], args.threads)
     tmp = ASSET.with_name(f".tmp-{ASSET.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(run / "final" / "model", tmp)
