@@ -157,3 +157,13 @@ def test_per_segment_sign_of_one_sgd_step():
         after = errors(theta - 0.1 * theta.grad)
     assert after[0, 0] < ref[0, 0] and after[1, 1] < ref[1, 1]
     assert after[0, 1] > ref[0, 1] and after[1, 0] > ref[1, 0]
+
+
+def test_a_real_tiny_vlm_judges_segments_through_the_wrapper(tmp_path):
+    from mmalign.models.tiny_vlm import build_tiny_vlm
+    from mmalign.models.vlm import VisionLanguageModel
+
+    vlm = VisionLanguageModel.from_pretrained(build_tiny_vlm("qwen2-vl", tmp_path / "judge"))
+    videos = torch.from_numpy(np.stack([clip(0), clip(1)])).permute(0, 4, 1, 2, 3).float() / 255
+    labels = VLMSegmentJudge(vlm, image_size=28)(videos, videos.flip(0), ["a", "b"], fps=8, segment_seconds=1.0)
+    assert labels.shape == (2, 3) and set(labels.flatten().tolist()) <= {-1, 0, 1}
