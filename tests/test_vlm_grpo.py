@@ -169,18 +169,18 @@ def test_ratio_is_exactly_one_at_the_first_inner_step_and_moves_after(tiny_polic
 
 
 def test_the_shipped_warm_start_reads_the_image():
-    """embedded:vlm-shapes answers `largest` from the image: far better than with all-black images."""
+    """embedded:vlm-shapes answers `largest` and `match` from the image: far better than with black images."""
     from mmalign.models.vlm import VisionLanguageModel
     from mmalign.registry import resolve_model_path
     from mmalign.vlm.rewards import accuracy_reward
 
     vlm = VisionLanguageModel.from_pretrained(resolve_model_path("embedded:vlm-shapes"))
-    questions = world.question_set(["largest"], 40)
-
-    def accuracy(blind: bool) -> float:
+    def accuracy(kind: str, blind: bool) -> float:
+        questions = world.question_set([kind], 40)
         prompts = vlm.encode([q.conversation(blind=blind) for q in questions])
-        ids, mask = vlm.generate(prompts, max_new_tokens=16, do_sample=False)
+        ids, mask = vlm.generate(prompts, max_new_tokens=24, do_sample=False)
         return float(np.mean(accuracy_reward(vlm.decode(ids, mask), [q.answer for q in questions])))
 
-    real, blind = accuracy(False), accuracy(True)
-    assert real > blind + 0.25, (real, blind)
+    for kind, margin in (("largest", 0.25), ("match", 0.1)):
+        real, blind = accuracy(kind, False), accuracy(kind, True)
+        assert real > blind + margin, (kind, real, blind)
