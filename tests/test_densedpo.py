@@ -167,3 +167,12 @@ def test_a_real_tiny_vlm_judges_segments_through_the_wrapper(tmp_path):
     videos = torch.from_numpy(np.stack([clip(0), clip(1)])).permute(0, 4, 1, 2, 3).float() / 255
     labels = VLMSegmentJudge(vlm, image_size=28)(videos, videos.flip(0), ["a", "b"], fps=8, segment_seconds=1.0)
     assert labels.shape == (2, 3) and set(labels.flatten().tolist()) <= {-1, 0, 1}
+
+
+def test_any_video_reward_scores_segments_as_sub_clips():
+    from mmalign.rewards.balls_physics import BallsPhysics
+
+    real = torch.from_numpy(clip(3)).permute(3, 0, 1, 2).float()[None] / 255
+    scores = segment_scores(BallsPhysics(), real, fps=8, segment_seconds=1.0)  # no segment_scores of its own
+    expected = [BallsPhysics()(real[:, :, a:b]).item() for a, b in ((0, 8), (8, 16), (16, 17))]
+    assert scores.shape == (1, 3) and scores[0].tolist() == pytest.approx(expected, nan_ok=True)
