@@ -63,6 +63,7 @@ def test_densedpo_builds_labelled_pairs_starts_at_log2_and_resumes_exactly(tiny_
     assert all(0.65 <= r["eta"] <= 0.8 and r["pair_kind"] == "structural" for r in rows)
     assert report["gold_metric"] == "balls-physics" and "motion-smoothness" in report["metrics"]["after"]
     assert (tmp_path / "a" / "samples" / "step-000004.gif").is_file()
+    assert "(samples/step-000004.gif)" in (tmp_path / "a" / "report.md").read_text()
     _kill_after_step_2(_dense(wan, tmp_path / "b", 4), tmp_path / "b")
     assert _same_checkpoint(tmp_path / "a", tmp_path / "b", 4)
     first = mmalign.train(_dense(wan, tmp_path / "init", 1, "densedpo.labels=clip", "densedpo.pairs=vanilla"))

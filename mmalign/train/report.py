@@ -38,6 +38,10 @@ def write_report(
         with Image.open(out / samples["before"]) as b, Image.open(out / samples["after"]) as a:
             side_by_side(b.convert("RGB"), a.convert("RGB")).save(out / "samples" / "before_after.png")
         samples["comparison"] = "samples/before_after.png"
+    for key in ("before", "after"):  # video methods also write the clips as animated GIFs
+        gif = samples[key][: -len(".png")] + ".gif"
+        if (out / gif).exists():
+            samples[f"{key}_animation"] = gif
     last_train = state.train_log[-1] if state.train_log else {}
     report = {
         "recipe": run.recipe or run.method,
@@ -71,6 +75,8 @@ def write_report(
         f"| {e['step']} | " + " | ".join(_fmt(e["metrics"].get(k)) for k in keys[:4]) + " |" for e in evaluations
     )
     train_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in report["train"].items())
+    animations = "".join(f"\n{key.split('_')[0].capitalize()}, animated: ![{key}]({samples[key]})\n"
+                         for key in ("before_animation", "after_animation") if key in samples)  # fmt: skip
     md = f"""# Run report: {report["recipe"]}
 
 Method `{run.method}`; {state.step} optimizer steps, {report["train_seconds"]} s of training.
@@ -99,6 +105,7 @@ Method `{run.method}`; {state.step} optimizer steps, {report["train_seconds"]} s
 Before (left) and after (right):
 
 ![before and after]({samples.get("comparison", samples["after"])})
+{animations}
 
 Saved: {", ".join(f"`{p}`" for p in saved)}. Resolved config: `config.yaml`.
 TensorBoard: `tensorboard --logdir {out / "logs"}`.
