@@ -99,26 +99,27 @@ def foreground_track(frames: np.ndarray, threshold: float = 0.15) -> np.ndarray:
 
 class MotionSmoothness(VideoReward):
     """`exp(−low-half mean |jerk| / scale)` of the moving foreground's centroid: the mean of the
-    smaller half of the jerks, so the few jerks of a collision do not count; 0 if a frame has no
-    foreground. Per segment (`segment_scores`), the track is measured on the whole clip and each
-    jerk counts for the segment holding its window's centre. Fewer than 4 frames score NaN."""
+    smaller half of the jerks, so the few jerks of a collision do not count; windows where the
+    foreground vanishes count `missing_jerk` px. Per segment (`segment_scores`), the track is
+    measured on the whole clip and each jerk counts for the segment holding its window's centre.
+    Fewer than 4 frames score NaN."""
 
     name = "motion-smoothness"
     needs_prompts = False
 
-    def __init__(self, scale: float = 1.0, threshold: float = 0.1, device: str | torch.device = "cpu"):
-        self.scale, self.threshold = scale, threshold
+    def __init__(
+        self, scale: float = 1.0, threshold: float = 0.1, missing_jerk: float = 8.0, device: str | torch.device = "cpu"
+    ):
+        self.scale, self.threshold, self.missing_jerk = scale, threshold, missing_jerk
 
-    def jerks(self, frames: np.ndarray) -> np.ndarray | None:
-        """`|jerk|` per 4-frame window `(F − 3,)`, or None when a frame shows no foreground."""
+    def jerks(self, frames: np.ndarray) -> np.ndarray:
+        """`|jerk|` per 4-frame window `(F − 3,)`; a window with a frame that shows no foreground (the
+        object vanished) counts `missing_jerk`."""
         track = foreground_track(frames, self.threshold)
-        if np.isnan(track).any():
-            return None
-        return np.linalg.norm(np.diff(track, n=3, axis=0), axis=1)
+        jerks = np.linalg.norm(np.diff(track, n=3, axis=0), axis=1)
+        return np.where(np.isnan(jerks), self.missing_jerk, jerks)
 
-    def score_jerks(self, jerks: np.ndarray | None) -> float:
-        if jerks is None:
-            return 0.0
+    def score_jerks(self, jerks: np.ndarray) -> float:
         if len(jerks) == 0:
             return float("nan")
         low = np.sort(jerks)[: max(1, len(jerks) // 2)]
@@ -136,5 +137,5 @@ class MotionSmoothness(VideoReward):
             jerks = self.jerks(frames)
             for s, (start, stop) in enumerate(bounds):
                 inside = (centres >= start) & (centres < stop)
-                out[i, s] = self.score_jerks(None if jerks is None else jerks[inside])
+                out[i, s] = self.score_jerks(jerks[inside])
         return out
