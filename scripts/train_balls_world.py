@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vae-steps", type=int, default=700)
-    parser.add_argument("--t2v-steps", type=int, default=3000)
+    parser.add_argument("--t2v-steps", type=int, default=2000)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--ship-step", type=int, default=None, help="snapshot to ship (default: none yet)")
     args = parser.parse_args()
