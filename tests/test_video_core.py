@@ -165,3 +165,17 @@ def test_flow_prediction_multistep_schedulers_train_as_flow_matching():
     unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
     process = noise_process(unipc)
     assert isinstance(process, FlowMatching) and process.shift == 5.0
+
+
+def test_the_shipped_balls_model_loads_and_draws_the_ball():
+    from mmalign.data import balls_world
+    from mmalign.rewards.balls_physics import BallsPhysics
+
+    model = DiffusionModel.from_pretrained("embedded:balls-t2v", lora_rank=4)
+    assert model.latent_frame_count(balls_world.FRAMES) == 9  # the embedded autoencoder halves time
+    captions = balls_world.captions("heldout")[:4]
+    latents = model.sample(captions, num_steps=10, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                           resolution=(balls_world.SIZE, balls_world.SIZE), num_frames=balls_world.FRAMES)  # fmt: skip
+    videos = model.decode_latents(latents)
+    assert videos.shape == (4, 3, balls_world.FRAMES, balls_world.SIZE, balls_world.SIZE)
+    assert BallsPhysics().breakdown(videos, captions)["visible"] > 0.5
