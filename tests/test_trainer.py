@@ -31,7 +31,7 @@ def _cli(args: list[str]) -> list[str]:
 @pytest.mark.slow
 def test_resume_after_sigkill_ends_bit_identical(tiny_pipelines, pair_folder, tmp_path):
     common = ["train.gradient_accumulation_steps=2", "train.learning_rate=1e-3", "eval.num_prompts=2"]
-    steps = 6
+    steps = 4
     straight = tmp_path / "straight"  # in-process: the same code path the CLI takes, without an interpreter start
     mmalign.train(load_config(RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, straight, steps) + common))
 
