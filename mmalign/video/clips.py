@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from mmalign.data import balls_world
+from mmalign.data.pairs import DataError, jsonl_rows
 from mmalign.data.segments import segment_count
 from mmalign.data.video import read_video, write_video
-from mmalign.errors import UserInputError
 from mmalign.io import atomic_directory
 
 
-class VideoDataError(UserInputError):
+class VideoDataError(DataError):
     """A video data file or row that cannot be used; the message names file, row and field."""
 
 
@@ -55,17 +55,7 @@ class VideoPair:
 def _rows(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise VideoDataError(f"{path}: no such file")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise VideoDataError(f"{path} row {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise VideoDataError(f"{path} row {number}: expected a JSON object")
-        rows.append((number, row))
+    rows = list(jsonl_rows(path, ()))  # fields are checked below, with this module's messages
     if not rows:
         raise VideoDataError(f"{path}: no rows")
     return rows

@@ -37,14 +37,13 @@ from mmalign.rewards import load_reward
 from mmalign.train.rng import keyed_generator
 from mmalign.video.clips import VideoPair, load_clips
 from mmalign.video.labels import RewardSegmentLabeler, VLMSegmentJudge, majority
-from mmalign.video.pair_method import VideoPairMethod
+from mmalign.video.pair_method import VideoPairConfig, VideoPairMethod
 
 LATENTS_FILE = "latents.safetensors"
 
 
 @dataclass
-class DenseDPOConfig:
-    beta: float = option("β multiplying mean-reduced flow-matching errors (500 in Flow-DPO / DenseDPO)", 500.0)
+class DenseDPOConfig(VideoPairConfig):
     pairs: str = option("structural: two denoisings of a corrupted real clip; vanilla: two independent samples",
                         "structural")  # fmt: skip
     labels: str = option("segment: one label per segment (DenseDPO); clip: one label per pair", "segment")
@@ -52,10 +51,6 @@ class DenseDPOConfig:
                              64)  # fmt: skip
     eta: list[float] = option("η range [lo, hi]: real clips are noised to η ~ U(lo, hi) (paper: 0.65–0.8)",
                               default_factory=lambda: [0.65, 0.8])  # fmt: skip
-    segment_seconds: float = option("segment length in seconds (paper: 1 s)", 1.0)
-    sample_steps: int = option("sampler steps of the full schedule when building pairs", 20)
-    guidance_scale: float = option("classifier-free guidance when building pairs", 3.0)
-    build_batch: int = option("clips denoised at once when building pairs", 16)
     labeler: str = option("reward: a video reward per segment; vlm: a VLM judge asked in both orders", "reward")
     labeler_reward: str = option("the labelling reward (`mmalign rewards`); never the eval gold metric",
                                  "motion-smoothness")  # fmt: skip
@@ -63,8 +58,6 @@ class DenseDPOConfig:
     tie_margin: float = option("score differences within this margin are ties (label 0)", 0.02)
     judge_model: str | None = option("VLM judge: a hub id or folder `VisionLanguageModel` loads", None)
     pairs_dir: str | None = option("train on the pairs in this folder (pairs.jsonl) instead of building them", None)
-    sft_weight: float = option("weight of a plain flow-matching loss on video 0 (0 = pure DPO)", 0.0)
-
 
 class DenseDPO(VideoPairMethod):
     config_class = DenseDPOConfig

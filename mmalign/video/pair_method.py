@@ -13,6 +13,7 @@ when the method trains a supervised term on the real clip, `latents_real`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmalign.config import option
 from mmalign.data.video import frames_to_tensor
 from mmalign.losses import diffusion_dpo_loss, per_segment_mse
 from mmalign.train.diffusion_method import DiffusionPairMethod
@@ -30,9 +32,22 @@ from mmalign.video.clips import VideoPair, load_video_pairs, write_video_pairs
 LATENTS_FILE = "latents.safetensors"
 
 
+@dataclass
+class VideoPairConfig:
+    """Options every video pair method has; DenseDPO's and RDPO's configs extend it."""
+
+    beta: float = option("β multiplying mean-reduced flow-matching errors (500 in Flow-DPO / DenseDPO)", 500.0)
+    segment_seconds: float = option("segment length in seconds of the stored labels (paper: 1 s)", 1.0)
+    sample_steps: int = option("sampler steps of the full schedule when building pairs", 20)
+    guidance_scale: float = option("classifier-free guidance when building pairs", 3.0)
+    build_batch: int = option("clips denoised at once when building pairs", 16)
+    sft_weight: float = option("weight of a plain flow-matching loss on video 0 (0 = pure DPO)", 0.0)
+
+
 class VideoPairMethod(DiffusionPairMethod):
-    """Shared video pair plumbing. The config must carry `beta`, `sft_weight`, `sample_steps`,
-    `guidance_scale`, `build_batch` and `segment_seconds`."""
+    """Shared video pair plumbing; its config is a `VideoPairConfig`."""
+
+    config: VideoPairConfig
 
     def load_video_model(self, accelerator) -> None:
         self.load_model(accelerator)

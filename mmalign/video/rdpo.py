@@ -37,14 +37,13 @@ from mmalign.data.segments import segment_count
 from mmalign.data.video import tensor_to_frames
 from mmalign.train.rng import keyed_generator
 from mmalign.video.clips import VideoPair, load_clips
-from mmalign.video.pair_method import VideoPairMethod
+from mmalign.video.pair_method import VideoPairConfig, VideoPairMethod
 
 REFERENCE_FILE = "reference.safetensors"
 
 
 @dataclass
-class RDPOConfig:
-    beta: float = option("β multiplying mean-reduced flow-matching errors (Flow-DPO convention)", 500.0)
+class RDPOConfig(VideoPairConfig):
     num_videos: int = option("real clips per stage, one pair each", 64)
     positive_depths: list[float] = option(
         "k_w per stage as a share of the schedule, heavy → light (42/50, 40/50 in the paper)",
@@ -55,15 +54,10 @@ class RDPOConfig:
     select: str = option("nearest: the candidate closest (L2) to the real latents; random: the first", "nearest")
     noising: str = option("forward: fresh noise to the depth; inversion: ReNoise inversion with the model",
                           "forward")  # fmt: skip
-    sft_weight: float = option("λ of the flow-matching term (0 = pure DPO)", 1.0)
+    sft_weight: float = option("λ of the flow-matching term on the positive or real clip (0 = pure DPO)", 1.0)
     sft_target: str = option("positive: the preferred regeneration; real: the real clip", "positive")
     refresh_reference: bool = option("the reference is each stage's starting model (full fine-tuning only)", False)
-    sample_steps: int = option("sampler steps of the full schedule", 20)
-    guidance_scale: float = option("classifier-free guidance when regenerating", 3.0)
     inversion_steps: int = option("ReNoise inversion steps (noising: inversion)", 5)
-    build_batch: int = option("clips regenerated at once", 16)
-    segment_seconds: float = option("segment length of the stored labels (all +1: whole-clip DPO)", 1.0)
-
 
 class RDPO(VideoPairMethod):
     config_class = RDPOConfig
