@@ -230,6 +230,9 @@ def test_embedded_set_scores_by_the_gold_judge_and_splits_by_heldout_prompts(tmp
     train, held = load_mesh_sets(data, MeshSetConfig(embedded=config), points=16, seed=0)
     assert {r.prompt for r in held.rows} <= set(world.prompts("heldout")) and len(train) + len(held) <= len(rows)
     assert held.points.shape == (len(held), 16, 6) and held.preferred.any() and not held.preferred.all()
+    drawn, held_again = load_mesh_sets(data, MeshSetConfig(embedded=config), points=16, seed=0, train_draws=2)
+    assert drawn.points.shape == (2, len(train), 16, 6) and torch.equal(drawn.points[0], train.points[0])
+    assert not torch.equal(drawn.points[1], drawn.points[0]) and torch.equal(held_again.points, held.points)
     with pytest.raises(KeyError, match="embedded mesh set"):
         load_mesh_sets(DataConfig(path="embedded:shapes", cache_dir=str(tmp_path)), MeshSetConfig(), 16, 0)
     with pytest.raises(ConfigError, match="bad_kinds"):

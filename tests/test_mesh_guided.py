@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,11 +12,11 @@ import torch
 import trimesh
 
 from mmalign.cli import main
-from mmalign.config import ConfigError
+from mmalign.config import ConfigError, load_config
 from mmalign.data.pairs import DataError
 from mmalign.losses import edge_length_loss, guidance_weight, laplacian_smoothing_loss, mesh_edges
 from mmalign.mesh import world
-from mmalign.mesh.guided import SmoothingSolver, combine_rewards, unit_box
+from mmalign.mesh.guided import MeshGuided, SmoothingSolver, combine_rewards, unit_box
 from mmalign.mesh.io import MeshInputError, normalise_to_unit_box
 from mmalign.mesh.render import BACK, FRONT, render_mesh, render_views
 from mmalign.mesh.templates import EmbeddedTemplatesConfig, embedded_templates, load_templates, read_templates
@@ -127,6 +128,24 @@ def test_smoothing_solver_solves_the_dense_system_and_backpropagates_the_same_so
     spike = torch.zeros(n, 3, dtype=torch.float64)
     spike[0] = 1.0
     assert 0 < solver(spike)[0, 0].item() < 0.5
+
+
+def test_a_low_pass_anchor_holds_the_shape_and_lets_surface_noise_go(tmp_path):
+    def anchors(anchor_smoothing: float) -> tuple[float, float]:
+        overrides = [f"mesh_guided.anchor_smoothing={anchor_smoothing}", "mesh_guided.templates.per_prompt=1",
+                     f"data.cache_dir={tmp_path}"]  # fmt: skip
+        method = MeshGuided(load_config(ROOT / "configs/mesh/guided.yaml", overrides))
+        method.setup(SimpleNamespace(device=torch.device("cpu")))
+        rest = method.rest[0]
+        noise = 0.01 * torch.randn(rest.shape, generator=torch.Generator().manual_seed(0))
+        shift = torch.full_like(rest, 0.01)  # the same mean squared displacement as the noise, in expectation
+        return tuple(method.regularisers(rest + d, 0)[2].item() for d in (shift, noise))
+
+    raw_shift, raw_noise = anchors(0.0)
+    low_shift, low_noise = anchors(10.0)
+    assert low_shift == pytest.approx(raw_shift, rel=1e-5)  # a translation is all low frequency: held as before
+    assert raw_noise == pytest.approx(raw_shift, rel=0.1)
+    assert low_noise < 0.05 * raw_noise  # per-vertex noise is almost all high frequency: nearly free
 
 
 def test_unit_box_matches_the_loader_normalisation():

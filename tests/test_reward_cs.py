@@ -46,7 +46,8 @@ def _overrides(section: str, out: Path, *extra: str) -> list[str]:
 def cs_run(tmp_path_factory) -> tuple[Path, dict]:
     """`mmalign train configs/mesh/reward_cs.yaml` with small overrides: (run directory, report)."""
     out = tmp_path_factory.mktemp("reward-cs")
-    assert main(["train", str(ROOT / "configs/mesh/reward_cs.yaml"), *_overrides("reward_cs", out)]) == 0
+    overrides = _overrides("reward_cs", out, "reward_cs.train_draws=2")  # two surface draws per training mesh
+    assert main(["train", str(ROOT / "configs/mesh/reward_cs.yaml"), *overrides]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 

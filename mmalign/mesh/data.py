@@ -85,7 +85,7 @@ class MeshRow:
 
 @dataclass
 class MeshSet:
-    """Rows of one split and their surface samples `points (K, N, 6)`."""
+    """Rows of one split and their surface samples `points (K, N, 6)` (or `(draws, K, N, 6)`)."""
 
     rows: list[MeshRow]
     points: torch.Tensor
@@ -297,13 +297,19 @@ def resolve_mesh_source(data: DataConfig, config: MeshSetConfig) -> Path:
     return directory
 
 
-def load_mesh_sets(data: DataConfig, config: MeshSetConfig, points: int, seed: int) -> tuple[MeshSet, MeshSet]:
-    """`(train, heldout)` sets of `data.path` with `points` surface samples per mesh drawn with `seed`."""
+def load_mesh_sets(
+    data: DataConfig, config: MeshSetConfig, points: int, seed: int, train_draws: int = 1
+) -> tuple[MeshSet, MeshSet]:
+    """`(train, heldout)` sets of `data.path` with `points` surface samples per mesh drawn with `seed`.
+
+    The training set holds `train_draws` independent draws per mesh (seeds `seed`, `seed + 1`, …):
+    its `points` are `(train_draws, K, N, 6)`; the held-out set holds the `seed` draw, `(K, N, 6)`.
+    """
     source = resolve_mesh_source(data, config)
     train, heldout = split_rows(read_mesh_rows(source, config), config, str(source))
     cache = cache_root(data) / "mesh-points"
-    train_set = MeshSet(train, sample_rows(train, points, seed, cache))
-    return train_set, MeshSet(heldout, sample_rows(heldout, points, seed, cache))
+    train_points = torch.stack([sample_rows(train, points, seed + d, cache) for d in range(train_draws)])
+    return MeshSet(train, train_points), MeshSet(heldout, sample_rows(heldout, points, seed, cache))
 
 
 # ----------------------------------------------------------------------------------------------

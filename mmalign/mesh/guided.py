@@ -15,8 +15,10 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
 - `L_lap`: uniform Laplacian energy (`mmalign.losses.laplacian_smoothing_loss`) ÷ the template's
   squared mean edge length; `L_edge`: edge lengths' relative change from the template
   (`edge_length_loss`); `L_anchor`: mean squared displacement from the template ÷ the squared mean
-  edge length. All are means over the templates. In DreamCS an SDS gradient keeps the shape on the
-  prompt; here the anchor term stands in for it (the generator's output is the shape it meant).
+  edge length, optionally of the displacement's low-pass part `(I + μL)⁻¹(v − v⁰)` only
+  (`anchor_smoothing` μ: the shape is held while surface noise may go). All are means over the
+  templates. In DreamCS an SDS gradient keeps the shape on the prompt; here the anchor term stands
+  in for it (the generator's output is the shape it meant).
 - Offsets are smoothly parametrised, `δ = (I + λL)⁻¹ u` (`VertexOffsets`), so reward gradients
   move surface regions rather than single vertices.
 
@@ -77,6 +79,11 @@ class MeshGuidedConfig:
         "λ_anchor: mean squared vertex displacement from the template ÷ squared mean edge length (keeps the shape the "
         "generator made, the role SDS plays in DreamCS)",
         100.0,
+    )
+    anchor_smoothing: float = option(
+        "μ of the anchor's low-pass: L_anchor reads the displacement's smooth part (I + μL)⁻¹(v − v⁰), so the shape "
+        "stays while surface noise may go; 0 = the raw displacement",
+        0.0,
     )
     smoothing: float = option("λ of the smooth parametrisation δ = (I + λL)⁻¹u of the offsets; 0 = plain offsets", 10.0)
     points: int | None = option("surface samples per mesh and draw; null = what the reward was trained with", None)
@@ -169,6 +176,10 @@ class MeshGuided(Method):
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
         self.spacing2 = [lengths.mean().pow(2) for lengths in self.rest_lengths]  # squared mean edge length
         self.offsets = VertexOffsets(self.edges, [len(v) for v in self.rest], c.smoothing).to(self.device)
+        self.anchor_filters = [
+            SmoothingSolver(e, len(v), c.anchor_smoothing) if c.anchor_smoothing > 0 else None
+            for e, v in zip(self.edges, self.rest)
+        ]
         self.module: nn.Module = self.offsets
         self.in_world = all(_is_world_prompt(p) for p in self.prompts)
         self.generator = torch.Generator(device="cpu")
@@ -210,7 +221,10 @@ class MeshGuided(Method):
         """Laplacian, edge-length and anchor terms of template `i` at `vertices (V, 3)` (module doc)."""
         edges, rest_lengths, spacing2 = self.edges[i], self.rest_lengths[i], self.spacing2[i]
         laplacian = laplacian_smoothing_loss(vertices, edges) / spacing2
-        anchor = (vertices - self.rest[i]).pow(2).sum(dim=-1).mean() / spacing2
+        displacement = vertices - self.rest[i]
+        if self.anchor_filters[i] is not None:
+            displacement = self.anchor_filters[i](displacement)
+        anchor = displacement.pow(2).sum(dim=-1).mean() / spacing2
         return laplacian, edge_length_loss(vertices, edges, rest_lengths), anchor
 
     def compute_loss(self, batch: int, step: int, micro: int):

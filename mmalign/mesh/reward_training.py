@@ -45,6 +45,12 @@ class MeshRewardConfig:
         "point encoder, text conditioning, reward head", default_factory=MeshEncoderConfig
     )
     eval_batch_size: int = option("meshes encoded at once in evaluation", 256)
+    train_draws: int = option(
+        "independent surface draws cached per training mesh; each training row reads a random one (an "
+        "augmentation: the reward learns the surface, not one set of samples). Held-out rows and scoring "
+        "read the `encoder.sample_seed` draw",
+        1,
+    )
 
 
 def reward_metrics(
@@ -79,15 +85,19 @@ class MeshRewardMethod(Method):
         self.device = accelerator.device
         e = self.config.encoder
         with accelerator.main_process_first():
-            sets = load_mesh_sets(self.run.data, self.config.meshes, e.points, e.sample_seed)
+            sets = load_mesh_sets(self.run.data, self.config.meshes, e.points, e.sample_seed, self.config.train_draws)
         self.train_set, self.heldout_set = sets
         tower = TextTower(e.text_encoder, self.device) if e.text_conditioning else None
         self.text_dim = tower.dim if tower is not None else None
         splits = (("train", self.train_set), ("heldout", self.heldout_set))
         self.text = {name: tower(part.prompts).to(self.device) if tower else None for name, part in splits}
-        self.points = {name: part.points.to(self.device) for name, part in splits}
-        # the samples are fixed, so is their kNN graph: computed once, not at every step
-        self.neighbours = {name: knn_indices(points[..., :3], e.neighbours) for name, points in self.points.items()}
+        # `(draws, K, N, 6)` per split (held out: one draw); the samples are fixed, so is their kNN
+        # graph: computed once, not at every step
+        self.points = {name: part.points.reshape(-1, *part.points.shape[-3:]).to(self.device) for name, part in splits}
+        self.neighbours = {
+            name: knn_indices(points.flatten(0, 1)[..., :3], e.neighbours).view(*points.shape[:3], -1)
+            for name, points in self.points.items()
+        }
         self.targets = self.train_set.scores.to(self.device) / 5
         self.net = MeshRewardNet(e, self.text_dim).to(self.device)
         self.module: torch.nn.Module = self.net
@@ -115,10 +125,17 @@ class MeshRewardMethod(Method):
         )
 
     # ------------------------------------------------------------------ training
-    def encode(self, split: str, index: torch.Tensor, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings `(B, D)` and rewards `(B,)` of rows `index (B,)` of a split ("train" or "heldout")."""
+    def encode(
+        self, split: str, index: torch.Tensor, module: torch.nn.Module, draw: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings `(B, D)` and rewards `(B,)` of rows `index (B,)` of a split ("train" or "heldout").
+
+        `draw (B,)`: which cached surface draw each row reads (default: the first).
+        """
+        draw = torch.zeros_like(index) if draw is None else draw
         text = self.text[split]
-        return module(self.points[split][index], None if text is None else text[index], self.neighbours[split][index])
+        points, neighbours = self.points[split][draw, index], self.neighbours[split][draw, index]
+        return module(points, None if text is None else text[index], neighbours)
 
     @abstractmethod
     def objective(
@@ -129,7 +146,9 @@ class MeshRewardMethod(Method):
     def compute_loss(self, batch: dict[str, torch.Tensor], step: int, micro: int):
         n = len(batch["preferred"])
         index = torch.cat([batch["preferred"], batch["dispreferred"]]).to(self.device)
-        embeddings, rewards = self.encode("train", index, self.module)
+        generator = torch.Generator().manual_seed(1_000_003 * self.run.seed + 1_009 * step + micro)
+        draw = torch.randint(self.config.train_draws, index.shape, generator=generator).to(self.device)
+        embeddings, rewards = self.encode("train", index, self.module, draw)
         return self.objective(embeddings, rewards, self.targets[index], n)
 
     # ------------------------------------------------------------------ evaluation and result
