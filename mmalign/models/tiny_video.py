@@ -29,11 +29,10 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPTextModel, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from mmalign.models.tiny import TINY_SD, WORDS, _text_config, _vae
-from mmalign.models.tokenizers import clip_tokenizer
+from mmalign.models.tokenizers import byte_level_bpe, clip_tokenizer
 
 VIDEO_FAMILIES: tuple[str, ...] = ("wan", "animatediff")
 DEFAULT_CAPTIONS: tuple[str, ...] = ("a red ball bounces twice", "a small blue ball falls", "a video")
@@ -69,14 +68,7 @@ EMBEDDED_WAN = WanSize(
 
 def t5_tokenizer(captions: Iterable[str], max_tokens: int, vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `captions` with T5's specials (`<pad>` = 0, `</s>` = 1, `<unk>` = 2)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    bpe.train_from_iterator([c for caption in captions for c in [caption] * 10], trainer)
+    bpe = byte_level_bpe(captions, ["<pad>", "</s>", "<unk>"], vocab_size, add_prefix_space=True, repeats=10)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_tokens
     )

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from mmalign.models.tokenizers import byte_level_bpe
 
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "llava", "idefics3")
 
@@ -59,15 +60,7 @@ def vlm_tokenizer(
     family: str, corpus: Iterable[str] = (DEFAULT_CORPUS,), vocab_size: int = 512
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE with the family's special tokens, end of turn `<|im_end|>`, pad `<|endoftext|>`."""
-    special = _SPECIAL[family]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([line for text in corpus for line in [text] * 20], trainer)
+    bpe = byte_level_bpe(corpus, _SPECIAL[family], vocab_size, add_prefix_space=False, repeats=20)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>",
         chat_template=chat_template(_PLACEHOLDER[family]), padding_side="left",

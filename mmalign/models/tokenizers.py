@@ -6,6 +6,8 @@ of the list it yields exactly the tokens the full CLIP tokenizer yields (same me
 merges); other text falls back to smaller pieces, down to single bytes. The result is a
 `transformers.CLIPTokenizer` with `vocab.json` + `merges.txt`, the format every diffusers
 pipeline loads.
+
+`byte_level_bpe` trains a small byte-level BPE on a corpus (the tiny T5 and VLM tokenizers).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -87,3 +90,21 @@ def clip_tokenizer(words: Iterable[str], directory: str | Path, model_max_length
     return CLIPTokenizer(
         str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=model_max_length
     )
+
+
+def byte_level_bpe(
+    corpus: Iterable[str], special_tokens: list[str], vocab_size: int, add_prefix_space: bool, repeats: int
+) -> Tokenizer:
+    """A byte-level BPE trained on `corpus` (each text seen `repeats` times), `special_tokens` first in the vocabulary.
+
+    Any text encodes (the 256 byte symbols are always in the vocabulary); merges follow the corpus.
+    """
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    bpe.train_from_iterator([text for text in corpus for _ in range(repeats)], trainer)
+    return bpe
