@@ -76,6 +76,20 @@ def test_densedpo_refuses_the_gold_metric_as_labeller(tiny_video_pipelines, tmp_
     run = _dense(tiny_video_pipelines["wan"], tmp_path / "gold", 1, "densedpo.labeler_reward=balls-physics")
     with pytest.raises(ValueError, match="gold metric must never label"):
         mmalign.train(run)
+    run = _dense(tiny_video_pipelines["wan"], tmp_path / "vanilla", 1, "densedpo.pairs=vanilla",
+                 "densedpo.sft_target=real")  # fmt: skip
+    with pytest.raises(ValueError, match="real with structural pairs"):
+        mmalign.train(run)
+
+
+def test_densedpo_supervised_term_on_the_real_clip(tiny_video_pipelines, tmp_path):
+    run = _dense(tiny_video_pipelines["wan"], tmp_path, 1, "densedpo.sft_weight=0.5", "densedpo.sft_target=real")
+    first = mmalign.train(run)["train"]
+    latents = load_file(str(tmp_path / "pairs" / "latents.safetensors"))
+    assert latents["latents_real"].shape == latents["latents_0"].shape  # the real clip each pair was made from
+    assert not torch.equal(latents["latents_real"], latents["latents_0"])
+    # at θ = reference the DPO term is log 2, so the first step's loss is log 2 + λ·e_θ(x_real)
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["sft_loss"], rel=1e-4)
 
 
 def test_rdpo_stages_ordering_loss_composition_and_resume(tiny_video_pipelines, tmp_path):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from mmalign.config import option
@@ -38,8 +39,6 @@ from mmalign.train.rng import keyed_generator
 from mmalign.video.clips import VideoPair, load_clips
 from mmalign.video.labels import RewardSegmentLabeler, VLMSegmentJudge, majority
 from mmalign.video.pair_method import VideoPairConfig, VideoPairMethod
-
-LATENTS_FILE = "latents.safetensors"
 
 
 @dataclass
@@ -58,6 +57,11 @@ class DenseDPOConfig(VideoPairConfig):
     tie_margin: float = option("score differences within this margin are ties (label 0)", 0.02)
     judge_model: str | None = option("VLM judge: a hub id or folder `VisionLanguageModel` loads", None)
     pairs_dir: str | None = option("train on the pairs in this folder (pairs.jsonl) instead of building them", None)
+    sft_target: str = option(
+        "target of the `sft_weight` term: video0 (one of the two denoised copies) or real (structural pairs: the "
+        "real clip the pair was made from) [ours: the paper has no supervised term]",
+        "video0",
+    )
 
 class DenseDPO(VideoPairMethod):
     config_class = DenseDPOConfig
@@ -69,6 +73,9 @@ class DenseDPO(VideoPairMethod):
         if c.pairs not in ("structural", "vanilla") or c.labels not in ("segment", "clip"):
             raise ValueError(f"densedpo.pairs must be structural or vanilla and densedpo.labels segment or clip, "
                              f"got {c.pairs!r} / {c.labels!r}")  # fmt: skip
+        if c.sft_target not in ("video0", "real") or (c.sft_target == "real" and c.pairs != "structural"):
+            raise ValueError(f"densedpo.sft_target must be video0, or real with structural pairs, got "
+                             f"{c.sft_target!r} with {c.pairs!r} pairs")  # fmt: skip
         if c.labeler == "reward" and c.labeler_reward == self.run.eval.gold:
             raise ValueError(f"densedpo.labeler_reward is the eval gold metric {c.labeler_reward!r}: the gold "
                              "metric must never label training pairs")  # fmt: skip
@@ -81,6 +88,14 @@ class DenseDPO(VideoPairMethod):
                 if accelerator.is_main_process:
                     self.build_pairs(folder)
             self.dataset = self.read_pairs(folder)
+
+    def sft_target(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if self.config.sft_target == "video0":
+            return None
+        if "latents_real" not in batch:
+            raise ValueError("densedpo.sft_target=real needs pairs stored with their real clips' latents "
+                             "(structural pairs built by this version)")  # fmt: skip
+        return batch["latents_real"]
 
     # ------------------------------------------------------------------ pair construction
     def labeller(self):
@@ -102,7 +117,10 @@ class DenseDPO(VideoPairMethod):
         clips = load_clips(self.run.data.path, c.num_videos, self.run.seed)
         labeller = self.labeller()
         source = c.labeler_reward if c.labeler == "reward" else c.judge_model
-        pairs, kept = [], {"latents_0": [], "latents_1": []}
+        kept: dict[str, list[torch.Tensor]] = {"latents_0": [], "latents_1": []}
+        if c.pairs == "structural":
+            kept["latents_real"] = []  # the real clips, for `sft_target: real`
+        pairs = []
         for start in tqdm(range(0, len(clips), c.build_batch), desc="building pairs", leave=False):
             batch = clips[start : start + c.build_batch]
             prompts, fps = [clip.prompt for clip in batch], batch[0].fps
@@ -129,6 +147,8 @@ class DenseDPO(VideoPairMethod):
                 pairs.append(VideoPair(clip.prompt, *frames, fps, c.segment_seconds, labels[i].tolist(), meta))
                 kept["latents_0"].append(latents[0][i].cpu())
                 kept["latents_1"].append(latents[1][i].cpu())
+                if "latents_real" in kept:
+                    kept["latents_real"].append(x0[i].cpu())
         if not pairs:
             raise RuntimeError("every built pair was a tie on every segment; lower densedpo.tie_margin")
         self.save_pairs(folder, pairs, kept)
