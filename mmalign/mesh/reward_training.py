@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from mmalign.config import option
+from mmalign.config import ConfigError, option
 from mmalign.losses import cs_divergence
 from mmalign.mesh.data import MeshSet, MeshSetConfig, load_mesh_sets, same_prompt_pairs
 from mmalign.mesh.encoder import MeshEncoderConfig, MeshRewardNet, TextTower, knn_indices
@@ -84,6 +84,9 @@ class MeshRewardMethod(Method):
     def setup(self, accelerator) -> None:
         self.device = accelerator.device
         e = self.config.encoder
+        if self.config.train_draws < 1:
+            section = self.run.method.replace("-", "_")
+            raise ConfigError(f"{section}.train_draws must be at least 1, got {self.config.train_draws}")
         with accelerator.main_process_first():
             sets = load_mesh_sets(self.run.data, self.config.meshes, e.points, e.sample_seed, self.config.train_draws)
         self.train_set, self.heldout_set = sets
