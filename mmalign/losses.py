@@ -246,6 +246,33 @@ def edge_length_loss(vertices: torch.Tensor, edges: torch.Tensor, rest_lengths: 
     return ((lengths - rest_lengths) / rest_lengths.mean()).pow(2).mean()
 
 
+def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
+    """`faces (F, 3)` long → `(P, 2)` pairs (smaller, larger index) of faces that share an edge; an edge
+    shared by k faces gives k − 1 pairs, a boundary edge none."""
+    if faces.ndim != 2 or faces.shape[1] != 3 or faces.is_floating_point():
+        raise ValueError(f"faces must be an integer (F, 3) tensor, got {faces.dtype} {tuple(faces.shape)}")
+    edges = torch.sort(torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), dim=1).values
+    owner = torch.arange(faces.shape[0], device=faces.device).repeat(3)
+    key = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
+    order = torch.argsort(key, stable=True)
+    key, owner = key[order], owner[order]
+    shared = key[1:] == key[:-1]
+    return torch.sort(torch.stack([owner[:-1][shared], owner[1:][shared]], dim=1), dim=1).values
+
+
+def normal_consistency_loss(vertices: torch.Tensor, faces: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+    """`mean_(a,b) (1 − cos(n_a, n_b))` over adjacent faces `adjacency (P, 2)` (`face_adjacency`).
+
+    `vertices (V, 3)`, `faces (F, 3)`; `n` the faces' normals. Zero on a plane, 1 across a right-angled
+    edge, near 2 where a face folds back over its neighbour; invariant to rigid motion and scale
+    (pytorch3d's `mesh_normal_consistency`). A face of zero area counts as orthogonal to its neighbours.
+    """
+    corners = vertices[faces]
+    normals = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(normals[adjacency[:, 0]], normals[adjacency[:, 1]], dim=-1)
+    return (1.0 - cosine).mean()
+
+
 def guidance_weight(step: int, total_steps: int, alpha_min: float, alpha_max: float) -> float:
     """DreamCS's reward weight `α(t) = α_min + (α_max − α_min) · t / T`, with t clipped to [0, T]."""
     if total_steps <= 0:

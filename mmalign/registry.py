@@ -39,6 +39,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.mesh.reward_bt:RewardBT",
         "Bradley-Terry mesh reward on same-prompt (preferred, dispreferred) pairs: the paired baseline of RewardCS",
     ),
+    "reward-cs-rounds": (
+        "mmalign.mesh.reward_rounds:RewardRounds",
+        "RewardCS rounds: guide meshes with the reward, rate them, retrain on its own hacks as negatives, repeated",
+    ),
     "mesh-guided": (
         "mmalign.mesh.guided:MeshGuided",
         "Reward-guided mesh optimisation (DreamCS guidance): vertex offsets, −α(t)·reward + Laplacian + edge terms",

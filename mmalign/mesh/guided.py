@@ -4,7 +4,7 @@ Each template mesh (`mmalign.mesh.templates`: a generator's output for a prompt,
 world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in its unit box,
 `v = v⁰ + δ`, with faces fixed. Every step, for all templates at once:
 
-    loss = −α(t) · mean_i r(v_i | c_i) + λ_lap · L_lap + λ_edge · L_edge + λ_anchor · L_anchor
+    loss = −α(t) · mean_i r(v_i | c_i) + λ_lap · L_lap + λ_edge · L_edge + λ_normal · L_normal + λ_anchor · L_anchor
 
 - `r` is a frozen mesh reward (the shipped RewardCS by default) or an ensemble's mean or minimum,
   averaged over `draws` surface draws. Each draw is made as the reward's own scoring makes its
@@ -14,9 +14,11 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
 - `α(t) = α_min + (α_max − α_min)·t/T` grows over the run (the spec's 10 → 20);
 - `L_lap`: uniform Laplacian energy (`mmalign.losses.laplacian_smoothing_loss`) ÷ the template's
   squared mean edge length; `L_edge`: edge lengths' relative change from the template
-  (`edge_length_loss`); `L_anchor`: mean squared displacement from the template ÷ the squared mean
-  edge length, optionally of the displacement's low-pass part `(I + μL)⁻¹(v − v⁰)` only
-  (`anchor_smoothing` μ: the shape is held while surface noise may go). All are means over the
+  (`edge_length_loss`); `L_normal`: 1 − cosine between adjacent faces' normals
+  (`normal_consistency_loss`, pytorch3d's third mesh regulariser), which a fold makes large;
+  `L_anchor`: mean squared displacement from the template ÷ the squared mean edge length, optionally
+  of the displacement's low-pass part `(I + μL)⁻¹(v − v⁰)` only (`anchor_smoothing` μ: the shape is
+  held while surface noise may go). All are means over the
   templates. In DreamCS an SDS gradient keeps the shape on the prompt; here the anchor term stands
   in for it (the generator's output is the shape it meant).
 - Offsets are smoothly parametrised, `δ = (I + λL)⁻¹ u` (`VertexOffsets`), so reward gradients
@@ -45,7 +47,14 @@ from torch import nn
 
 from mmalign.config import ConfigError, option
 from mmalign.io import atomic_directory
-from mmalign.losses import edge_length_loss, guidance_weight, laplacian_smoothing_loss, mesh_edges
+from mmalign.losses import (
+    edge_length_loss,
+    face_adjacency,
+    guidance_weight,
+    laplacian_smoothing_loss,
+    mesh_edges,
+    normal_consistency_loss,
+)
 from mmalign.mesh import world
 from mmalign.mesh.render import render_views
 from mmalign.mesh.reward import MeshReward
@@ -75,6 +84,11 @@ class MeshGuidedConfig:
     alpha_max: float = option("α at the last step; α grows linearly in between", 20.0)
     laplacian_weight: float = option("λ_lap: uniform Laplacian energy ÷ squared mean edge length", 1.0)
     edge_weight: float = option("λ_edge: relative change of edge lengths from the template", 1.0)
+    normal_weight: float = option(
+        "λ_normal: mean 1 − cos between adjacent faces' normals (zero on a plane, ≈ 2 at a fold): keeps guidance "
+        "from folding the surface; 0 = off",
+        0.0,
+    )
     anchor_weight: float = option(
         "λ_anchor: mean squared vertex displacement from the template ÷ squared mean edge length (keeps the shape the "
         "generator made, the role SDS plays in DreamCS)",
@@ -157,8 +171,8 @@ class MeshGuided(Method):
 
     def setup(self, accelerator) -> None:
         c = self.config
-        if c.laplacian_weight < 0 or c.edge_weight < 0:
-            raise ConfigError("mesh_guided.laplacian_weight and edge_weight must be non-negative")
+        if min(c.laplacian_weight, c.edge_weight, c.normal_weight) < 0:
+            raise ConfigError("mesh_guided.laplacian_weight, edge_weight and normal_weight must be non-negative")
         self.device = accelerator.device
         if not c.rewards or c.ensemble not in ("mean", "min"):
             raise ConfigError(f"mesh_guided needs one or more rewards and ensemble mean or min, got {c.ensemble!r}")
@@ -173,6 +187,7 @@ class MeshGuided(Method):
         self.rest = [torch.as_tensor(np.asarray(t.mesh.vertices), **to) for t in self.templates]
         self.faces = [torch.as_tensor(np.asarray(t.mesh.faces), device=self.device) for t in self.templates]
         self.edges = [mesh_edges(f) for f in self.faces]
+        self.adjacency = [face_adjacency(f) for f in self.faces]
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
         self.spacing2 = [lengths.mean().pow(2) for lengths in self.rest_lengths]  # squared mean edge length
         self.offsets = VertexOffsets(self.edges, [len(v) for v in self.rest], c.smoothing).to(self.device)
@@ -217,15 +232,16 @@ class MeshGuided(Method):
         """Current vertex positions `(V_i, 3)` of every template, in its unit-box frame."""
         return [rest + offset for rest, offset in zip(self.rest, (module or self.offsets)())]
 
-    def regularisers(self, vertices: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Laplacian, edge-length and anchor terms of template `i` at `vertices (V, 3)` (module doc)."""
+    def regularisers(self, vertices: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        """Laplacian, edge-length, normal-consistency and anchor terms of template `i` at `vertices (V, 3)`."""
         edges, rest_lengths, spacing2 = self.edges[i], self.rest_lengths[i], self.spacing2[i]
         laplacian = laplacian_smoothing_loss(vertices, edges) / spacing2
         displacement = vertices - self.rest[i]
         if self.anchor_filters[i] is not None:
             displacement = self.anchor_filters[i](displacement)
         anchor = displacement.pow(2).sum(dim=-1).mean() / spacing2
-        return laplacian, edge_length_loss(vertices, edges, rest_lengths), anchor
+        normal = normal_consistency_loss(vertices, self.faces[i], self.adjacency[i])
+        return laplacian, edge_length_loss(vertices, edges, rest_lengths), normal, anchor
 
     def compute_loss(self, batch: int, step: int, micro: int):
         c = self.config
@@ -242,14 +258,17 @@ class MeshGuided(Method):
         members = [r.rewards(points, prompts).view(len(vertices), c.draws).mean(dim=1) for r in self.rewards]
         rewards = combine_rewards(torch.stack(members), c.ensemble)
         terms = zip(*(self.regularisers(v, i) for i, v in enumerate(vertices)))
-        laplacian, edge, anchor = (torch.stack(t).mean() for t in terms)
+        laplacian, edge, normal, anchor = (torch.stack(t).mean() for t in terms)
         alpha = guidance_weight(step, self.run.train.max_steps, c.alpha_min, c.alpha_max)
-        regularisation = c.laplacian_weight * laplacian + c.edge_weight * edge + c.anchor_weight * anchor
+        regularisation = (
+            c.laplacian_weight * laplacian + c.edge_weight * edge + c.normal_weight * normal + c.anchor_weight * anchor
+        )
         loss = -alpha * rewards.mean() + regularisation
         metrics = {
             "reward": rewards.mean().detach(),
             "laplacian": laplacian.detach(),
             "edge": edge.detach(),
+            "normal": normal.detach(),
             "anchor": anchor.detach(),
         }
         return loss, {**metrics, "alpha": torch.tensor(alpha)}
