@@ -1,13 +1,13 @@
 """Reward-guided mesh optimisation against its regularisers alone, on held-out prompts of the mesh world.
 
     python benchmarks/mesh_guidance.py [--seeds 0 1 2] [--rewards embedded:mesh-reward-cs] [--steps 200]
-                                       [--threads 2] [override ...]
+                                       [--threads 2] [--set key=value ...]
 
 Per seed, runs `configs/mesh/guided.yaml` twice on the same templates (`templates.seed` = the
 seed): as shipped (reward weight α 10 → 20) and with α = 0 (Laplacian, edge-length and anchor
 terms only). Reports, before and after, the gold quality score and its geometry / prompt-match
 parts (no objective reads them) and the reward as it scores the mesh files, then means ± sd over
-seeds. Extra `key=value` arguments override the recipe for both arms.
+seeds. `--set key=value …` overrides the recipe for both arms (the baseline keeps α = 0).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def run_arm(seed: int, guided: bool, args: argparse.Namespace, work: Path) -> di
         f"output_dir={work / ('guided' if guided else 'regularisers') / f'seed{seed}'}",
         f"seed={seed}", f"mesh_guided.templates.seed={seed}", f"mesh_guided.rewards=[{','.join(args.rewards)}]",
         f"train.max_steps={args.steps}", f"train.threads={args.threads}", "eval.every=0", "train.checkpoint_every=0",
-        *([] if guided else ["mesh_guided.alpha_min=0", "mesh_guided.alpha_max=0"]),
         *args.overrides,
+        *([] if guided else ["mesh_guided.alpha_min=0", "mesh_guided.alpha_max=0"]),  # after: overrides keep α = 0
     ]  # fmt: skip
     report = mmalign.train(ROOT / "configs/mesh/guided.yaml", *overrides)
     return {when: {k: report["metrics"][when][k] for k in METRICS} for when in ("before", "after")}
@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("overrides", nargs="*", help="recipe overrides for both arms, key=value")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for both arms")
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="mesh-guidance-"))
     rows = []

@@ -1,10 +1,12 @@
-"""Train the RewardCS shipped as `embedded:mesh-reward-cs` (the default reward of `configs/mesh/guided.yaml`).
+"""Train the RewardCS shipped as `embedded:mesh-reward-cs` and its rounds `embedded:mesh-reward-cs-round{0,1,2}`.
 
-Runs the recipe `configs/mesh/reward_cs.yaml` (embedded mesh world, seeded) through the normal
-CLI path, then copies its `final/reward` folder into `mmalign/assets/mesh-reward-cs/`. The
-reward folder's manifest carries the held-out metrics it was measured with; the run's own
-`report.md` stays in `--work-dir`. A finished run in `--work-dir` is reused (the trainer skips
-it), so a killed run resumes at its last checkpoint.
+Runs the recipe `configs/mesh/reward_cs_rounds.yaml` (RewardCS on the embedded mesh world, then
+three rounds of its own guided meshes as rated negatives; seeded) through the normal CLI path,
+then copies its `final/reward` folder into `mmalign/assets/mesh-reward-cs/` and each earlier round's
+reward into `mmalign/assets/mesh-reward-cs-round<k>/` (`configs/mesh/guided.yaml` guides with the
+minimum of all four). Each reward folder's manifest carries the held-out metrics it was measured
+with; the run's own `report.md` stays in `--work-dir`. Finished stages in `--work-dir` are reused,
+so a killed run resumes where it stopped.
 
 Usage: `python scripts/train_mesh_reward.py --work-dir /tmp/mesh-reward-work [--seed 0]`.
 """
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSET = ROOT / "mmalign" / "assets" / "mesh-reward-cs"
+ASSETS = ROOT / "mmalign" / "assets"
 
 
 def main() -> None:
@@ -27,20 +29,24 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    run = args.work_dir / f"reward_cs-seed{args.seed}"
+    run = args.work_dir / f"reward_cs_rounds-seed{args.seed}"
     command = [
-        sys.executable, "-m", "mmalign.cli", "train", str(ROOT / "configs" / "mesh" / "reward_cs.yaml"),
+        sys.executable, "-m", "mmalign.cli", "train", str(ROOT / "configs" / "mesh" / "reward_cs_rounds.yaml"),
         f"seed={args.seed}", f"output_dir={run}",
     ]  # fmt: skip
     subprocess.run(command, check=True)
-    reward = run / "final" / "reward"
-    tmp = ASSET.with_name(f".tmp-{ASSET.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(reward, tmp)
-    shutil.rmtree(ASSET, ignore_errors=True)
-    tmp.rename(ASSET)
-    metrics = json.loads((ASSET / "mmalign_reward.json").read_text())["metrics"]
-    print(json.dumps({"shipped": str(ASSET), **metrics}, indent=2))
+    rounds = json.loads((run / "report.json").read_text())["rounds"]
+    shipped = {ASSETS / "mesh-reward-cs": run / "final" / "reward"}
+    shipped.update({ASSETS / f"mesh-reward-cs-round{k}": run / f"round-{k}" / "reward" / "final" / "reward"
+                    for k in range(len(rounds))})  # fmt: skip
+    for asset, reward in shipped.items():
+        tmp = asset.with_name(f".tmp-{asset.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(reward, tmp)
+        shutil.rmtree(asset, ignore_errors=True)
+        tmp.rename(asset)
+        metrics = json.loads((asset / "mmalign_reward.json").read_text())["metrics"]
+        print(json.dumps({"shipped": str(asset), **metrics}, indent=2))
 
 
 if __name__ == "__main__":

