@@ -11,7 +11,8 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
   input (unit box, area-weighted samples with face normals), but with `SurfaceDraw`: fresh face
   indices and barycentric weights every step, so points and normals carry gradients to the
   vertices and the optimisation cannot fit one fixed sample set;
-- `α(t) = α_min + (α_max − α_min)·t/T` grows over the run (the spec's 10 → 20);
+- `α(t) = α_min + (α_max − α_min)·t/T` grows over the run (the spec's 10 → 20 by default; the recipe's
+  0.3 → 0.6 suits rewards that regress scores ÷ 5);
 - `L_lap`: uniform Laplacian energy (`mmalign.losses.laplacian_smoothing_loss`) ÷ the template's
   squared mean edge length; `L_edge`: edge lengths' relative change from the template
   (`edge_length_loss`); `L_normal`: 1 − cosine between adjacent faces' normals
@@ -21,8 +22,9 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
   held while surface noise may go). All are means over the
   templates. In DreamCS an SDS gradient keeps the shape on the prompt; here the anchor term stands
   in for it (the generator's output is the shape it meant).
-- Offsets are smoothly parametrised, `δ = (I + λL)⁻¹ u` (`VertexOffsets`), so reward gradients
-  move surface regions rather than single vertices.
+- Offsets are optionally smoothly parametrised, `δ = (I + λL)⁻¹ u` (`VertexOffsets`, `smoothing` λ),
+  so reward gradients move surface regions rather than single vertices; that also keeps them from
+  removing per-vertex noise, so the recipe uses plain offsets with the low-pass anchor instead.
 
 `α = 0` gives the regularisers-only baseline. Evaluation (before, every `eval.every` steps,
 after): the reward of every current mesh as the reward scores a file (fixed samples) and, when
