@@ -1,13 +1,14 @@
 """Reward-guided mesh optimisation against its regularisers alone, on held-out prompts of the mesh world.
 
-    python benchmarks/mesh_guidance.py [--seeds 0 1 2] [--rewards embedded:mesh-reward-cs] [--steps 200]
+    python benchmarks/mesh_guidance.py [--seeds 0 1 2] [--rewards DIR ...] [--steps 200]
                                        [--threads 2] [--set key=value ...]
 
 Per seed, runs `configs/mesh/guided.yaml` twice on the same templates (`templates.seed` = the
-seed): as shipped (reward weight α 10 → 20) and with α = 0 (Laplacian, edge-length and anchor
-terms only). Reports, before and after, the gold quality score and its geometry / prompt-match
-parts (no objective reads them) and the reward as it scores the mesh files, then means ± sd over
-seeds. `--set key=value …` overrides the recipe for both arms (the baseline keeps α = 0).
+seed): as shipped (the recipe's rewards unless `--rewards`, weight α 0.3 → 0.6) and with α = 0
+(Laplacian, edge-length, normal and anchor terms only). Reports, before and after, the gold quality
+score and its geometry / prompt-match parts (no objective reads them) and the reward as it scores the
+mesh files, then means ± sd over seeds. `--set key=value …` overrides the recipe for both arms (the
+baseline keeps α = 0).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def run_arm(seed: int, guided: bool, args: argparse.Namespace, work: Path) -> di
 
     overrides = [
         f"output_dir={work / ('guided' if guided else 'regularisers') / f'seed{seed}'}",
-        f"seed={seed}", f"mesh_guided.templates.seed={seed}", f"mesh_guided.rewards=[{','.join(args.rewards)}]",
+        f"seed={seed}", f"mesh_guided.templates.seed={seed}",
+        *([f"mesh_guided.rewards=[{','.join(args.rewards)}]"] if args.rewards else []),
         f"train.max_steps={args.steps}", f"train.threads={args.threads}", "eval.every=0", "train.checkpoint_every=0",
         *args.overrides,
         *([] if guided else ["mesh_guided.alpha_min=0", "mesh_guided.alpha_max=0"]),  # after: overrides keep α = 0
@@ -42,7 +44,8 @@ def run_arm(seed: int, guided: bool, args: argparse.Namespace, work: Path) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rewards", nargs="+", default=["embedded:mesh-reward-cs"], help="several: an ensemble")
+    parser.add_argument("--rewards", nargs="+", default=None,
+                        help="reward folders (several: an ensemble); default: the recipe's")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=None)
