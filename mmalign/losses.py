@@ -211,12 +211,17 @@ def bradley_terry_loss(reward_w: torch.Tensor, reward_l: torch.Tensor) -> torch.
     return -F.logsigmoid(reward_w - reward_l).mean()
 
 
-def mesh_edges(faces: torch.Tensor) -> torch.Tensor:
-    """`faces (F, 3)` long → the mesh's unique undirected edges `(E, 2)`, each as (smaller, larger) index."""
+def _face_edges(faces: torch.Tensor) -> torch.Tensor:
+    """`faces (F, 3)` long → its faces' three edges `(3F, 2)` as (smaller, larger) index: every face's first
+    edge, then every face's second, then every third (row `j·F + f` belongs to face f)."""
     if faces.ndim != 2 or faces.shape[1] != 3 or faces.is_floating_point():
         raise ValueError(f"faces must be an integer (F, 3) tensor, got {faces.dtype} {tuple(faces.shape)}")
-    pairs = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    return torch.unique(torch.sort(pairs, dim=1).values, dim=0)
+    return torch.sort(torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), dim=1).values
+
+
+def mesh_edges(faces: torch.Tensor) -> torch.Tensor:
+    """`faces (F, 3)` long → the mesh's unique undirected edges `(E, 2)`, each as (smaller, larger) index."""
+    return torch.unique(_face_edges(faces), dim=0)
 
 
 def laplacian_smoothing_loss(vertices: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -249,9 +254,7 @@ def edge_length_loss(vertices: torch.Tensor, edges: torch.Tensor, rest_lengths: 
 def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
     """`faces (F, 3)` long → `(P, 2)` pairs (smaller, larger index) of faces that share an edge; an edge
     shared by k faces gives k − 1 pairs, a boundary edge none."""
-    if faces.ndim != 2 or faces.shape[1] != 3 or faces.is_floating_point():
-        raise ValueError(f"faces must be an integer (F, 3) tensor, got {faces.dtype} {tuple(faces.shape)}")
-    edges = torch.sort(torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), dim=1).values
+    edges = _face_edges(faces)
     owner = torch.arange(faces.shape[0], device=faces.device).repeat(3)
     key = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
     order = torch.argsort(key, stable=True)

@@ -19,9 +19,9 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
   (`normal_consistency_loss`, pytorch3d's third mesh regulariser), which a fold makes large;
   `L_anchor`: mean squared displacement from the template ÷ the squared mean edge length, optionally
   of the displacement's low-pass part `(I + μL)⁻¹(v − v⁰)` only (`anchor_smoothing` μ: the shape is
-  held while surface noise may go). All are means over the
-  templates. In DreamCS an SDS gradient keeps the shape on the prompt; here the anchor term stands
-  in for it (the generator's output is the shape it meant).
+  held while surface noise may go). All are means over the templates. In DreamCS an SDS gradient
+  keeps the shape on the prompt; here the anchor term stands in for it (the generator's output is
+  the shape it meant).
 - Offsets are optionally smoothly parametrised, `δ = (I + λL)⁻¹ u` (`VertexOffsets`, `smoothing` λ),
   so reward gradients move surface regions rather than single vertices; that also keeps them from
   removing per-vertex noise, so the recipe uses plain offsets with the low-pass anchor instead.

@@ -219,13 +219,12 @@ class RewardRounds:
         return self._report(rounds)
 
     def _report(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-        def reward_report(k: int) -> dict[str, Any]:
-            return json.loads((self.out / f"round-{k}" / "reward" / "report.json").read_text())
-
-        first, last = reward_report(0), reward_report(len(rounds))
+        rewards = [json.loads((self.out / f"round-{k}" / "reward" / "report.json").read_text())
+                   for k in range(len(rounds) + 1)]  # fmt: skip
+        first, last = rewards[0], rewards[-1]
         table = []
         for r in rounds:
-            metrics = reward_report(r["round"])["metrics"]["after"]
+            metrics = rewards[r["round"]]["metrics"]["after"]
             guide = json.loads((r["guide"] / "report.json").read_text())
             table.append({
                 "round": r["round"],
@@ -238,7 +237,7 @@ class RewardRounds:
         report = {
             "recipe": self.run.recipe or self.run.method,
             "method": self.run.method,
-            "steps": sum(reward_report(k)["steps"] for k in range(len(rounds) + 1)),
+            "steps": sum(reward["steps"] for reward in rewards),
             "gold_metric": first["gold_metric"],
             "before": first["after"],
             "after": last["after"],
