@@ -148,3 +148,21 @@ def test_unsupported_pipeline_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unsupported pipeline class"):
         family_of(object())
+
+
+def test_tiny_tokenizer_leaves_no_temporary_folder_and_saves(tmp_path, monkeypatch):
+    """Building a tiny pipeline's tokenizer writes its files to a scratch folder that is gone afterwards."""
+    import tempfile
+
+    from mmalign.models.tokenizers import clip_tokenizer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    tokenizer = clip_tokenizer(["a", "red", "ball"], model_max_length=16)
+    assert list((tmp_path / "scratch").iterdir()) == []
+    ids = tokenizer("a red ball").input_ids
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert ids == type(tokenizer).from_pretrained(tmp_path / "saved")("a red ball").input_ids
+    kept = clip_tokenizer(["ball"], tmp_path / "kept")
+    assert {p.name for p in (tmp_path / "kept").iterdir()} == {"vocab.json", "merges.txt"}
+    assert kept.decode(kept("ball").input_ids, skip_special_tokens=True).strip() == "ball"

@@ -11,7 +11,6 @@ The embedded shapes model uses `sd_pipeline(EMBEDDED_SD)`: the same code path wi
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def _eval(*modules: torch.nn.Module) -> None:
 def sd_pipeline(size: SDSize = TINY_SD, prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
     """A randomly initialised SD1.x/2.x-class pipeline (ε- or v-prediction) at `size`."""
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), size.max_tokens)
+    tokenizer = clip_tokenizer(WORDS, model_max_length=size.max_tokens)
     down, up = _down_up_types(len(size.unet_channels))
     unet = UNet2DConditionModel(
         sample_size=size.image_size // 2 ** (len(size.vae_channels) - 1),
@@ -185,7 +184,7 @@ def sd_pipeline(size: SDSize = TINY_SD, prediction_type: str = "epsilon", seed: 
 def sdxl_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusionXLPipeline:
     """A randomly initialised SDXL-class pipeline: two CLIP text encoders and time-id conditioning."""
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), size.max_tokens)
+    tokenizer = clip_tokenizer(WORDS, model_max_length=size.max_tokens)
     hidden = size.text_hidden
     projection = hidden
     down, up = _down_up_types(len(size.unet_channels))
@@ -226,7 +225,7 @@ def sdxl_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusionXLPip
 def sd3_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusion3Pipeline:
     """A randomly initialised SD3-class pipeline: MM-DiT transformer, flow-matching scheduler."""
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), size.max_tokens)
+    tokenizer = clip_tokenizer(WORDS, model_max_length=size.max_tokens)
     hidden = size.text_hidden
     transformer = SD3Transformer2DModel(
         sample_size=size.image_size // 2 ** (len(size.vae_channels) - 1),
@@ -317,7 +316,7 @@ def clip_processor(tokenizer: CLIPTokenizer, image_size: int = 32) -> CLIPProces
 def tiny_clip(directory: str | Path, seed: int = 0) -> Path:
     """Save a tiny random transformers CLIP folder (model, tokenizer, image processor)."""
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), TINY_SD.max_tokens)
+    tokenizer = clip_tokenizer(WORDS, model_max_length=TINY_SD.max_tokens)
     directory = Path(directory)
     clip_model(tokenizer, hidden=32, text_layers=2, vision_layers=2).save_pretrained(directory)
     clip_processor(tokenizer).save_pretrained(directory)

@@ -13,7 +13,6 @@ it through `DiffusionModel.from_pretrained`, the path a real checkpoint takes. C
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +122,7 @@ def animatediff_pipeline(seed: int = 0) -> AnimateDiffPipeline:
     """A randomly initialised AnimateDiff pipeline: tiny SD UNet + motion adapter, DDIM (ε)."""
     torch.manual_seed(seed)
     size = TINY_SD
-    tokenizer = clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="mmalign-tok-"), size.max_tokens)
+    tokenizer = clip_tokenizer(WORDS, model_max_length=size.max_tokens)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=size.image_size // 2, in_channels=4,
         out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import tempfile
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -72,8 +73,11 @@ def _merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str
     return used
 
 
-def clip_tokenizer(words: Iterable[str], directory: str | Path, model_max_length: int = 77) -> CLIPTokenizer:
-    """Write a CLIP BPE covering `words` into `directory` and return the loaded tokenizer."""
+def clip_tokenizer(
+    words: Iterable[str], directory: str | Path | None = None, model_max_length: int = 77
+) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer covering `words`: its `vocab.json` and `merges.txt` are written into
+    `directory` (kept), or into a temporary folder that is removed once the tokenizer is loaded."""
     merges = _full_merges()
     ranks = {pair: i for i, pair in enumerate(merges)}
     byte_of = _byte_alphabet()
@@ -83,10 +87,18 @@ def clip_tokenizer(words: Iterable[str], directory: str | Path, model_max_length
         needed.update(_merges_used("".join(byte_of[b] for b in word.encode("utf-8")), ranks))
     kept = sorted(needed, key=ranks.__getitem__)
     vocab_list = alphabet + [s + "</w>" for s in alphabet] + ["".join(p) for p in kept] + [_BOS, _EOS]
-    directory = Path(directory)
+    if directory is None:
+        with tempfile.TemporaryDirectory(prefix="mmalign-tok-") as scratch:
+            return _write_clip_tokenizer(Path(scratch), vocab_list, kept, model_max_length)
+    return _write_clip_tokenizer(Path(directory), vocab_list, kept, model_max_length)
+
+
+def _write_clip_tokenizer(
+    directory: Path, vocab: list[str], merges: list[tuple[str, str]], model_max_length: int
+) -> CLIPTokenizer:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in kept))
+    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return CLIPTokenizer(
         str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=model_max_length
     )
