@@ -1,0 +1,76 @@
+"""Label ceiling of DenseDPO: retrain a finished run on its own pairs relabelled by the gold metric.
+
+    python benchmarks/densedpo_gold_ceiling.py RUN_DIR [RUN_DIR ...] [--tie-margin 0.005]
+
+A diagnostic, not a recipe: it gives the balls world's physics gold metric the labeller's job (one
+label per segment, `sign(gold₀ − gold₁)`, ties within `--tie-margin` or where a segment has no
+score), which no training objective may do, to ask whether better labels could help. For each
+finished `densedpo` run it writes the relabelled pairs (same videos and latents) to
+`RUN_DIR-gold-labels/pairs`, trains the run's own config on them (`densedpo.pairs_dir`) into
+`RUN_DIR-gold-labels`, and prints the gold before and after for the run and for its ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mmalign.data import balls_world
+from mmalign.data.video import read_video
+
+PAIRS_FILE = "pairs.jsonl"
+
+
+def gold_labels(folder: Path, row: dict, tie_margin: float) -> list[int]:
+    """Per-segment labels of one stored pair by the physics gold metric."""
+    golds = [balls_world.physics_checks(read_video(folder / row[k]).frames, row["fps"], row["segment_len_s"])
+             for k in ("video_0", "video_1")]  # fmt: skip
+    labels = []
+    for a, b in zip(golds[0]["segments"], golds[1]["segments"]):
+        tied = np.isnan(a) or np.isnan(b) or abs(a - b) <= tie_margin
+        labels.append(0 if tied else int(np.sign(a - b)))
+    return labels
+
+
+def relabel(source: Path, target: Path, tie_margin: float) -> list[int]:
+    """Copy the pairs folder `source` to `target` with gold labels; returns the counts of −1, 0, +1."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    rows = [json.loads(line) for line in (source / PAIRS_FILE).read_text().splitlines() if line.strip()]
+    counts = [0, 0, 0]
+    for row in rows:
+        row["seg_labels"] = gold_labels(source, row, tie_margin)
+        row["label_source"] = "balls-physics (diagnostic)"
+        for label in row["seg_labels"]:
+            counts[label + 1] += 1
+    (target / PAIRS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished densedpo run folders")
+    parser.add_argument("--tie-margin", type=float, default=0.005)
+    args = parser.parse_args()
+    results = {}
+    for run in args.runs:
+        ceiling = run.with_name(run.name + "-gold-labels")
+        counts = relabel(run / "pairs", ceiling / "pairs", args.tie_margin)
+        command = [sys.executable, "-m", "mmalign.cli", "train", str(run / "config.yaml"),
+                   f"output_dir={ceiling}", f"densedpo.pairs_dir={ceiling / 'pairs'}"]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+        reports = [json.loads((r / "report.json").read_text()) for r in (run, ceiling)]
+        results[str(run)] = {"labels_-1_0_+1": counts, "run": [reports[0]["before"], reports[0]["after"]],
+                             "gold_labels": [reports[1]["before"], reports[1]["after"]]}  # fmt: skip
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
