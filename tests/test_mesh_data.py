@@ -171,6 +171,20 @@ def test_samples_are_drawn_once_and_cached(tmp_path, monkeypatch):
         sample_rows(rows, 32, seed=1, cache=tmp_path / "cache")  # another seed is another key
 
 
+def test_rows_appended_to_a_set_resample_only_the_last_cached_block(tmp_path, monkeypatch):
+    rows = read_mesh_rows(_write_set(tmp_path / "set", _rows(2)), MeshSetConfig())  # 16 rows
+    monkeypatch.setattr(mesh_data, "CACHE_BLOCK", 4)
+    first = sample_rows(rows[:10], 16, seed=0, cache=tmp_path / "cache")  # blocks of 4, 4, 2
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    sampled = []
+    real_sampler = mesh_data.mesh_points
+    monkeypatch.setattr(mesh_data, "mesh_points", lambda mesh, *a: sampled.append(mesh) or real_sampler(mesh, *a))
+    grown = sample_rows(rows[:11], 16, seed=0, cache=tmp_path / "cache")
+    assert sampled == [r.mesh for r in rows[8:11]]  # only the last block, now 3 rows
+    assert torch.equal(grown[:10], first)
+    assert torch.equal(grown, sample_rows(rows[:11], 16, seed=0))  # as without a cache
+
+
 def test_stratified_batches_hold_both_classes():
     preferred = torch.tensor([True] * 20 + [False] * 13)
     dataset = StratifiedDraws(preferred, seed=0)

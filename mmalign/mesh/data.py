@@ -53,6 +53,7 @@ PROMPTS_JSONL = "prompts.jsonl"
 CLASS_FOLDERS = ("preferred", "dispreferred")
 SPLITS = ("train", "heldout")
 MAX_SCORE = 5.0
+CACHE_BLOCK = 256  # rows per cached block of surface samples (`sample_rows`)
 
 
 @dataclass
@@ -263,21 +264,31 @@ def split_rows(rows: list[MeshRow], config: MeshSetConfig, source: str) -> tuple
 def sample_rows(rows: list[MeshRow], n: int, seed: int, cache: Path | None = None) -> torch.Tensor:
     """`(K, n, 6)` surface samples of every row's mesh, read from / written to `cache` when given.
 
-    The cache key covers the files (resolved path, size, modification time), `n` and `seed`.
+    The cache holds blocks of `CACHE_BLOCK` consecutive rows, each keyed by its files (resolved path,
+    size, modification time), `n` and `seed`: rows appended to a set (a rounds run adding rated
+    meshes) re-sample only the last block.
     """
+    blocks = [rows[start : start + CACHE_BLOCK] for start in range(0, len(rows), CACHE_BLOCK)]
+    with tqdm(total=len(rows), desc="sampling meshes", unit="mesh", disable=len(rows) < 64) as bar:
+        return torch.cat([_sample_block(block, n, seed, cache, bar) for block in blocks])
+
+
+def _sample_block(rows: list[MeshRow], n: int, seed: int, cache: Path | None, bar: tqdm) -> torch.Tensor:
     file = None
     if cache is not None:
         stats = [(str(r.mesh.resolve()), r.mesh.stat().st_size, r.mesh.stat().st_mtime_ns) for r in rows]
         key = hashlib.sha256(json.dumps([n, seed, stats]).encode()).hexdigest()[:24]
         file = cache / f"{key}.safetensors"
         if file.is_file():
+            bar.update(len(rows))
             return load_file(file)["points"]
     samples = []
-    for row in tqdm(rows, desc="sampling meshes", unit="mesh", disable=len(rows) < 64):
+    for row in rows:
         try:
             samples.append(mesh_points(row.mesh, n, seed))
         except MeshInputError as exc:
             raise DataError(f"{row.where}, field 'mesh': {exc}") from None
+        bar.update(1)
     points = torch.stack(samples)
     if file is not None:
         atomic_write_bytes(file, save({"points": points.contiguous()}))
