@@ -95,6 +95,10 @@ REWARDS: dict[str, tuple[str, str]] = {
         "mmalign.rewards.balls_physics:BallsPhysics",
         "physics gold metric of the embedded balls world (ballistic motion with bounces; videos)",
     ),
+    "balls-colour": (
+        "mmalign.rewards.balls_physics:BallsColour",
+        "balls world: share of frames whose ball has the caption's colour (videos with prompts)",
+    ),
     "motion-smoothness": (
         "mmalign.rewards.video:MotionSmoothness",
         "rule-based video judge: exp(−mean |jerk|) of the moving foreground's centroid (videos, no prompt)",

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import mmalign
 from mmalign.data import balls_world as bw
 
 
@@ -81,7 +83,6 @@ def test_missing_ball_and_segments():
 def test_video_rewards_score_files_arrays_and_tensors_from_python_and_the_cli(tmp_path, capsys):
     import torch
 
-    import mmalign
     from mmalign.cli import main
     from mmalign.data.video import write_video
 
@@ -99,3 +100,29 @@ def test_video_rewards_score_files_arrays_and_tensors_from_python_and_the_cli(tm
     assert scores["real.gif"] > scores["scrambled.mp4"]
     with pytest.raises(mmalign.rewards.base.RewardInputError, match="nothing.mp4"):
         gold([tmp_path / "nothing.mp4"])
+
+
+def test_colour_match_reads_the_caption_colour_and_ignores_missing_frames():
+    caption = "a small red ball thrown from the left bounces once"
+    clip = bw.render(caption, np.random.default_rng(3))
+    assert bw.ball_colours(clip) == ["red"] * len(clip)
+    assert bw.colour_match(clip, caption) == 1.0
+    assert bw.colour_match(clip, caption.replace("red", "blue")) == 0.0
+    recoloured = clip.copy()
+    ball = np.linalg.norm(clip.astype(float) - bw.BACKGROUND, axis=-1) > 60
+    ball[:, int(bw.FLOOR) :] = False
+    recoloured[:4][ball[:4]] = bw.COLOURS["blue"]  # the ball turns blue in 4 frames
+    recoloured[4:6] = clip[0, 0, 0]  # and vanishes in 2 (background only): they do not count
+    assert bw.ball_colours(recoloured)[4:6] == [None, None]
+    assert bw.colour_match(recoloured, caption) == pytest.approx((len(clip) - 6) / (len(clip) - 2))
+    empty = np.broadcast_to(clip[0, 0, 0], clip.shape).copy()
+    assert bw.colour_match(empty, caption) == 0.0
+
+
+def test_balls_colour_reward_needs_world_captions():
+    reward = mmalign.load_reward("balls-colour")
+    clip = bw.render("a large green ball thrown from the right bounces twice", np.random.default_rng(0))
+    video = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 255
+    assert reward(video, "a large green ball thrown from the right bounces twice").item() == 1.0
+    with pytest.raises(mmalign.rewards.base.RewardInputError, match="not a balls-world caption"):
+        reward(video, "a cat")

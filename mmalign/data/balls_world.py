@@ -170,25 +170,53 @@ def draw(trajectory: Trajectory, colour: str, supersample: int = 4) -> np.ndarra
 
 
 # ------------------------------------------------------------------ gold metric
+def _ball_weight(frames: np.ndarray) -> np.ndarray:
+    """`(F, h, W)` ball weight of the room's pixels (above the floor line): each pixel farther than
+    `_INK_DISTANCE` from the background counts by its distance share (soft edges count partly)."""
+    room = np.asarray(frames, np.float32)[:, : int(FLOOR)]
+    distance = np.linalg.norm(room - np.array(BACKGROUND, np.float32), axis=-1)
+    return np.clip((distance - _INK_DISTANCE / 2) / _INK_DISTANCE, 0, 1)
+
+
 def ball_centroids(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per frame, the ball's centroid `(F, 2)` (x, y) and its mass `(F,)` in pixels.
 
-    Ball pixels are those above the floor line farther than `_INK_DISTANCE` from the background;
-    each weighs its distance share (soft edges count partly). Frames with less mass than
-    `_MIN_BALL_MASS` have a NaN centroid.
+    Ball pixels are weighed by `_ball_weight`; frames with less mass than `_MIN_BALL_MASS` have a
+    NaN centroid.
     """
-    frames = np.asarray(frames, np.float32)
-    room = frames[:, : int(FLOOR)]
-    distance = np.linalg.norm(room - np.array(BACKGROUND, np.float32), axis=-1)
-    weight = np.clip((distance - _INK_DISTANCE / 2) / _INK_DISTANCE, 0, 1)  # (F, h, W)
+    weight = _ball_weight(frames)  # (F, h, W)
     mass = weight.sum(axis=(1, 2))
-    ys, xs = np.mgrid[0 : room.shape[1], 0 : room.shape[2]] + 0.5
+    ys, xs = np.mgrid[0 : weight.shape[1], 0 : weight.shape[2]] + 0.5
     with np.errstate(invalid="ignore", divide="ignore"):
         cx = (weight * xs).sum(axis=(1, 2)) / mass
         cy = (weight * ys).sum(axis=(1, 2)) / mass
     centroids = np.stack([cx, cy], axis=1)
     centroids[mass < _MIN_BALL_MASS] = np.nan
     return centroids, mass
+
+
+def ball_colours(frames: np.ndarray) -> list[str | None]:
+    """Per frame of `(F, H, W, 3)` uint8, the named colour (`COLOURS`) nearest to the ball pixels'
+    weighted mean colour; None where the frame does not show the ball (`ball_centroids`)."""
+    weight = _ball_weight(frames)
+    mass = weight.sum(axis=(1, 2))
+    room = np.asarray(frames, np.float32)[:, : int(FLOOR)]
+    names, palette = list(COLOURS), np.array(list(COLOURS.values()), np.float32)
+    out: list[str | None] = []
+    for w, m, pixels in zip(weight, mass, room):
+        if m < _MIN_BALL_MASS:
+            out.append(None)
+            continue
+        mean = (w[..., None] * pixels).sum(axis=(0, 1)) / m
+        out.append(names[int(np.linalg.norm(palette - mean, axis=1).argmin())])
+    return out
+
+
+def colour_match(frames: np.ndarray, caption: str) -> float:
+    """Share of the frames showing the ball whose ball has the caption's colour (0 if none shows it)."""
+    colours = [c for c in ball_colours(frames) if c is not None]
+    wanted = parse_caption(caption).colour
+    return sum(c == wanted for c in colours) / len(colours) if colours else 0.0
 
 
 def triple_errors(centroids: np.ndarray, fps: float = FPS) -> np.ndarray:
