@@ -19,30 +19,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from mmalign.data import balls_world
 from mmalign.data.video import read_video
+from mmalign.io import atomic_directory
+from mmalign.video.labels import margin_labels
 
 PAIRS_FILE = "pairs.jsonl"
 
 
 def gold_labels(folder: Path, row: dict, tie_margin: float) -> list[int]:
-    """Per-segment labels of one stored pair by the physics gold metric."""
+    """Per-segment labels of one stored pair by the physics gold metric (ties as the labellers make them)."""
     golds = [balls_world.physics_checks(read_video(folder / row[k]).frames, row["fps"], row["segment_len_s"])
              for k in ("video_0", "video_1")]  # fmt: skip
-    labels = []
-    for a, b in zip(golds[0]["segments"], golds[1]["segments"]):
-        tied = np.isnan(a) or np.isnan(b) or abs(a - b) <= tie_margin
-        labels.append(0 if tied else int(np.sign(a - b)))
-    return labels
+    scores = [torch.tensor(gold["segments"]) for gold in golds]
+    return margin_labels(*scores, tie_margin).tolist()
 
 
 def relabel(source: Path, target: Path, tie_margin: float) -> list[int]:
     """Copy the pairs folder `source` to `target` with gold labels; returns the counts of −1, 0, +1."""
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(source, target)
     rows = [json.loads(line) for line in (source / PAIRS_FILE).read_text().splitlines() if line.strip()]
     counts = [0, 0, 0]
     for row in rows:
@@ -50,7 +46,9 @@ def relabel(source: Path, target: Path, tie_margin: float) -> list[int]:
         row["label_source"] = "balls-physics (diagnostic)"
         for label in row["seg_labels"]:
             counts[label + 1] += 1
-    (target / PAIRS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        (tmp / PAIRS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
     return counts
 
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mmalign.io import atomic_directory
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "mmalign" / "assets"
 
@@ -40,11 +42,8 @@ def main() -> None:
     shipped.update({ASSETS / f"mesh-reward-cs-round{k}": run / f"round-{k}" / "reward" / "final" / "reward"
                     for k in range(len(rounds))})  # fmt: skip
     for asset, reward in shipped.items():
-        tmp = asset.with_name(f".tmp-{asset.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(reward, tmp)
-        shutil.rmtree(asset, ignore_errors=True)
-        tmp.rename(asset)
+        with atomic_directory(asset) as tmp:
+            shutil.copytree(reward, tmp, dirs_exist_ok=True)
         metrics = json.loads((asset / "mmalign_reward.json").read_text())["metrics"]
         print(json.dumps({"shipped": str(asset), **metrics}, indent=2))
 
