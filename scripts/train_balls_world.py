@@ -3,6 +3,10 @@
 Phases, each skipped when its output already exists in `--work-dir` (a killed run resumes at the
 last finished phase):
 
+0. `init` (with `--init-from DIR`, instead of phase 1) — start from an earlier pipeline, its VAE and
+   its transformer and text encoder, and continue training them; the earlier model's training log
+   (`BALLS_TRAINING_LOG.json` beside `DIR`) is kept in the new one.
+
 1. `vae` — the Wan-class causal video autoencoder (`EMBEDDED_WAN`: 17×32×32 clips → 8×9×8×8) on
    rendered clips: squared error with ball pixels weighted ×10 (the ball is a few pixels on a dark
    room) plus a small KL; then `latents_mean` / `latents_std` per channel from held-out clips, as
@@ -13,10 +17,15 @@ last finished phase):
 3. `ship` — copy the chosen snapshot into `mmalign/assets/balls-t2v` and write the measured curve
    to `mmalign/assets/BALLS_TRAINING_LOG.json`.
 
+The shipped model is the first run's 2000-step snapshot continued for 6000 steps:
+`--init-from mmalign/assets/balls-t2v --t2v-steps 6000 --eval-every 1000` on the model of commit
+2b16ad2 (the log records both runs).
+
 The model is stopped early on purpose: its clips show the ball and roughly the captioned motion,
 with physics well below the simulator's (what DenseDPO and RDPO then improve).
 
-Usage: `python scripts/train_balls_world.py --work-dir /tmp/balls-work [--threads 2] [--ship-step N]`.
+Usage: `python scripts/train_balls_world.py --work-dir /tmp/balls-work [--threads 2] [--init-from DIR]
+[--ship-step N]`.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.data import balls_world
+from mmalign.io import atomic_directory
 from mmalign.models.tiny_video import EMBEDDED_WAN, wan_pipeline
 
 ASSETS = Path(__file__).resolve().parents[1] / "mmalign" / "assets"
@@ -56,6 +66,18 @@ def to_frames(pixels: torch.Tensor) -> np.ndarray:
 
 def mean_physics(clips: np.ndarray) -> float:
     return float(np.mean([balls_world.physics_checks(c)["physics"] for c in clips]))
+
+
+def init_from(work: Path, source: Path) -> None:
+    """Phase 0: the earlier pipeline `source` becomes `stage-vae`, and its training log is recorded."""
+    out = work / "stage-vae"
+    if out.exists():
+        return
+    earlier = source.parent / "BALLS_TRAINING_LOG.json"
+    log(work, {"phase": "init", "from": str(source),
+               "earlier_training": json.loads(earlier.read_text()) if earlier.is_file() else None})  # fmt: skip
+    with atomic_directory(out) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def train_vae(work: Path, steps: int, seed: int, batch: int = 8) -> None:
@@ -135,7 +157,7 @@ def train_t2v(work: Path, steps: int, eval_every: int, seed: int, lr: float = 1e
     from mmalign.models.diffusion import DiffusionModel
 
     out = work / "stage-t2v"
-    if (out / "done.json").exists():
+    if (out / f"step-{steps:06d}").exists():  # the last snapshot is written last, atomically
         return
     torch.manual_seed(seed)
     model = DiffusionModel.from_pretrained(work / "stage-vae", lora_rank=None, reference=False)
@@ -182,27 +204,25 @@ def train_t2v(work: Path, steps: int, eval_every: int, seed: int, lr: float = 1e
                     p.copy_(e)
             transformer.eval()
             text_encoder.eval()
-            pipe.save_pretrained(out / f"step-{step:06d}")
-            log(work, {"phase": "t2v", "step": step, "eval": True, "heldout": evaluate_t2v(model, heldout, seed)})
+            record = {"phase": "t2v", "step": step, "eval": True, "heldout": evaluate_t2v(model, heldout, seed)}
+            with atomic_directory(out / f"step-{step:06d}") as tmp:
+                pipe.save_pretrained(tmp)
+            log(work, record)
             with torch.no_grad():
                 for v, p in zip(live, params):
                     p.copy_(v)
             transformer.train()
             text_encoder.train()
-    (out / "done.json").write_text(json.dumps({"steps": steps}))
 
 
 def ship(work: Path, step: int) -> None:
     """Copy the chosen snapshot into `mmalign/assets/balls-t2v` with the measured curve."""
-    target = ASSETS / "balls-t2v"
-    tmp = target.with_name(".tmp-balls-t2v")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(work / "stage-t2v" / f"step-{step:06d}", tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_directory(ASSETS / "balls-t2v") as tmp:
+        shutil.copytree(work / "stage-t2v" / f"step-{step:06d}", tmp, dirs_exist_ok=True)
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     summary = {
         "shipped_step": step,
+        "init": [r for r in records if r.get("phase") == "init"],
         "vae": [r for r in records if r.get("phase") == "vae" and r.get("done")],
         "t2v_evals": [r for r in records if r.get("phase") == "t2v" and r.get("eval")],
     }
@@ -217,10 +237,14 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=700)
     parser.add_argument("--t2v-steps", type=int, default=2000)
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue this pipeline folder instead of training from scratch")  # fmt: skip
     parser.add_argument("--ship-step", type=int, default=None, help="snapshot to ship (default: none yet)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.init_from is not None:
+        init_from(args.work_dir, args.init_from)
     train_vae(args.work_dir, args.vae_steps, args.seed)
     train_t2v(args.work_dir, args.t2v_steps, args.eval_every, args.seed)
     if args.ship_step is not None:
