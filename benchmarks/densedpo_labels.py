@@ -3,10 +3,14 @@
     python benchmarks/densedpo_labels.py [--seeds 0 1 2] [--budget 96] [--steps 200] [--parallel 2]
                                          [override ...]
 
-Arms, all `configs/video/densedpo.yaml` with the same labeller (motion-smoothness), steps and seed:
+Arms, all `configs/video/densedpo.yaml` with the same steps and seed:
 - `vanilla`: pairs of two independent samples per caption, one label per clip, `--budget` pairs;
 - `dense`: structural pairs from simulated real clips, one label per 1 s segment, `--budget` pairs;
-- `dense_third`: the same with `--budget / 3` pairs (the paper's claim: it matches `vanilla`).
+- `dense_third`: the same with `--budget / 3` pairs (the paper's claim: it matches `vanilla`);
+- `dense_reference`: `dense` labelled by the recipe's reference labeller (the copy that moves more like
+  the real clip wins), which vanilla pairs cannot use: they have no real clip.
+The first three share one labeller, the rule-based motion-smoothness judge, so they compare pairs and
+label density at equal judge quality.
 Every run reports the physics gold metric (no objective reads it) on held-out captions before and
 after; the script prints per-run figures and the mean ± sd over seeds of each arm's gain.
 Runs go `--parallel` at a time, one thread each. Extra `key=value` arguments override every arm.
@@ -27,10 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def arms(budget: int) -> dict[str, list[str]]:
+    judge = ["densedpo.labeler=reward", "densedpo.labeler_reward=motion-smoothness"]
+    dense = ["densedpo.pairs=structural", "densedpo.labels=segment"]
     return {
-        "vanilla": ["densedpo.pairs=vanilla", "densedpo.labels=clip", f"densedpo.num_videos={budget}"],
-        "dense": ["densedpo.pairs=structural", "densedpo.labels=segment", f"densedpo.num_videos={budget}"],
-        "dense_third": ["densedpo.pairs=structural", "densedpo.labels=segment", f"densedpo.num_videos={budget // 3}"],
+        "vanilla": ["densedpo.pairs=vanilla", "densedpo.labels=clip", f"densedpo.num_videos={budget}", *judge],
+        "dense": [*dense, f"densedpo.num_videos={budget}", *judge],
+        "dense_third": [*dense, f"densedpo.num_videos={budget // 3}", *judge],
+        "dense_reference": [*dense, f"densedpo.num_videos={budget}", "densedpo.labeler=reference"],
     }
 
 

@@ -12,9 +12,16 @@ from mmalign.data import balls_world
 from mmalign.data.segments import SegmentError
 from mmalign.data.video import write_video
 from mmalign.losses import diffusion_dpo_loss, per_segment_mse
-from mmalign.rewards.video import MotionSmoothness, segment_scores
+from mmalign.rewards.video import MotionSmoothness, foreground_track, segment_scores
 from mmalign.video.clips import VideoDataError, VideoPair, load_clips, load_video_pairs, write_video_pairs
-from mmalign.video.labels import RewardSegmentLabeler, VLMSegmentJudge, majority, margin_labels, parse_choice
+from mmalign.video.labels import (
+    ReferenceTrackLabeler,
+    RewardSegmentLabeler,
+    VLMSegmentJudge,
+    majority,
+    margin_labels,
+    parse_choice,
+)
 
 
 def clip(seed: int = 0) -> np.ndarray:
@@ -40,6 +47,29 @@ def test_reward_labeller_prefers_the_clean_clip_per_segment():
     scores = segment_scores(MotionSmoothness(), real, 8, 1.0)
     assert scores[0, 0] > 0.8 and scores[0, 1] > 0.8  # ballistic motion is smooth, bounces aside
     assert torch.isnan(scores[0, 2])  # no jerk window is centred in the last frame: a tie, never a label
+
+
+def test_reference_labeller_prefers_the_copy_that_moves_like_the_real_clip():
+    real = torch.from_numpy(clip()).permute(3, 0, 1, 2).float()[None] / 255
+    broken = real.clone()
+    broken[:, :, 8:16] = broken[:, :, 8:16][:, :, torch.randperm(8, generator=torch.Generator().manual_seed(0))]
+    labeller = ReferenceTrackLabeler()
+    labels = labeller(real, broken, ["p"], 8, 1.0, references=real)
+    # the first second's last triple (frames 6–8) reaches the scrambled frame 8; the one-frame last
+    # segment centres no triple: a tie
+    assert labels.tolist() == [[1, 1, 0]]
+    assert torch.equal(labeller(broken, real, ["p"], 8, 1.0, references=real), -labels)
+    scores = labeller.segment_scores(torch.cat([real, broken]), torch.cat([real, real]), 8, 1.0)
+    assert scores[0, :2].tolist() == [1.0, 1.0] and scores[1, 1] < 0.5 and torch.isnan(scores[:, 2]).all()
+    # independent reference computation for the scrambled second: mean |Δ²p_copy − Δ²p_real| over triples 8…15
+    track = lambda v: foreground_track(v[0].permute(1, 2, 3, 0).numpy(), 0.05)  # noqa: E731
+    error = np.linalg.norm(np.diff(track(broken), 2, axis=0) - np.diff(track(real), 2, axis=0), axis=1)[7:15]
+    assert scores[1, 1].item() == pytest.approx(np.exp(-np.nan_to_num(error, nan=8.0).mean()), rel=1e-5)
+    vanished = real.clone()
+    vanished[:, :, 4:6] = vanished[:, :, 3:4]  # the ball stops for two frames: no moving foreground there
+    assert labeller(real, vanished, ["p"], 8, 1.0, references=real)[0, 0] == 1
+    with pytest.raises(ValueError, match="needs the real clips"):
+        labeller(real, broken, ["p"], 8, 1.0)
 
 
 class StubJudgeVLM:

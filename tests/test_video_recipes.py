@@ -80,6 +80,10 @@ def test_densedpo_refuses_the_gold_metric_as_labeller(tiny_video_pipelines, tmp_
                  "densedpo.sft_target=real")  # fmt: skip
     with pytest.raises(ValueError, match="real with structural pairs"):
         mmalign.train(run)
+    wan = tiny_video_pipelines["wan"]
+    run = _dense(wan, tmp_path / "ref", 1, "densedpo.pairs=vanilla", "densedpo.labeler=reference")
+    with pytest.raises(ValueError, match="needs structural pairs"):
+        mmalign.train(run)
 
 
 def test_densedpo_supervised_term_on_the_real_clip(tiny_video_pipelines, tmp_path):

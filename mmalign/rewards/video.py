@@ -81,6 +81,13 @@ def segment_scores(
     return torch.stack(columns, dim=1)
 
 
+def window_segments(frames: int, span: int, fps: float, segment_seconds: float) -> list[np.ndarray]:
+    """Per time segment, a mask `(frames − span + 1,)` of the sliding windows of `span` frames (window
+    `t` covers frames `t … t+span−1`) whose centre lies in the segment; every window counts once."""
+    centres = np.arange(frames - span + 1) + (span - 1) / 2
+    return [(centres >= start) & (centres < stop) for start, stop in pixel_segment_bounds(frames, fps, segment_seconds)]
+
+
 def foreground_track(frames: np.ndarray, threshold: float = 0.15) -> np.ndarray:
     """Centroid `(F, 2)` (x, y) of the moving foreground of `frames (F, H, W, 3)` in [0, 1]: pixels
     that differ by more than `threshold` both from the clip's per-pixel temporal median (so static
@@ -130,12 +137,10 @@ class MotionSmoothness(VideoReward):
         return torch.tensor([self.score_jerks(self.jerks(c)) for c in clips], dtype=torch.float32)
 
     def segment_scores(self, videos: torch.Tensor, fps: float, segment_seconds: float) -> torch.Tensor:
-        bounds = pixel_segment_bounds(videos.shape[2], fps, segment_seconds)
-        centres = np.arange(videos.shape[2] - 3) + 1.5  # window (t … t+3) centred at t + 1.5
-        out = torch.full((len(videos), len(bounds)), float("nan"))
+        masks = window_segments(videos.shape[2], 4, fps, segment_seconds)
+        out = torch.full((len(videos), len(masks)), float("nan"))
         for i, frames in enumerate(videos.clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()):
             jerks = self.jerks(frames)
-            for s, (start, stop) in enumerate(bounds):
-                inside = (centres >= start) & (centres < stop)
+            for s, inside in enumerate(masks):
                 out[i, s] = self.score_jerks(jerks[inside])
         return out

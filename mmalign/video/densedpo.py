@@ -7,8 +7,10 @@ Pairs (`densedpo.pairs`):
 - `vanilla` (Algorithm 1, the baseline): two samples of the clip's caption from independent noise.
 
 Labels (`densedpo.labels`): `segment` gives one label in {+1, 0, −1} per `segment_seconds` of
-video (DenseDPO); `clip` gives one label per pair (VanillaDPO / StructuralDPO). The labeller is a
-video `Reward` applied per segment (never the evaluation's gold metric) or a VLM judge.
+video (DenseDPO); `clip` gives one label per pair (VanillaDPO / StructuralDPO). The labeller
+(`densedpo.labeler`) is a video `Reward` applied per segment (never the evaluation's gold metric),
+a VLM judge, or, for structural pairs, fidelity of each copy's motion to the real clip
+(`reference`, ours: `mmalign.video.labels.ReferenceTrackLabeler`).
 
 Loss: `diffusion_dpo_loss(segment_labels=…)` on per-segment errors: latent frames are mapped to
 segments by the majority of their pixel frames (`mmalign.data.segments`), each segment's error is
@@ -33,11 +35,11 @@ from tqdm.auto import tqdm
 
 from mmalign.config import option
 from mmalign.data.segments import pixel_segment_bounds
-from mmalign.data.video import tensor_to_frames
+from mmalign.data.video import frames_to_tensor, tensor_to_frames
 from mmalign.rewards import load_reward
 from mmalign.train.rng import keyed_generator
 from mmalign.video.clips import VideoPair, load_clips
-from mmalign.video.labels import RewardSegmentLabeler, VLMSegmentJudge, majority
+from mmalign.video.labels import ReferenceTrackLabeler, RewardSegmentLabeler, VLMSegmentJudge, majority
 from mmalign.video.pair_method import VideoPairConfig, VideoPairMethod
 
 
@@ -50,10 +52,15 @@ class DenseDPOConfig(VideoPairConfig):
                              64)  # fmt: skip
     eta: list[float] = option("η range [lo, hi]: real clips are noised to η ~ U(lo, hi) (paper: 0.65–0.8)",
                               default_factory=lambda: [0.65, 0.8])  # fmt: skip
-    labeler: str = option("reward: a video reward per segment; vlm: a VLM judge asked in both orders", "reward")
+    labeler: str = option(
+        "reward: a video reward per segment; vlm: a VLM judge asked in both orders; reference (structural pairs): "
+        "the copy whose motion is closer to the real clip's wins [ours]",
+        "reward",
+    )
     labeler_reward: str = option("the labelling reward (`mmalign rewards`); never the eval gold metric",
                                  "motion-smoothness")  # fmt: skip
-    labeler_args: dict[str, Any] = option("keyword arguments of the labelling reward", default_factory=dict)
+    labeler_args: dict[str, Any] = option("keyword arguments of the labelling reward or of the reference labeller",
+                                          default_factory=dict)  # fmt: skip
     tie_margin: float = option("score differences within this margin are ties (label 0)", 0.02)
     judge_model: str | None = option("VLM judge: a hub id or folder `VisionLanguageModel` loads", None)
     pairs_dir: str | None = option("train on the pairs in this folder (pairs.jsonl) instead of building them", None)
@@ -76,6 +83,9 @@ class DenseDPO(VideoPairMethod):
         if c.sft_target not in ("video0", "real") or (c.sft_target == "real" and c.pairs != "structural"):
             raise ValueError(f"densedpo.sft_target must be video0, or real with structural pairs, got "
                              f"{c.sft_target!r} with {c.pairs!r} pairs")  # fmt: skip
+        if c.labeler == "reference" and c.pairs != "structural":
+            raise ValueError(f"densedpo.labeler=reference compares each copy with the real clip it was denoised "
+                             f"from: it needs structural pairs, got {c.pairs!r}")  # fmt: skip
         if c.labeler == "reward" and c.labeler_reward == self.run.eval.gold:
             raise ValueError(f"densedpo.labeler_reward is the eval gold metric {c.labeler_reward!r}: the gold "
                              "metric must never label training pairs")  # fmt: skip
@@ -109,14 +119,16 @@ class DenseDPO(VideoPairMethod):
             from mmalign.models.vlm import VisionLanguageModel
 
             return VLMSegmentJudge(VisionLanguageModel.from_pretrained(c.judge_model, device=self.device))
-        raise ValueError(f"densedpo.labeler must be reward or vlm, got {c.labeler!r}")
+        if c.labeler == "reference":
+            return ReferenceTrackLabeler(**{"tie_margin": c.tie_margin, **c.labeler_args})
+        raise ValueError(f"densedpo.labeler must be reward, vlm or reference, got {c.labeler!r}")
 
     def build_pairs(self, folder: Path) -> None:
         """Generate `num_videos` pairs with the starting model, label them and store them in `folder`."""
         c = self.config
         clips = load_clips(self.run.data.path, c.num_videos, self.run.seed)
         labeller = self.labeller()
-        source = c.labeler_reward if c.labeler == "reward" else c.judge_model
+        source = {"reward": c.labeler_reward, "vlm": c.judge_model}.get(c.labeler, c.labeler)
         kept: dict[str, list[torch.Tensor]] = {"latents_0": [], "latents_1": []}
         if c.pairs == "structural":
             kept["latents_real"] = []  # the real clips, for `sft_target: real`
@@ -125,18 +137,20 @@ class DenseDPO(VideoPairMethod):
             batch = clips[start : start + c.build_batch]
             prompts, fps = [clip.prompt for clip in batch], batch[0].fps
             x0 = self.encode([clip.frames for clip in batch]).to(self.device)
+            real = torch.stack([frames_to_tensor(clip.frames) for clip in batch]) / 2 + 0.5  # [0, 1]
+            references = real if c.pairs == "structural" else None  # what the reference labeller compares with
             rng = np.random.default_rng([self.run.seed, start])
             eta = float(rng.uniform(*c.eta)) if c.pairs == "structural" else 1.0
             generators = [keyed_generator(self.run.seed, start, f"pair{k}") for k in (0, 1)]
             latents = [self.regenerate(prompts, x0, eta, g) for g in generators]
             videos = [self.model.decode_latents(z) for z in latents]
             if c.labels == "segment":
-                labels = labeller(videos[0], videos[1], prompts, fps, c.segment_seconds)
+                labels = labeller(videos[0], videos[1], prompts, fps, c.segment_seconds, references)
             else:
                 if isinstance(labeller, RewardSegmentLabeler):
                     clip_label = labeller.clip_labels(videos[0], videos[1], prompts)
                 else:
-                    clip_label = majority(labeller(videos[0], videos[1], prompts, fps, c.segment_seconds))
+                    clip_label = majority(labeller(videos[0], videos[1], prompts, fps, c.segment_seconds, references))
                 segments = len(pixel_segment_bounds(videos[0].shape[2], fps, c.segment_seconds))
                 labels = clip_label[:, None].expand(-1, segments)
             for i, clip in enumerate(batch):

@@ -6,18 +6,23 @@
 - `VLMSegmentJudge`: any model `VisionLanguageModel` loads sees the two segments as frame strips
   ("A" and "B") and answers `A`, `B` or `tie`; it is asked twice with the order swapped and only a
   consistent answer becomes a label (DenseDPO's default protocol, ours where the paper is silent).
+- `ReferenceTrackLabeler` (ours): for structural pairs, the copy whose moving foreground accelerates
+  more like the real clip's it was denoised from wins the segment.
 
-Labels are `(N, S)` int64 in {−1, 0, +1}; +1 means video 0 is better on that segment.
+Every labeller is called as `labeller(videos_0, videos_1, prompts, fps, segment_seconds, references)`
+with videos `(N, 3, F, H, W)` in [0, 1] and `references` the real clips of structural pairs (same
+shape) or None. Labels are `(N, S)` int64 in {−1, 0, +1}; +1 means video 0 is better on that segment.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
 from mmalign.data.segments import pixel_segment_bounds
 from mmalign.rewards.base import Reward
-from mmalign.rewards.video import segment_scores
+from mmalign.rewards.video import foreground_track, segment_scores, window_segments
 
 JUDGE_QUESTION = (
     "Image A and image B each show the frames of a short video clip, left to right. Which clip has fewer "
@@ -40,9 +45,15 @@ class RewardSegmentLabeler:
         self.reward, self.tie_margin = reward, tie_margin
 
     def __call__(
-        self, videos_0: torch.Tensor, videos_1: torch.Tensor, prompts: list[str], fps: float, segment_seconds: float
+        self,
+        videos_0: torch.Tensor,
+        videos_1: torch.Tensor,
+        prompts: list[str],
+        fps: float,
+        segment_seconds: float,
+        references: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`videos_k (N, 3, F, H, W)` in [0, 1] → labels `(N, S)`."""
+        """`videos_k (N, 3, F, H, W)` in [0, 1] → labels `(N, S)` (`references` are not used)."""
         scores_0 = segment_scores(self.reward, videos_0, fps, segment_seconds, prompts)
         scores_1 = segment_scores(self.reward, videos_1, fps, segment_seconds, prompts)
         return margin_labels(scores_0, scores_1, self.tie_margin)
@@ -96,8 +107,15 @@ class VLMSegmentJudge:
         return [parse_choice(text) for text in self.vlm.decode(ids, mask)]
 
     def __call__(
-        self, videos_0: torch.Tensor, videos_1: torch.Tensor, prompts: list[str], fps: float, segment_seconds: float
+        self,
+        videos_0: torch.Tensor,
+        videos_1: torch.Tensor,
+        prompts: list[str],
+        fps: float,
+        segment_seconds: float,
+        references: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`videos_k (N, 3, F, H, W)` in [0, 1] → labels `(N, S)` (`references` are not shown to the judge)."""
         bounds = pixel_segment_bounds(videos_0.shape[2], fps, segment_seconds)
         labels = torch.zeros(len(videos_0), len(bounds), dtype=torch.long)
         for s, (start, stop) in enumerate(bounds):
@@ -111,7 +129,55 @@ class VLMSegmentJudge:
         return labels
 
 
+class ReferenceTrackLabeler:
+    """Segment labels by fidelity to the real clip each structural pair was denoised from (ours: the
+    paper asks people or a VLM). Per segment, each copy scores `exp(−mean |a_copy − a_real| / scale)`
+    over the frame triples centred in the segment, `a` the discrete acceleration
+    `p[t+1] − 2p[t] + p[t−1]` (px) of the moving foreground's centroid (`foreground_track`); a triple
+    where either track has lost the foreground counts `missing_error` px. It needs the real clips,
+    knows no physical law, and tracks with its own rule, not the gold metric's."""
+
+    def __init__(self, threshold: float = 0.05, scale: float = 1.0, missing_error: float = 8.0,
+                 tie_margin: float = 0.02):  # fmt: skip
+        self.threshold, self.scale, self.missing_error, self.tie_margin = threshold, scale, missing_error, tie_margin
+
+    def accelerations(self, video: torch.Tensor) -> np.ndarray:
+        """`(3, F, H, W)` in [0, 1] → foreground-centroid accelerations `(F − 2, 2)` in px (NaN where lost)."""
+        track = foreground_track(video.clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy(), self.threshold)
+        return np.diff(track, n=2, axis=0)
+
+    def segment_scores(
+        self, videos: torch.Tensor, references: torch.Tensor, fps: float, segment_seconds: float
+    ) -> torch.Tensor:
+        """Fidelity `(N, S)` in (0, 1] of `videos` to `references`, both `(N, 3, F, H, W)`; NaN for a
+        segment that holds no frame triple."""
+        masks = window_segments(videos.shape[2], 3, fps, segment_seconds)
+        out = torch.full((len(videos), len(masks)), float("nan"))
+        for i, (video, reference) in enumerate(zip(videos, references)):
+            error = np.linalg.norm(self.accelerations(video) - self.accelerations(reference), axis=1)
+            error = np.where(np.isnan(error), self.missing_error, error)
+            for s, inside in enumerate(masks):
+                if inside.any():
+                    out[i, s] = float(np.exp(-error[inside].mean() / self.scale))
+        return out
+
+    def __call__(
+        self,
+        videos_0: torch.Tensor,
+        videos_1: torch.Tensor,
+        prompts: list[str],
+        fps: float,
+        segment_seconds: float,
+        references: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`videos_k` and `references (N, 3, F, H, W)` in [0, 1] → labels `(N, S)`."""
+        if references is None:
+            raise ValueError("the reference labeller needs the real clips the pairs were made from (structural pairs)")
+        scores_0 = self.segment_scores(videos_0, references, fps, segment_seconds)
+        scores_1 = self.segment_scores(videos_1, references, fps, segment_seconds)
+        return margin_labels(scores_0, scores_1, self.tie_margin)
+
+
 def majority(labels: torch.Tensor) -> torch.Tensor:
     """Clip label `(N,)` by majority vote over segment labels `(N, S)` (0 when tied)."""
     return torch.sign(labels.sum(dim=1)).long()
-
