@@ -7,7 +7,8 @@ label per segment, `sign(gold₀ − gold₁)`, ties within `--tie-margin` or wh
 score), which no training objective may do, to ask whether better labels could help. For each
 finished `densedpo` run it writes the relabelled pairs (same videos and latents) to
 `RUN_DIR-gold-labels/pairs`, trains the run's own config on them (`densedpo.pairs_dir`) into
-`RUN_DIR-gold-labels`, and prints the gold before and after for the run and for its ceiling.
+`RUN_DIR-gold-labels`, and prints the gold before and after for the run and for its ceiling, and how
+often the run's labeller agreed with the gold on the segments both labelled.
 """
 
 from __future__ import annotations
@@ -37,19 +38,22 @@ def gold_labels(folder: Path, row: dict, tie_margin: float) -> list[int]:
     return margin_labels(*scores, tie_margin).tolist()
 
 
-def relabel(source: Path, target: Path, tie_margin: float) -> list[int]:
-    """Copy the pairs folder `source` to `target` with gold labels; returns the counts of −1, 0, +1."""
+def relabel(source: Path, target: Path, tie_margin: float) -> tuple[list[int], dict[str, float]]:
+    """Copy the pairs folder `source` to `target` with gold labels; returns the counts of −1, 0, +1 and
+    the run labeller's agreement with the gold on the segments both label (not ties)."""
     rows = [json.loads(line) for line in (source / PAIRS_FILE).read_text().splitlines() if line.strip()]
-    counts = [0, 0, 0]
+    counts, agree, both = [0, 0, 0], 0, 0
     for row in rows:
-        row["seg_labels"] = gold_labels(source, row, tie_margin)
-        row["label_source"] = "balls-physics (diagnostic)"
-        for label in row["seg_labels"]:
+        gold = gold_labels(source, row, tie_margin)
+        for label, ours in zip(gold, row["seg_labels"]):
             counts[label + 1] += 1
+            if label and ours:
+                both, agree = both + 1, agree + (label == ours)
+        row["seg_labels"], row["label_source"] = gold, "balls-physics (diagnostic)"
     with atomic_directory(target) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         (tmp / PAIRS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return counts
+    return counts, {"agreement": agree / max(both, 1), "segments": both}
 
 
 def main() -> None:
@@ -60,12 +64,13 @@ def main() -> None:
     results = {}
     for run in args.runs:
         ceiling = run.with_name(run.name + "-gold-labels")
-        counts = relabel(run / "pairs", ceiling / "pairs", args.tie_margin)
+        counts, agreement = relabel(run / "pairs", ceiling / "pairs", args.tie_margin)
         command = [sys.executable, "-m", "mmalign.cli", "train", str(run / "config.yaml"),
                    f"output_dir={ceiling}", f"densedpo.pairs_dir={ceiling / 'pairs'}"]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)
         reports = [json.loads((r / "report.json").read_text()) for r in (run, ceiling)]
-        results[str(run)] = {"labels_-1_0_+1": counts, "run": [reports[0]["before"], reports[0]["after"]],
+        results[str(run)] = {"labels_-1_0_+1": counts, "labeller_vs_gold": agreement,
+                             "run": [reports[0]["before"], reports[0]["after"]],
                              "gold_labels": [reports[1]["before"], reports[1]["after"]]}  # fmt: skip
     print(json.dumps(results, indent=2))
 

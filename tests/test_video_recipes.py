@@ -86,9 +86,12 @@ def test_densedpo_refuses_the_gold_metric_as_labeller(tiny_video_pipelines, tmp_
         mmalign.train(run)
 
 
-def test_densedpo_supervised_term_on_the_real_clip(tiny_video_pipelines, tmp_path):
-    run = _dense(tiny_video_pipelines["wan"], tmp_path, 1, "densedpo.sft_weight=0.5", "densedpo.sft_target=real")
+def test_densedpo_supervised_term_on_the_real_clip_and_reference_labels(tiny_video_pipelines, tmp_path):
+    run = _dense(tiny_video_pipelines["wan"], tmp_path, 1, "densedpo.sft_weight=0.5", "densedpo.sft_target=real",
+                 "densedpo.labeler=reference")  # fmt: skip
     first = mmalign.train(run)["train"]
+    rows = _pairs(tmp_path / "pairs")
+    assert rows and all(r["label_source"] == "reference" and any(r["seg_labels"]) for r in rows)
     latents = load_file(str(tmp_path / "pairs" / "latents.safetensors"))
     assert latents["latents_real"].shape == latents["latents_0"].shape  # the real clip each pair was made from
     assert not torch.equal(latents["latents_real"], latents["latents_0"])
