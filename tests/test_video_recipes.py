@@ -102,7 +102,7 @@ def test_densedpo_supervised_term_on_the_real_clip_and_reference_labels(tiny_vid
 def test_rdpo_stages_ordering_loss_composition_and_resume(tiny_video_pipelines, tmp_path):
     wan = tiny_video_pipelines["wan"]
     extra = ("model.lora_rank=null", "rdpo.refresh_reference=true", "rdpo.positive_depths=[0.5,0.25]",
-             "rdpo.sft_weight=0.5")  # fmt: skip
+             "rdpo.sft_weight=0.5", "rdpo.sft_target=positive")  # fmt: skip
     mmalign.train(_rdpo(wan, tmp_path / "a", 4, *extra))
     stages = [_pairs(tmp_path / "a" / "pairs" / f"stage-{s}") for s in (0, 1)]
     assert [rows[0]["k_w"] for rows in stages] == [0.5, 0.25]  # heavy → light
@@ -113,7 +113,7 @@ def test_rdpo_stages_ordering_loss_composition_and_resume(tiny_video_pipelines, 
     assert (tmp_path / "a" / "pairs" / "stage-1" / "reference.safetensors").is_file()
     _kill_after_step_2(_rdpo(wan, tmp_path / "b", 4, *extra), tmp_path / "b")
     assert _same_checkpoint(tmp_path / "a", tmp_path / "b", 4)
-    # at θ = reference the DPO term is log 2, so the first step's loss is log 2 + λ·e_θ(x_w)
+    # at θ = reference the DPO term is log 2, so the first step's loss is log 2 + λ·e_θ(x_real) (the recipe's target)
     first = mmalign.train(_rdpo(wan, tmp_path / "init", 1, "rdpo.sft_weight=0.5"))["train"]
     assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["sft_loss"], rel=1e-4)
 
