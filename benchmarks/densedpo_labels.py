@@ -1,7 +1,7 @@
 """DenseDPO against VanillaDPO at equal label budget and at one third of it, over seeds.
 
     python benchmarks/densedpo_labels.py [--seeds 0 1 2] [--budget 96] [--steps 200] [--parallel 2]
-                                         [override ...]
+                                         [--arms vanilla dense ...] [override ...]
 
 Arms, all `configs/video/densedpo.yaml` with the same steps and seed:
 - `vanilla`: pairs of two independent samples per caption, one label per clip, `--budget` pairs;
@@ -60,13 +60,14 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=96, help="labelled pairs of the vanilla and dense arms")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", choices=list(arms(0)), default=list(arms(0)), help="arms to run")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    jobs = [(arm, seed) for arm in arms(args.budget) for seed in args.seeds]
+    jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.parallel) as pool:
         results = dict(zip(jobs, pool.map(lambda job: run(*job, args, Path(tmp)), jobs)))
     summary = {}
-    for arm in arms(args.budget):
+    for arm in args.arms:
         runs = [results[(arm, s)] for s in args.seeds]
         gains = [r["after"] - r["before"] for r in runs]
         sd = statistics.stdev(gains) if len(gains) > 1 else 0.0
