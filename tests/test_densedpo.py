@@ -59,7 +59,7 @@ def test_reference_labeller_prefers_the_copy_that_moves_like_the_real_clip():
     # segment centres no triple: a tie
     assert labels.tolist() == [[1, 1, 0]]
     assert torch.equal(labeller(broken, real, ["p"], 8, 1.0, references=real), -labels)
-    scores = labeller.segment_scores(torch.cat([real, broken]), torch.cat([real, real]), 8, 1.0)
+    scores = labeller.segment_scores(torch.cat([real, broken]), ["p"] * 2, 8, 1.0, torch.cat([real, real]))
     assert scores[0, :2].tolist() == [1.0, 1.0] and scores[1, 1] < 0.5 and torch.isnan(scores[:, 2]).all()
     # independent reference computation for the scrambled second: mean |Δ²p_copy − Δ²p_real| over triples 8…15
     track = lambda v: foreground_track(v[0].permute(1, 2, 3, 0).numpy(), 0.05)  # noqa: E731

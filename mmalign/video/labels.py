@@ -38,11 +38,11 @@ def margin_labels(scores_0: torch.Tensor, scores_1: torch.Tensor, tie_margin: fl
     return labels
 
 
-class RewardSegmentLabeler:
-    """Segment labels from a video reward (never the gold metric you evaluate with)."""
+class ScoredSegmentLabeler:
+    """Labels `margin_labels(s₀, s₁, tie_margin)` from per-segment scores `(N, S)` of each video that
+    a subclass's `segment_scores(videos, prompts, fps, segment_seconds, references)` gives."""
 
-    def __init__(self, reward: Reward, tie_margin: float = 0.02):
-        self.reward, self.tie_margin = reward, tie_margin
+    tie_margin: float
 
     def __call__(
         self,
@@ -53,10 +53,28 @@ class RewardSegmentLabeler:
         segment_seconds: float,
         references: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`videos_k (N, 3, F, H, W)` in [0, 1] → labels `(N, S)` (`references` are not used)."""
-        scores_0 = segment_scores(self.reward, videos_0, fps, segment_seconds, prompts)
-        scores_1 = segment_scores(self.reward, videos_1, fps, segment_seconds, prompts)
+        """`videos_k (N, 3, F, H, W)` in [0, 1] → labels `(N, S)`."""
+        scores_0 = self.segment_scores(videos_0, prompts, fps, segment_seconds, references)
+        scores_1 = self.segment_scores(videos_1, prompts, fps, segment_seconds, references)
         return margin_labels(scores_0, scores_1, self.tie_margin)
+
+
+class RewardSegmentLabeler(ScoredSegmentLabeler):
+    """Segment labels from a video reward (never the gold metric you evaluate with)."""
+
+    def __init__(self, reward: Reward, tie_margin: float = 0.02):
+        self.reward, self.tie_margin = reward, tie_margin
+
+    def segment_scores(
+        self,
+        videos: torch.Tensor,
+        prompts: list[str],
+        fps: float,
+        segment_seconds: float,
+        references: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The reward of each segment `(N, S)` (`references` are not used)."""
+        return segment_scores(self.reward, videos, fps, segment_seconds, prompts)
 
     def clip_labels(self, videos_0: torch.Tensor, videos_1: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """One label per pair `(N,)` from the reward of the whole clips."""
@@ -129,7 +147,7 @@ class VLMSegmentJudge:
         return labels
 
 
-class ReferenceTrackLabeler:
+class ReferenceTrackLabeler(ScoredSegmentLabeler):
     """Segment labels by fidelity to the real clip each structural pair was denoised from (ours: the
     paper asks people or a VLM). Per segment, each copy scores `exp(−mean |a_copy − a_real| / scale)`
     over the frame triples centred in the segment, `a` the discrete acceleration
@@ -147,10 +165,17 @@ class ReferenceTrackLabeler:
         return np.diff(track, n=2, axis=0)
 
     def segment_scores(
-        self, videos: torch.Tensor, references: torch.Tensor, fps: float, segment_seconds: float
+        self,
+        videos: torch.Tensor,
+        prompts: list[str],
+        fps: float,
+        segment_seconds: float,
+        references: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fidelity `(N, S)` in (0, 1] of `videos` to `references`, both `(N, 3, F, H, W)`; NaN for a
         segment that holds no frame triple."""
+        if references is None:
+            raise ValueError("the reference labeller needs the real clips the pairs were made from (structural pairs)")
         masks = window_segments(videos.shape[2], 3, fps, segment_seconds)
         out = torch.full((len(videos), len(masks)), float("nan"))
         for i, (video, reference) in enumerate(zip(videos, references)):
@@ -160,22 +185,6 @@ class ReferenceTrackLabeler:
                 if inside.any():
                     out[i, s] = float(np.exp(-error[inside].mean() / self.scale))
         return out
-
-    def __call__(
-        self,
-        videos_0: torch.Tensor,
-        videos_1: torch.Tensor,
-        prompts: list[str],
-        fps: float,
-        segment_seconds: float,
-        references: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`videos_k` and `references (N, 3, F, H, W)` in [0, 1] → labels `(N, S)`."""
-        if references is None:
-            raise ValueError("the reference labeller needs the real clips the pairs were made from (structural pairs)")
-        scores_0 = self.segment_scores(videos_0, references, fps, segment_seconds)
-        scores_1 = self.segment_scores(videos_1, references, fps, segment_seconds)
-        return margin_labels(scores_0, scores_1, self.tie_margin)
 
 
 def majority(labels: torch.Tensor) -> torch.Tensor:
