@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.recipe_runs import DPO_STEPS
+from tests.recipe_runs import DPO_STEPS, SMPO_STEPS
 
 GAIN = 0.02  # held-out gold-metric gain every recipe must show (measured gains: see the closing notes)
 
@@ -39,7 +39,7 @@ def test_diffusion_dpo_recipe_raises_the_heldout_gold_metric(recipe_runs):
 @pytest.mark.slow
 def test_smpo_recipe_raises_the_heldout_gold_metric(recipe_runs):
     out, report = recipe_runs["smpo"]
-    assert report["recipe"] == "image/smpo" and report["method"] == "smpo"
+    assert report["recipe"] == "image/smpo" and report["method"] == "smpo" and report["steps"] == SMPO_STEPS
     assert report["after"] > report["before"] + GAIN, report
     assert 0 < report["train"]["pair_scale"] <= 10 * (2 * (1 / (1 + math.exp(-1))) - 1) + 1e-6  # γ(2p−1), p ≤ σ(1)
     assert (out / "samples/before_after.png").exists()
