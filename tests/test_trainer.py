@@ -91,6 +91,9 @@ def test_failed_run_leaves_no_report_or_final(tiny_pipelines, pair_folder, tmp_p
     assert cli_main(["train", str(RECIPE), *tiny_run_overrides(tiny_pipelines["sd"], bad, out, 2)]) == 2
     assert "row 1, field 'image_1': missing field" in capsys.readouterr().err
     assert not (out / "report.json").exists() and not (out / "final").exists()
+    # the corrected command starts over in the same directory: nothing but the config was written
+    assert cli_main(["train", str(RECIPE), *tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, 2)]) == 0
+    assert (out / "report.json").exists()
 
 
 def test_non_finite_loss_stops_the_run(tiny_pipelines, pair_folder, tmp_path):

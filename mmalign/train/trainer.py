@@ -52,6 +52,12 @@ class ConfigMismatchError(UserInputError):
     """The output directory holds a run with a different configuration."""
 
 
+def _holds_outputs(run_dir: Path) -> bool:
+    """Whether a run directory holds more than its config and logs: a run that failed before writing anything
+    else (a bad option, an unreadable file) may start over with a corrected config."""
+    return any(path.name not in ("config.yaml", "logs") for path in run_dir.iterdir())
+
+
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A seeded permutation of `range(n)` for one epoch, starting at `start` (for resume)."""
 
@@ -117,7 +123,7 @@ class Trainer:
         resume_from = None
         if self.run.train.resume and config_file.exists():
             saved = config_file.read_text()
-            if saved != config_text:
+            if saved != config_text and _holds_outputs(self.out):
                 raise ConfigMismatchError(
                     f"{self.out} holds a run with a different config ({config_file}); use another output_dir "
                     "or set train.resume=false to start over"
