@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
 import trimesh
 
 from mmalign.mesh import world
-from mmalign.mesh.encoder import MeshEncoderConfig, MeshRewardNet, TextTower
+from mmalign.mesh.encoder import HASHED_NGRAMS, HashedNgrams, MeshEncoderConfig, MeshRewardNet, TextTower
 from mmalign.mesh.points import canonical_order, mesh_points
 
 SMALL = MeshEncoderConfig(points=128, neighbours=8, local_width=16, width=32, embed_dim=32, head_hidden=32)
@@ -140,3 +142,26 @@ def test_rewards_have_gradients_to_the_points_and_inputs_are_checked(tower):
         MeshRewardNet(MeshEncoderConfig(**{**vars(SMALL), "text_conditioning": False, "neighbours": 500}))(
             _random_points(1, 128)
         )
+
+
+def test_hashed_ngram_tower_builds_prompts_from_their_words_and_word_pairs():
+    tower = TextTower(HASHED_NGRAMS)
+    prompts = ["a sphere on a cube", "a cube on a sphere", "A sphere, on a cube!", "a torus"]
+    text = tower(prompts)
+    assert text.shape == (4, HashedNgrams.DIM) == (4, tower.dim) and tower.clip is None
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(text[0], text[2])  # case and punctuation are not words
+    assert text[0] @ text[1] < 0.99  # the same words in another order: different pairs
+    # an independent count: 5 words + 4 pairs, each a ±1 in its bucket
+    words = ["a", "sphere", "on", "a", "cube"]
+    features = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    expected = torch.zeros(HashedNgrams.DIM)
+    for feature in features:
+        code = zlib.crc32(feature.encode())
+        expected[code % HashedNgrams.DIM] += 1.0 if (code >> 16) & 1 else -1.0
+    torch.testing.assert_close(text[0], expected / expected.norm())
+    # a new combination of known words lies in the span of the known prompts' features
+    known = tower(["a tall box", "a cylinder", "a cylinder on a cube"])
+    new = tower(["a tall cylinder"])[0]
+    assert (known @ new).max() > 0.4
+    torch.testing.assert_close(TextTower(HASHED_NGRAMS)(prompts), text)  # no state: the same in any process

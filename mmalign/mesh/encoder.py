@@ -30,6 +30,8 @@ scaling embeddings up (with a fixed bandwidth it could; the median bandwidth is 
 
 from __future__ import annotations
 
+import re
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +55,11 @@ class MeshEncoderConfig:
     embed_dim: int = option("D: embedding size (the CS divergence's sample space)", 64)
     head_hidden: int = option("hidden width of the reward head", 64)
     text_conditioning: bool = option("condition on the prompt through a frozen text tower (FiLM)", True)
-    text_encoder: str = option("CLIP folder or id whose frozen text tower embeds prompts", DEFAULT_CLIP)
+    text_encoder: str = option(
+        "CLIP folder or id whose frozen text tower embeds prompts, or `hashed-ngrams` (words and word pairs, "
+        "feature-hashed: see `TextTower`)",
+        DEFAULT_CLIP,
+    )
 
 
 def knn_indices(xyz: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
@@ -145,12 +151,41 @@ class MeshRewardNet(nn.Module):
         return embeddings, self.head(embeddings).squeeze(-1)
 
 
+HASHED_NGRAMS = "hashed-ngrams"
+
+
 class TextTower:
-    """Frozen prompt embeddings: unit-norm CLIP text features `(B, T)`, cached per prompt, never trained."""
+    """Frozen prompt embeddings `(B, T)`, unit norm, never trained.
+
+    `path` names a CLIP folder or id (its text tower's features), or `hashed-ngrams`: the prompt's
+    words and word pairs, each hashed with a sign into `HashedNgrams.DIM` buckets (feature hashing,
+    no weights). A CLIP tower that never saw a vocabulary maps its words to arbitrary directions; the
+    hashed features give a prompt made of known words in a new combination a vector built from the
+    words' and pairs' known directions, so FiLM learned on training prompts carries over to it.
+    """
 
     def __init__(self, path: str = DEFAULT_CLIP, device: str | torch.device = "cpu"):
-        self.clip = ClipScore(path, device=device)
+        self.clip = None if path == HASHED_NGRAMS else ClipScore(path, device=device)
+        self.embed = HashedNgrams(device) if self.clip is None else self.clip.text_embeddings
         self.dim = int(self(["a mesh"]).shape[1])
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        return self.clip.text_embeddings(prompts)
+        return self.embed(prompts)
+
+
+class HashedNgrams:
+    """`prompts` → `(B, DIM)` unit vectors: signed feature hashing of lower-cased words and adjacent word pairs."""
+
+    DIM = 512
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = device
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        out = torch.zeros(len(prompts), self.DIM)
+        for row, prompt in enumerate(prompts):
+            words = re.findall(r"[a-z0-9]+", prompt.lower())
+            for feature in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+                code = zlib.crc32(feature.encode())
+                out[row, code % self.DIM] += 1.0 if (code >> 16) & 1 else -1.0
+        return torch.nn.functional.normalize(out, dim=1).to(self.device)
