@@ -23,7 +23,14 @@ from mmalign.losses import (
     normal_consistency_loss,
 )
 from mmalign.mesh import world
-from mmalign.mesh.guided import MeshGuided, SmoothingSolver, combine_rewards, unit_box
+from mmalign.mesh.guided import (
+    MeshGuided,
+    PartTranslations,
+    SmoothingSolver,
+    combine_rewards,
+    unit_box,
+    vertex_components,
+)
 from mmalign.mesh.io import MeshInputError, normalise_to_unit_box
 from mmalign.mesh.render import BACK, FRONT, render_mesh, render_views
 from mmalign.mesh.templates import EmbeddedTemplatesConfig, embedded_templates, load_templates, read_templates
@@ -193,13 +200,51 @@ def test_a_low_pass_anchor_holds_the_shape_and_lets_surface_noise_go(tmp_path):
         rest = method.rest[0]
         noise = 0.01 * torch.randn(rest.shape, generator=torch.Generator().manual_seed(0))
         shift = torch.full_like(rest, 0.01)  # the same mean squared displacement as the noise, in expectation
-        return tuple(method.regularisers(rest + d, 0)[3].item() for d in (shift, noise))
+        return tuple(method.regularisers(rest + d, d, 0)[3].item() for d in (shift, noise))
 
     raw_shift, raw_noise = anchors(0.0)
     low_shift, low_noise = anchors(10.0)
     assert low_shift == pytest.approx(raw_shift, rel=1e-5)  # a translation is all low frequency: held as before
     assert raw_noise == pytest.approx(raw_shift, rel=0.1)
     assert low_noise < 0.05 * raw_noise  # per-vertex noise is almost all high frequency: nearly free
+
+
+def test_vertex_components_are_the_parts_trimesh_splits():
+    mesh = world.good_mesh("a sphere on a cube", np.random.default_rng(0))
+    faces = torch.tensor(mesh.faces)
+    labels = vertex_components(mesh_edges(faces), len(mesh.vertices))
+    parts = mesh.split(only_watertight=False)
+    assert bool((labels[faces] == labels[faces][:, :1]).all())  # a face never spans two parts
+    assert sorted(torch.bincount(labels).tolist()) == sorted(len(part.vertices) for part in parts)
+
+
+def test_part_translations_move_parts_rigidly_and_no_regulariser_resists_them(tmp_path):
+    overrides = ["mesh_guided.templates.per_prompt=1", "mesh_guided.templates.kinds=[intersecting]",
+                 "mesh_guided.part_translation_scale=20", "mesh_guided.anchor_smoothing=0",
+                 f"data.cache_dir={tmp_path}"]  # fmt: skip
+    method = MeshGuided(load_config(ROOT / "configs/mesh/guided.yaml", overrides))
+    method.setup(SimpleNamespace(device=torch.device("cpu")))
+    i = method.prompts.index("a torus on a cube")
+    parts = method.deformation.parts
+    assert isinstance(parts, PartTranslations) and parts.translations[i].shape == (2, 3)
+    with torch.no_grad():
+        parts.translations[i][1] = torch.tensor([0.0, 0.0, 0.01])  # 20 · 0.01 = 0.2 up, for part 1 only
+    offsets, vertices = method.deform()
+    moved = vertices[i] - method.rest[i]
+    label = vertex_components(method.edges[i], len(method.rest[i]))
+    torch.testing.assert_close(moved[label == 1], torch.tensor([0.0, 0.0, 0.2]).expand_as(moved[label == 1]))
+    assert bool((moved[label == 0] == 0).all()) and bool((offsets[i] == 0).all())
+    # Laplacian, edge, normal and anchor terms are those of the template: the reward alone places parts
+    at_rest = method.regularisers(method.rest[i], offsets[i], i)
+    for moved_term, rest_term in zip(method.regularisers(vertices[i], offsets[i], i), at_rest):
+        torch.testing.assert_close(moved_term, rest_term, rtol=1e-5, atol=1e-7)
+    sum(method.regularisers(vertices[i], offsets[i], i)).backward()
+    assert parts.translations[i].grad is None or float(parts.translations[i].grad.abs().max()) < 1e-5
+    with pytest.raises(ConfigError, match="part_translation_scale"):
+        bad = MeshGuided(
+            load_config(ROOT / "configs/mesh/guided.yaml", [*overrides, "mesh_guided.part_translation_scale=-1"])
+        )
+        bad.setup(SimpleNamespace(device=torch.device("cpu")))
 
 
 def test_unit_box_matches_the_loader_normalisation():
@@ -301,7 +346,11 @@ def test_guidance_raises_the_reward_on_heldout_prompts_and_keeps_the_meshes_mesh
 
 
 def test_a_non_mesh_reward_is_refused(tmp_path, capsys):
-    args = ["train", str(ROOT / "configs/mesh/guided.yaml"), f"output_dir={tmp_path}",
-            "mesh_guided.rewards=[clip-score]"]
+    args = [
+        "train",
+        str(ROOT / "configs/mesh/guided.yaml"),
+        f"output_dir={tmp_path}",
+        "mesh_guided.rewards=[clip-score]",
+    ]
     assert main(args) == 2
     assert "mesh_guided.rewards: 'clip-score' is not a mesh reward" in capsys.readouterr().err

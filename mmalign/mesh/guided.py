@@ -25,6 +25,10 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
 - Offsets are optionally smoothly parametrised, `δ = (I + λL)⁻¹ u` (`VertexOffsets`, `smoothing` λ),
   so reward gradients move surface regions rather than single vertices; that also keeps them from
   removing per-vertex noise, so the recipe uses plain offsets with the low-pass anchor instead.
+- With `part_translation_scale` s > 0 every connected component (a part) also moves rigidly,
+  `v = v⁰ + δ + s·θ_k` (`PartTranslations`). No regulariser reads a part's position (the Laplacian,
+  edge and normal terms are translation invariant, the anchor reads `δ` only), so where parts sit
+  (resting on, beside, pushed into each other) is left to the reward alone.
 
 `α = 0` gives the regularisers-only baseline. Evaluation (before, every `eval.every` steps,
 after): the reward of every current mesh as the reward scores a file (fixed samples) and, when
@@ -42,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse
+import scipy.sparse.csgraph
 import scipy.sparse.linalg
 import torch
 import trimesh
@@ -102,6 +107,12 @@ class MeshGuidedConfig:
         0.0,
     )
     smoothing: float = option("λ of the smooth parametrisation δ = (I + λL)⁻¹u of the offsets; 0 = plain offsets", 10.0)
+    part_translation_scale: float = option(
+        "s of the per-part rigid translations s·θ_k (one per connected component, unit-box units; an Adam step moves "
+        "a part up to s·lr): only the reward moves parts, no regulariser resists it; 0 = parts stay where the "
+        "template put them",
+        0.0,
+    )
     points: int | None = option("surface samples per mesh and draw; null = what the reward was trained with", None)
     draws: int = option("independent surface draws per mesh and step; the reward is averaged over them", 8)
     templates: EmbeddedTemplatesConfig = option(
@@ -128,6 +139,49 @@ class VertexOffsets(nn.Module):
 
     def forward(self) -> list[torch.Tensor]:
         return [u if solver is None else solver(u) for u, solver in zip(self.offsets, self.solvers)]
+
+
+class PartTranslations(nn.Module):
+    """One rigid translation `s·θ_k (3,)` per connected component `k` of each template, zero at the start.
+
+    `forward` spreads them to the vertices: one `(V_i, 3)` tensor per template, each row its part's
+    translation. The scale `s` sets how far an optimiser step moves a part without changing the
+    learning rate the vertex offsets share.
+    """
+
+    def __init__(self, edges: list[torch.Tensor], vertex_counts: list[int], scale: float):
+        super().__init__()
+        self.scale = scale
+        labels = [vertex_components(e, v) for e, v in zip(edges, vertex_counts)]
+        for i, label in enumerate(labels):
+            self.register_buffer(f"labels_{i}", label, persistent=False)
+        self.translations = nn.ParameterList([nn.Parameter(torch.zeros(int(label.max()) + 1, 3)) for label in labels])
+
+    def forward(self) -> list[torch.Tensor]:
+        return [self.scale * t[getattr(self, f"labels_{i}")] for i, t in enumerate(self.translations)]
+
+
+def vertex_components(edges: torch.Tensor, vertex_count: int) -> torch.Tensor:
+    """`(V,)` int64: the connected component (part) of every vertex of the graph `edges (E, 2)`."""
+    i, j = edges[:, 0].cpu().numpy(), edges[:, 1].cpu().numpy()
+    graph = scipy.sparse.coo_matrix((np.ones(len(i)), (i, j)), shape=(vertex_count, vertex_count))
+    _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    return torch.from_numpy(labels.astype(np.int64)).to(edges.device)
+
+
+class Deformation(nn.Module):
+    """The optimised part of every template: vertex offsets `δ_i` and, optionally, part translations."""
+
+    def __init__(self, offsets: VertexOffsets, parts: PartTranslations | None):
+        super().__init__()
+        self.offsets, self.parts = offsets, parts
+
+    def forward(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per template: the offsets `δ (V, 3)` the anchor reads, and the full displacement `δ + s·θ (V, 3)`."""
+        offsets = self.offsets()
+        if self.parts is None:
+            return offsets, offsets
+        return offsets, [o + t for o, t in zip(offsets, self.parts())]
 
 
 class SmoothingSolver:
@@ -192,27 +246,31 @@ class MeshGuided(Method):
         self.adjacency = [face_adjacency(f) for f in self.faces]
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
         self.spacing2 = [lengths.mean().pow(2) for lengths in self.rest_lengths]  # squared mean edge length
-        self.offsets = VertexOffsets(self.edges, [len(v) for v in self.rest], c.smoothing).to(self.device)
+        if c.part_translation_scale < 0:
+            raise ConfigError("mesh_guided.part_translation_scale must be non-negative (0 = parts stay)")
+        counts = [len(v) for v in self.rest]
+        parts = PartTranslations(self.edges, counts, c.part_translation_scale) if c.part_translation_scale else None
+        self.deformation = Deformation(VertexOffsets(self.edges, counts, c.smoothing), parts).to(self.device)
         self.anchor_filters = [
             SmoothingSolver(e, len(v), c.anchor_smoothing) if c.anchor_smoothing > 0 else None
             for e, v in zip(self.edges, self.rest)
         ]
-        self.module: nn.Module = self.offsets
+        self.module: nn.Module = self.deformation
         self.in_world = all(_is_world_prompt(p) for p in self.prompts)
         self.generator = torch.Generator(device="cpu")
 
     # ------------------------------------------------------------------ Method plumbing
     def trainable_module(self) -> nn.Module:
-        return self.offsets
+        return self.deformation
 
     def set_trainable_module(self, module: nn.Module) -> None:
         self.module = module
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.offsets.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.deformation.state_dict().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.offsets.load_state_dict(state)
+        self.deformation.load_state_dict(state)
 
     def gold_metric(self) -> str:
         return "heldout_gold" if self.in_world else "reward"
@@ -230,15 +288,23 @@ class MeshGuided(Method):
         return step  # every step optimises every template; the step seeds the surface draw
 
     # ------------------------------------------------------------------ optimisation
-    def vertices(self, module: nn.Module | None = None) -> list[torch.Tensor]:
-        """Current vertex positions `(V_i, 3)` of every template, in its unit-box frame."""
-        return [rest + offset for rest, offset in zip(self.rest, (module or self.offsets)())]
+    def deform(self, module: nn.Module | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per template: its offsets `δ (V_i, 3)` and its current vertices `(V_i, 3)`, in its unit-box frame."""
+        offsets, displacements = (module or self.deformation)()
+        return offsets, [rest + d for rest, d in zip(self.rest, displacements)]
 
-    def regularisers(self, vertices: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
-        """Laplacian, edge-length, normal-consistency and anchor terms of template `i` at `vertices (V, 3)`."""
+    def vertices(self) -> list[torch.Tensor]:
+        """Current vertex positions `(V_i, 3)` of every template, in its unit-box frame."""
+        return self.deform()[1]
+
+    def regularisers(self, vertices: torch.Tensor, offsets: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        """Laplacian, edge-length, normal-consistency and anchor terms of template `i` at `vertices (V, 3)`.
+
+        The anchor reads the vertex offsets `offsets (V, 3)`, not the part translations.
+        """
         edges, rest_lengths, spacing2 = self.edges[i], self.rest_lengths[i], self.spacing2[i]
         laplacian = laplacian_smoothing_loss(vertices, edges) / spacing2
-        displacement = vertices - self.rest[i]
+        displacement = offsets
         if self.anchor_filters[i] is not None:
             displacement = self.anchor_filters[i](displacement)
         anchor = displacement.pow(2).sum(dim=-1).mean() / spacing2
@@ -247,7 +313,7 @@ class MeshGuided(Method):
 
     def compute_loss(self, batch: int, step: int, micro: int):
         c = self.config
-        vertices = self.vertices(self.module)
+        offsets, vertices = self.deform(self.module)
         self.generator.manual_seed(self.run.seed * 1_000_003 + batch)
         samples = []
         for v, f in zip(vertices, self.faces):
@@ -259,7 +325,7 @@ class MeshGuided(Method):
         points = torch.stack(samples)
         members = [r.rewards(points, prompts).view(len(vertices), c.draws).mean(dim=1) for r in self.rewards]
         rewards = combine_rewards(torch.stack(members), c.ensemble)
-        terms = zip(*(self.regularisers(v, i) for i, v in enumerate(vertices)))
+        terms = zip(*(self.regularisers(v, o, i) for i, (v, o) in enumerate(zip(vertices, offsets))))
         laplacian, edge, normal, anchor = (torch.stack(t).mean() for t in terms)
         alpha = guidance_weight(step, self.run.train.max_steps, c.alpha_min, c.alpha_max)
         regularisation = (
