@@ -123,6 +123,10 @@ def test_prompt_checks_see_orientation_arrangement_and_proportion():
     stacked = world.good_mesh("a sphere on a cube", rng)
     assert world.gold_checks(stacked, "a cube on a sphere")["shape"] == 0.0  # the sphere is the upper part
     assert world.gold_checks(stacked, "a sphere next to a cube")["relation"] == 0.0
+    sphere, cube = sorted(stacked.split(only_watertight=False), key=lambda c: -c.bounds[0, 2])
+    for lift, holds in ((0.02, 1.0), (-0.1, 0.0), (0.1, 0.0)):  # "on" rests: neither sunk in nor floating above
+        moved = trimesh.util.concatenate([sphere.copy().apply_translation([0, 0, lift * stacked.extents[2]]), cube])
+        assert world.gold_checks(moved, "a sphere on a cube")["relation"] == holds, lift
     side_by_side = world.good_mesh("a cube next to a sphere", rng)
     assert world.gold_checks(side_by_side, "a sphere on a cube")["relation"] == 0.0
     assert world.gold_score(side_by_side, "a sphere next to a cube") > 0.9  # "next to" is symmetric

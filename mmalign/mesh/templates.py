@@ -11,7 +11,9 @@ Sources (`data.path` of `method: mesh-guided`):
   `strength`. The default, noisy surfaces, is a defect that moving vertices can repair and that
   the gold score grades (0.49 on average at strength ½). Crumpled folds score a gold 0 at any
   strength above ≈ 0.4 however they are moved, holes and wrong shapes need a change of topology
-  that vertex offsets cannot make, and flipped patches need faces turned over.
+  that vertex offsets cannot make, and flipped patches need faces turned over. Compositions whose
+  parts are pushed into each other (`intersecting`) need the parts moved apart, which
+  `mesh_guided.part_translation_scale` lets the reward do.
 
 Every template is loaded and validated like any mesh (`mmalign.mesh.io.load_mesh`) and put in the
 unit box, the frame the reward reads.

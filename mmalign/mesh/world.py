@@ -426,11 +426,12 @@ def part_checks(part: Part, features: PartFeatures) -> tuple[float, float]:
 
 
 def relation_holds(relation: str, first: PartFeatures, second: PartFeatures) -> bool:
-    """`"on"`: `first` rests on top of `second`, its centre over `second`'s footprint; `"next to"`: side by side."""
+    """`"on"`: `first` rests on top of `second` (its bottom at `second`'s top, within `_TOUCH`: neither sunk
+    into it nor floating above it), its centre over `second`'s footprint; `"next to"`: side by side."""
     if relation == "on":
         centre = (first.lower[:2] + first.upper[:2]) / 2
         over = bool(np.all(centre >= second.lower[:2]) and np.all(centre <= second.upper[:2]))
-        return over and first.lower[2] >= second.upper[2] - _TOUCH
+        return over and abs(first.lower[2] - second.upper[2]) <= _TOUCH
     if relation == "next to":
         stacked = first.lower[2] >= second.upper[2] - _TOUCH or second.lower[2] >= first.upper[2] - _TOUCH
         apart = np.any((first.lower[:2] >= second.upper[:2] - _TOUCH) | (second.lower[:2] >= first.upper[:2] - _TOUCH))
