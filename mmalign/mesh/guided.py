@@ -26,8 +26,8 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
   so reward gradients move surface regions rather than single vertices; that also keeps them from
   removing per-vertex noise, so the recipe uses plain offsets with the low-pass anchor instead.
 - With `part_translation_scale` s > 0 every connected component (a part) also moves rigidly,
-  `v = v⁰ + δ + s·θ_k` (`PartTranslations`). No regulariser reads a part's position (the Laplacian,
-  edge and normal terms are translation invariant, the anchor reads `δ` only), so where parts sit
+  `v = v⁰ + δ + s·θ_k` (`PartTranslations`). No regulariser reads a part's position (they read
+  `v⁰ + δ`: the Laplacian, edge and normal terms are translation invariant anyway), so where parts sit
   (resting on, beside, pushed into each other) is left to the reward alone.
 
 `α = 0` gives the regularisers-only baseline. Evaluation (before, every `eval.every` steps,
@@ -297,12 +297,15 @@ class MeshGuided(Method):
         """Current vertex positions `(V_i, 3)` of every template, in its unit-box frame."""
         return self.deform()[1]
 
-    def regularisers(self, vertices: torch.Tensor, offsets: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
-        """Laplacian, edge-length, normal-consistency and anchor terms of template `i` at `vertices (V, 3)`.
+    def regularisers(self, offsets: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        """Laplacian, edge-length, normal-consistency and anchor terms of template `i` moved by `offsets (V, 3)`.
 
-        The anchor reads the vertex offsets `offsets (V, 3)`, not the part translations.
+        They read the template plus its vertex offsets only, not the part translations: the first
+        three are invariant to moving a part rigidly anyway, and this way a part's position gets no
+        gradient from them at all (not even rounding noise, which Adam would scale up to full steps).
         """
         edges, rest_lengths, spacing2 = self.edges[i], self.rest_lengths[i], self.spacing2[i]
+        vertices = self.rest[i] + offsets
         laplacian = laplacian_smoothing_loss(vertices, edges) / spacing2
         displacement = offsets
         if self.anchor_filters[i] is not None:
@@ -325,7 +328,7 @@ class MeshGuided(Method):
         points = torch.stack(samples)
         members = [r.rewards(points, prompts).view(len(vertices), c.draws).mean(dim=1) for r in self.rewards]
         rewards = combine_rewards(torch.stack(members), c.ensemble)
-        terms = zip(*(self.regularisers(v, o, i) for i, (v, o) in enumerate(zip(vertices, offsets))))
+        terms = zip(*(self.regularisers(o, i) for i, o in enumerate(offsets)))
         laplacian, edge, normal, anchor = (torch.stack(t).mean() for t in terms)
         alpha = guidance_weight(step, self.run.train.max_steps, c.alpha_min, c.alpha_max)
         regularisation = (
