@@ -177,7 +177,7 @@ class Deformation(nn.Module):
         self.offsets, self.parts = offsets, parts
 
     def forward(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per template: the offsets `δ (V, 3)` the anchor reads, and the full displacement `δ + s·θ (V, 3)`."""
+        """Per template: the offsets `δ (V, 3)` the regularisers read, and the full displacement `δ + s·θ (V, 3)`."""
         offsets = self.offsets()
         if self.parts is None:
             return offsets, offsets
