@@ -257,6 +257,25 @@ def test_embedded_set_scores_by_the_gold_judge_and_splits_by_heldout_prompts(tmp
         build_embedded_meshes(EmbeddedMeshesConfig(prompts="all"), tmp_path / "x")
 
 
+def test_floating_meshes_come_only_for_on_prompts_and_fail_the_relation(tmp_path):
+    config = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=1, bad_kinds=["noisy"], floating_per_prompt=2)
+    rows = [json.loads(line) for line in (build_embedded_meshes(config, tmp_path / "set") / "meshes.jsonl").open()]
+    on = [p for p in world.PROMPTS if world.parse_prompt(p).relation == "on"]
+    floating = [r for r in rows if r["kind"] == "floating"]
+    assert len(rows) == 2 * len(world.PROMPTS) + 2 * len(on) and sorted(r["prompt"] for r in floating) == sorted(on * 2)
+    for row in floating:
+        checks = world.gold_checks(trimesh.load(tmp_path / "set" / row["mesh"], process=False), row["prompt"])
+        assert checks["relation"] == 0.0 and checks["count"] == 1.0 and checks["geometry"] > 0.9  # clean, apart
+        assert row["score"] == 0.0
+    plain = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=1, bad_kinds=["noisy"])
+    plain_rows = [json.loads(line) for line in (build_embedded_meshes(plain, tmp_path / "p") / "meshes.jsonl").open()]
+    assert [r["kind"] for r in plain_rows] == ["good", "noisy"] * len(world.PROMPTS)  # 0: the set as before
+    with pytest.raises(ValueError, match="'on' prompt"):
+        world.floating_mesh("a sphere next to a torus", np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="floating_per_prompt"):
+        build_embedded_meshes(EmbeddedMeshesConfig(floating_per_prompt=-1), tmp_path / "x")
+
+
 def test_embedded_set_holds_mild_corruptions_between_clean_and_broken(tmp_path):
     config = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=4, bad_kinds=["noisy"], min_strength=0.25)
     rows = [json.loads(line) for line in (build_embedded_meshes(config, tmp_path / "set") / "meshes.jsonl").open()]

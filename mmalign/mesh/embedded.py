@@ -43,6 +43,11 @@ class EmbeddedMeshesConfig:
         "corruptions used: noisy, holed, crumpled, flipped, wrong (another prompt's clean mesh)",
         default_factory=lambda: list(world.BAD_KINDS),
     )
+    floating_per_prompt: int = option(
+        "extra dispreferred meshes per `on` prompt whose upper part floats above the lower one (kind floating): "
+        "they teach a reward that parts rest on each other; 0 = none (the shipped rewards' set)",
+        0,
+    )
     min_strength: float = option(
         "noisy, crumpled and deformed meshes are corrupted with a strength drawn uniformly from [min_strength, 1]: "
         "milder ones are the immature states a generator passes through (1 = full corruption only)",
@@ -72,11 +77,14 @@ def build_embedded_meshes(config: EmbeddedMeshesConfig, directory: Path) -> Path
         known = ", ".join(world.PROMPT_SETS)
         raise ConfigError(f"meshes.embedded.prompts must be one of {known}, got {config.prompts!r}")
     heldout, good = set(world.HELDOUT), config.good_per_prompt
-    jobs = [
-        (index, prompt, "good" if j < good else config.bad_kinds[(j - good) % len(config.bad_kinds)])
-        for index, prompt in enumerate(world.PROMPT_SETS[config.prompts])
-        for j in range(config.good_per_prompt + config.bad_per_prompt)
-    ]
+    if config.floating_per_prompt < 0:
+        raise ConfigError("meshes.embedded.floating_per_prompt must be non-negative")
+    jobs = []
+    for index, prompt in enumerate(world.PROMPT_SETS[config.prompts]):
+        kinds = ["good"] * good + [config.bad_kinds[j % len(config.bad_kinds)] for j in range(config.bad_per_prompt)]
+        if world.parse_prompt(prompt).relation == "on":
+            kinds += ["floating"] * config.floating_per_prompt
+        jobs += [(index, prompt, kind) for kind in kinds]
     rows = []
     with atomic_directory(directory) as tmp:
         (tmp / "meshes").mkdir()
@@ -84,6 +92,8 @@ def build_embedded_meshes(config: EmbeddedMeshesConfig, directory: Path) -> Path
             rng = np.random.default_rng([config.seed, index, number])
             if kind == "good":
                 mesh = world.good_mesh(prompt, rng)
+            elif kind == "floating":
+                mesh = world.floating_mesh(prompt, rng)
             else:
                 mesh = world.bad_mesh(prompt, rng, kind, strength=rng.uniform(config.min_strength, 1.0))
             name = f"meshes/{number:05d}.ply"

@@ -324,6 +324,20 @@ def bad_mesh(prompt: str, rng: np.random.Generator, kind: str, strength: float =
     return out
 
 
+def floating_mesh(prompt: str, rng: np.random.Generator) -> trimesh.Trimesh:
+    """A clean mesh for an `on` prompt whose upper part floats: lifted 8–30 % of the larger part's size.
+
+    Not in `BAD_KINDS` (it exists for `on` prompts only): a dispreferred mesh that teaches a reward
+    that resting parts touch, which meshes pushed into each other (`intersecting`) alone do not.
+    """
+    spec = parse_prompt(prompt)
+    if spec.relation != "on":
+        raise ValueError(f"a floating mesh needs an 'on' prompt, got {prompt!r}")
+    upper, lower = sorted(good_mesh(prompt, rng).split(only_watertight=False), key=lambda c: -c.bounds[0, 2])
+    upper.apply_translation([0.0, 0.0, rng.uniform(0.08, 0.3) * max(upper.extents.max(), lower.extents.max())])
+    return trimesh.util.concatenate([upper, lower])
+
+
 def _random_patches(mesh: trimesh.Trimesh, rng: np.random.Generator, count: int, radius: float) -> np.ndarray:
     """`(F,)` bool: faces whose centroid lies within `radius` of one of `count` random face centroids."""
     centres = mesh.triangles_center
