@@ -161,11 +161,16 @@ class PartTranslations(nn.Module):
         return [self.scale * t[getattr(self, f"labels_{i}")] for i, t in enumerate(self.translations)]
 
 
+def vertex_adjacency(edges: torch.Tensor, vertex_count: int) -> scipy.sparse.csr_matrix:
+    """`(V, V)` symmetric 0/1 adjacency of the vertex graph `edges (E, 2)` (each undirected edge once)."""
+    i, j = edges[:, 0].cpu().numpy(), edges[:, 1].cpu().numpy()
+    adjacency = scipy.sparse.coo_matrix((np.ones(len(i)), (i, j)), shape=(vertex_count, vertex_count))
+    return (adjacency + adjacency.T).tocsr()
+
+
 def vertex_components(edges: torch.Tensor, vertex_count: int) -> torch.Tensor:
     """`(V,)` int64: the connected component (part) of every vertex of the graph `edges (E, 2)`."""
-    i, j = edges[:, 0].cpu().numpy(), edges[:, 1].cpu().numpy()
-    graph = scipy.sparse.coo_matrix((np.ones(len(i)), (i, j)), shape=(vertex_count, vertex_count))
-    _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    _, labels = scipy.sparse.csgraph.connected_components(vertex_adjacency(edges, vertex_count), directed=False)
     return torch.from_numpy(labels.astype(np.int64)).to(edges.device)
 
 
@@ -188,9 +193,7 @@ class SmoothingSolver:
     """`u (V, 3)` → `(I + λL)⁻¹ u`, differentiable (the matrix is symmetric: backward is the same solve)."""
 
     def __init__(self, edges: torch.Tensor, vertex_count: int, smoothing: float):
-        i, j = edges[:, 0].cpu().numpy(), edges[:, 1].cpu().numpy()
-        adjacency = scipy.sparse.coo_matrix((np.ones(len(i)), (i, j)), shape=(vertex_count, vertex_count))
-        adjacency = (adjacency + adjacency.T).tocsr()
+        adjacency = vertex_adjacency(edges, vertex_count)
         laplacian = scipy.sparse.diags(np.asarray(adjacency.sum(axis=1)).ravel()) - adjacency
         system = scipy.sparse.identity(vertex_count) + smoothing * laplacian
         self.solve = scipy.sparse.linalg.factorized(system.tocsc())
@@ -252,8 +255,8 @@ class MeshGuided(Method):
         parts = PartTranslations(self.edges, counts, c.part_translation_scale) if c.part_translation_scale else None
         self.deformation = Deformation(VertexOffsets(self.edges, counts, c.smoothing), parts).to(self.device)
         self.anchor_filters = [
-            SmoothingSolver(e, len(v), c.anchor_smoothing) if c.anchor_smoothing > 0 else None
-            for e, v in zip(self.edges, self.rest)
+            SmoothingSolver(e, v, c.anchor_smoothing) if c.anchor_smoothing > 0 else None
+            for e, v in zip(self.edges, counts)
         ]
         self.module: nn.Module = self.deformation
         self.in_world = all(_is_world_prompt(p) for p in self.prompts)
