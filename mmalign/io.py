@@ -11,6 +11,22 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
+
+@contextlib.contextmanager
+def cache_lock(target: str | Path) -> Iterator[None]:
+    """Hold an inter-process lock on the shared cache folder `target` (the file `<target>.lock` beside it).
+
+    Wrap a check-then-build of a cache in it: a second process (another run, another accelerate rank)
+    waits, then finds the folder complete, instead of building it too and renaming its copy over the
+    folder while the first process reads it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(f"{target.name}.lock")):
+        yield
+
 
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:

@@ -281,3 +281,34 @@ def test_embedded_set_holds_mild_corruptions_between_clean_and_broken(tmp_path):
     rows = [json.loads(line) for line in (build_embedded_meshes(config, tmp_path / "set") / "meshes.jsonl").open()]
     noisy = np.array([r["score"] for r in rows if r["kind"] == "noisy"])
     assert (noisy <= 3.5).mean() > 0.5 and ((noisy > 0.5) & (noisy < 4.9)).sum() >= 5, np.sort(noisy)
+
+
+_RESOLVE = """
+import sys, time
+from pathlib import Path
+from mmalign.config import DataConfig
+from mmalign.mesh.data import MeshSetConfig, resolve_mesh_source
+from mmalign.mesh.embedded import EmbeddedMeshesConfig
+cache = Path(sys.argv[1])
+(cache / f"ready-{sys.argv[2]}").touch()
+while len(list(cache.glob("ready-*"))) < 2:  # both processes imported: start together
+    time.sleep(0.01)
+embedded = EmbeddedMeshesConfig(prompts="core", good_per_prompt=1, bad_per_prompt=2, bad_kinds=["noisy"])
+print(resolve_mesh_source(DataConfig(path="embedded:meshes", cache_dir=str(cache)), MeshSetConfig(embedded=embedded)))
+"""
+
+
+def test_concurrent_runs_build_the_embedded_set_once(tmp_path):
+    """Two processes asking for the same uncached set at once: one builds it, the other waits and reads it."""
+    import subprocess
+    import sys
+
+    processes = [subprocess.Popen([sys.executable, "-c", _RESOLVE, str(tmp_path), str(i)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+    folders = {out.strip() for out, _ in outputs}
+    assert len(folders) == 1 and sum("building embedded:meshes" in err for _, err in outputs) == 1
+    folder = Path(folders.pop())
+    rows = [json.loads(line) for line in (folder / "meshes.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * len(world.PROMPTS) and all((folder / r["mesh"]).is_file() for r in rows)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mmalign.config import DataConfig
 from mmalign.data.shapes_prefs import build_shapes_prefs, fingerprint
+from mmalign.io import cache_lock
 from mmalign.registry import EMBEDDED_PREFIX, unknown_name_error
 
 EMBEDDED_PAIRS = ("shapes-prefs",)
@@ -33,6 +34,7 @@ def resolve_pairs_path(config: DataConfig, model, model_path: str) -> str:
     if not config.path.startswith(EMBEDDED_PREFIX):
         return config.path
     directory = embedded_pairs_directory(config, model_path)
-    if not (directory / "pairs.jsonl").is_file():
-        build_shapes_prefs(config.embedded, model, directory)
+    with cache_lock(directory):
+        if not (directory / "pairs.jsonl").is_file():
+            build_shapes_prefs(config.embedded, model, directory)
     return str(directory)

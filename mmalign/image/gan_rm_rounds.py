@@ -36,7 +36,7 @@ from mmalign.errors import UserInputError
 from mmalign.image.diffusion_dpo import DiffusionDPOConfig
 from mmalign.image.diffusion_sft import DiffusionSFTConfig
 from mmalign.image.gan_rm import GanRM, GanRMConfig, train_gan_rm
-from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
+from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text, cache_lock
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.registry import resolve_model_path
 from mmalign.rewards.base import load_image
@@ -118,11 +118,12 @@ class GanRMRounds:
             return files
         key = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:12]
         folder = cache_root(self.run.data) / f"shapes-renders-{self.config.num_targets}-seed{self.run.seed}-{key}"
-        if not folder.exists():
-            rng = np.random.default_rng([self.run.seed, 7])
-            captions = self._draw(prompts, self.config.num_targets, 7)
-            renders = np.stack([shapes_world.render(c, rng) for c in captions])
-            _save_images(torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255, folder, captions)
+        with cache_lock(folder):
+            if not folder.exists():
+                rng = np.random.default_rng([self.run.seed, 7])
+                captions = self._draw(prompts, self.config.num_targets, 7)
+                renders = np.stack([shapes_world.render(c, rng) for c in captions])
+                _save_images(torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255, folder, captions)
         return _image_files(folder)
 
     def prompt_list(self) -> list[str]:

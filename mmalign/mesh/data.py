@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from mmalign.config import ConfigError, DataConfig, option
 from mmalign.data.pairs import DataError, jsonl_rows
 from mmalign.data.sources import cache_root
-from mmalign.io import atomic_write_bytes
+from mmalign.io import atomic_write_bytes, cache_lock
 from mmalign.mesh.embedded import (
     EMBEDDED_MESHES,
     MESHES_JSONL,
@@ -303,8 +303,9 @@ def resolve_mesh_source(data: DataConfig, config: MeshSetConfig) -> Path:
     if name != EMBEDDED_MESHES:
         raise unknown_name_error("embedded mesh set", name, [EMBEDDED_MESHES])
     directory = embedded_meshes_directory(config.embedded, cache_root(data))
-    if not (directory / MESHES_JSONL).is_file():
-        build_embedded_meshes(config.embedded, directory)
+    with cache_lock(directory):
+        if not (directory / MESHES_JSONL).is_file():
+            build_embedded_meshes(config.embedded, directory)
     return directory
 
 
