@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -300,9 +302,6 @@ print(resolve_mesh_source(DataConfig(path="embedded:meshes", cache_dir=str(cache
 
 def test_concurrent_runs_build_the_embedded_set_once(tmp_path):
     """Two processes asking for the same uncached set at once: one builds it, the other waits and reads it."""
-    import subprocess
-    import sys
-
     processes = [subprocess.Popen([sys.executable, "-c", _RESOLVE, str(tmp_path), str(i)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
     outputs = [p.communicate(timeout=120) for p in processes]
