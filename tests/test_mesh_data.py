@@ -171,6 +171,12 @@ def test_samples_are_drawn_once_and_cached(tmp_path, monkeypatch):
     assert torch.equal(sample_rows(rows, 32, seed=0, cache=tmp_path / "cache"), points)
     with pytest.raises(AssertionError, match="sampled again"):
         sample_rows(rows, 32, seed=1, cache=tmp_path / "cache")  # another seed is another key
+    with pytest.raises(AssertionError, match="sampled again"):
+        sample_rows(rows, 32, seed=0, cache=tmp_path / "cache", parts=True)  # so are part labels
+    monkeypatch.undo()
+    labelled = sample_rows(rows, 32, seed=0, cache=tmp_path / "cache", parts=True)
+    assert labelled.shape == (len(rows), 32, 7) and torch.equal(labelled[..., :6], points)
+    assert torch.equal(sample_rows(rows, 32, seed=0, cache=tmp_path / "cache", parts=True), labelled)
 
 
 def test_rows_appended_to_a_set_resample_only_the_last_cached_block(tmp_path, monkeypatch):
@@ -180,7 +186,8 @@ def test_rows_appended_to_a_set_resample_only_the_last_cached_block(tmp_path, mo
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
     sampled = []
     real_sampler = mesh_data.mesh_points
-    monkeypatch.setattr(mesh_data, "mesh_points", lambda mesh, *a: sampled.append(mesh) or real_sampler(mesh, *a))
+    sampler = lambda mesh, *a, **k: sampled.append(mesh) or real_sampler(mesh, *a, **k)  # noqa: E731
+    monkeypatch.setattr(mesh_data, "mesh_points", sampler)
     grown = sample_rows(rows[:11], 16, seed=0, cache=tmp_path / "cache")
     assert sampled == [r.mesh for r in rows[8:11]]  # only the last block, now 3 rows
     assert torch.equal(grown[:10], first)

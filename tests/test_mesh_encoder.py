@@ -10,7 +10,17 @@ import torch
 import trimesh
 
 from mmalign.mesh import world
-from mmalign.mesh.encoder import HASHED_NGRAMS, HashedNgrams, MeshEncoderConfig, MeshRewardNet, TextTower
+from mmalign.mesh.encoder import (
+    CONTACT_SATURATION,
+    HASHED_NGRAMS,
+    HashedNgrams,
+    MeshEncoderConfig,
+    MeshRewardNet,
+    TextTower,
+    contact_features,
+    knn_indices,
+    local_spacing,
+)
 from mmalign.mesh.points import canonical_order, mesh_points
 
 SMALL = MeshEncoderConfig(points=128, neighbours=8, local_width=16, width=32, embed_dim=32, head_hidden=32)
@@ -165,3 +175,98 @@ def test_hashed_ngram_tower_builds_prompts_from_their_words_and_word_pairs():
     new = tower(["a tall cylinder"])[0]
     assert (known @ new).max() > 0.4
     torch.testing.assert_close(TextTower(HASHED_NGRAMS)(prompts), text)  # no state: the same in any process
+
+
+# ----------------------------------------------------------------------------------------------
+# Part contact
+
+
+def _stacked_boxes(gap: float) -> trimesh.Trimesh:
+    """A 0.6-wide cube resting on a 1 × 1 × 0.4 slab (`gap` = 0), lifted by `gap` > 0 or sunk by `gap` < 0."""
+    slab = trimesh.creation.box([1.0, 1.0, 0.4])
+    slab.apply_translation([0, 0, 0.2])
+    cube = trimesh.creation.box([0.6, 0.6, 0.6])
+    cube.apply_translation([0, 0, 0.4 + 0.3 + gap])
+    return trimesh.util.concatenate([slab, cube])
+
+
+def _contact(points: torch.Tensor, neighbours: int = 12) -> torch.Tensor:
+    xyz, normals, parts = points[..., :3], points[..., 3:6], points[..., 6]
+    return contact_features(xyz, normals, parts, local_spacing(xyz, knn_indices(xyz, neighbours)))
+
+
+def test_mesh_points_label_each_sample_with_its_part():
+    mesh = _stacked_boxes(0.1)
+    plain, labelled = mesh_points(mesh, 256, seed=0), mesh_points(mesh, 256, seed=0, parts=True)
+    assert labelled.shape == (256, 7)
+    assert torch.equal(labelled[:, :6], plain)  # the same samples, one channel more
+    # in the unit box the slab ends below the cube: the label splits the samples by height
+    upper = labelled[:, 2] > labelled[:, 2].min() + 0.4 * (labelled[:, 2].max() - labelled[:, 2].min())
+    labels = labelled[:, 6]
+    assert set(labels.tolist()) == {0.0, 1.0}
+    assert len(set(labels[upper].tolist())) == 1 and len(set(labels[~upper].tolist())) == 1
+    assert labels[upper][0] != labels[~upper][0]
+    shuffled = mesh_points(_shuffled(mesh, 3), 256, seed=0, parts=True)
+    assert torch.equal(shuffled, labelled)  # labels ignore the file's vertex and face order
+
+
+def test_contact_features_match_a_loop_over_the_points():
+    points = mesh_points(_stacked_boxes(0.05), 128, seed=1, parts=True)[None]
+    xyz, normals, parts = (t.numpy().astype(np.float64) for t in (points[0, :, :3], points[0, :, 3:6], points[0, :, 6]))
+    spacing = local_spacing(points[..., :3], knn_indices(points[..., :3], 12))[0, :, 0].numpy()
+    expected = []
+    for i in range(len(xyz)):
+        others = [j for j in range(len(xyz)) if parts[j] != parts[i]]
+        j = min(others, key=lambda j: np.linalg.norm(xyz[i] - xyz[j]))
+        d = float(np.dot(xyz[i] - xyz[j], normals[j])) / spacing[i]
+        expected.append(CONTACT_SATURATION * np.tanh(d / CONTACT_SATURATION))
+    features = _contact(points)[0]
+    np.testing.assert_allclose(features[:, 0].numpy(), expected, atol=1e-5)
+    assert torch.equal(features[:, 1], torch.ones(128))
+
+
+def test_contact_reads_touching_floating_and_sunk_parts_apart():
+    """Read on the upper cube's bottom face, where the other part's nearest sample lies on the slab's top.
+
+    (Near the other part's edges the nearest sample can lie on a side face, whose normal gives the
+    distance a sign that is not the inside/outside one: the feature is exact on faces, rough at edges.)
+    """
+    bottom = {}
+    for gap in (-0.15, 0.0, 0.15):
+        points = mesh_points(_stacked_boxes(gap), 512, seed=0, parts=True)[None]
+        signed = _contact(points)[0, :, 0]
+        cube = points[0, :, 6] == points[0, points[0, :, 2].argmax(), 6]
+        facing_down = points[0, :, 5] < -0.99
+        bottom[gap] = signed[cube & facing_down]
+    assert (bottom[-0.15] < -0.5).all()  # inside the other part
+    assert (bottom[0.0].abs() < 1e-5).all()  # touching
+    assert (bottom[0.15] > 0.5).all()  # across a gap
+    single = _contact(mesh_points(trimesh.creation.box([1, 1, 1]), 128, seed=0, parts=True)[None])[0]
+    assert torch.equal(single, torch.tensor([CONTACT_SATURATION, 0.0]).expand(128, 2))  # one part: no contact
+
+
+def test_contact_distance_follows_the_upper_part_up_and_down():
+    """The signed distance on the upper cube's bottom grows as the cube rises, floating or sunk: its gradient
+    tells guidance which way closes a gap or frees a sunk part."""
+    for gap in (0.1, -0.1):
+        points = mesh_points(_stacked_boxes(gap), 256, seed=0, parts=True)[None]
+        lift = torch.zeros((), requires_grad=True)
+        cube = (points[..., 6] == points[0, points[0, :, 2].argmax(), 6]).float()
+        xyz = points[..., :3] + torch.stack([torch.zeros_like(cube), torch.zeros_like(cube), cube], -1) * lift
+        signed = _contact(torch.cat([xyz, points[..., 3:]], dim=-1))[0, :, 0]
+        bottom = (cube[0] == 1) & (points[0, :, 5] < -0.99)
+        (grad,) = torch.autograd.grad(signed[bottom].mean(), lift)
+        assert grad > 0
+
+
+def test_a_contact_reward_takes_seven_channels_and_is_invariant_to_the_order_of_the_points():
+    torch.manual_seed(0)
+    net = MeshRewardNet(MeshEncoderConfig(**{**vars(SMALL), "text_conditioning": False, "part_contact": True})).eval()
+    points = mesh_points(_stacked_boxes(0.1), 128, seed=0, parts=True)[None]
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(net(points[:, perm])[1], net(points)[1], atol=1e-5, rtol=0)
+        lifted = mesh_points(_stacked_boxes(0.2), 128, seed=0, parts=True)[None]
+        assert net(lifted)[1] != net(points)[1]
+    with pytest.raises(ValueError, match=r"\(B, N, 7\)"):
+        net(points[..., :6])

@@ -29,9 +29,9 @@ from mmalign.mesh.guided import (
     SmoothingSolver,
     combine_rewards,
     unit_box,
-    vertex_components,
 )
 from mmalign.mesh.io import MeshInputError, normalise_to_unit_box
+from mmalign.mesh.parts import vertex_components
 from mmalign.mesh.render import BACK, FRONT, render_mesh, render_views
 from mmalign.mesh.templates import EmbeddedTemplatesConfig, embedded_templates, load_templates, read_templates
 

@@ -86,7 +86,7 @@ class MeshRow:
 
 @dataclass
 class MeshSet:
-    """Rows of one split and their surface samples `points (K, N, 6)` (or `(draws, K, N, 6)`)."""
+    """Rows of one split and their surface samples `points (K, N, C)` (or `(draws, K, N, C)`; C = 6 or 7)."""
 
     rows: list[MeshRow]
     points: torch.Tensor
@@ -223,8 +223,10 @@ def read_mesh_rows(source: Path, config: MeshSetConfig) -> list[MeshRow]:
             f"{' and '.join(f'{name}/' for name in CLASS_FOLDERS)} and {PROMPTS_JSONL}"
         )
     if not rows:
-        raise DataError(f"{source}: no meshes outside the dropped score band ({config.dispreferred_max:g}, "
-                        f"{config.preferred_min:g})")
+        raise DataError(
+            f"{source}: no meshes outside the dropped score band ({config.dispreferred_max:g}, "
+            f"{config.preferred_min:g})"
+        )
     return rows
 
 
@@ -236,8 +238,9 @@ def split_rows(rows: list[MeshRow], config: MeshSetConfig, source: str) -> tuple
     with_split = [r for r in rows if r.split is not None]
     if with_split and len(with_split) != len(rows):
         missing = next(r for r in rows if r.split is None)
-        raise DataError(f"{missing.where}, field 'split': missing, but other rows have one; give all rows a split "
-                        "or none")
+        raise DataError(
+            f"{missing.where}, field 'split': missing, but other rows have one; give all rows a split or none"
+        )
     if with_split:
         held = {i for i, r in enumerate(rows) if r.split == "heldout"}
     else:
@@ -261,23 +264,24 @@ def split_rows(rows: list[MeshRow], config: MeshSetConfig, source: str) -> tuple
 # Surface samples
 
 
-def sample_rows(rows: list[MeshRow], n: int, seed: int, cache: Path | None = None) -> torch.Tensor:
-    """`(K, n, 6)` surface samples of every row's mesh, read from / written to `cache` when given.
+def sample_rows(rows: list[MeshRow], n: int, seed: int, cache: Path | None = None, parts: bool = False) -> torch.Tensor:
+    """`(K, n, 6)` surface samples of every row's mesh (`(K, n, 7)` with `parts`: `mesh_points`), cached.
 
     The cache holds blocks of `CACHE_BLOCK` consecutive rows, each keyed by its files (resolved path,
-    size, modification time), `n` and `seed`: rows appended to a set (a rounds run adding rated
-    meshes) re-sample only the last block.
+    size, modification time), `n`, `seed` and `parts`: rows appended to a set (a rounds run adding
+    rated meshes) re-sample only the last block.
     """
     blocks = [rows[start : start + CACHE_BLOCK] for start in range(0, len(rows), CACHE_BLOCK)]
     with tqdm(total=len(rows), desc="sampling meshes", unit="mesh", disable=len(rows) < 64) as bar:
-        return torch.cat([_sample_block(block, n, seed, cache, bar) for block in blocks])
+        return torch.cat([_sample_block(block, n, seed, cache, parts, bar) for block in blocks])
 
 
-def _sample_block(rows: list[MeshRow], n: int, seed: int, cache: Path | None, bar: tqdm) -> torch.Tensor:
+def _sample_block(rows: list[MeshRow], n: int, seed: int, cache: Path | None, parts: bool, bar: tqdm) -> torch.Tensor:
     file = None
     if cache is not None:
         stats = [(str(r.mesh.resolve()), r.mesh.stat().st_size, r.mesh.stat().st_mtime_ns) for r in rows]
-        key = hashlib.sha256(json.dumps([n, seed, stats]).encode()).hexdigest()[:24]
+        key_fields = [n, seed, "parts", stats] if parts else [n, seed, stats]  # six-channel keys as before
+        key = hashlib.sha256(json.dumps(key_fields).encode()).hexdigest()[:24]
         file = cache / f"{key}.safetensors"
         if file.is_file():
             bar.update(len(rows))
@@ -285,7 +289,7 @@ def _sample_block(rows: list[MeshRow], n: int, seed: int, cache: Path | None, ba
     samples = []
     for row in rows:
         try:
-            samples.append(mesh_points(row.mesh, n, seed))
+            samples.append(mesh_points(row.mesh, n, seed, parts=parts))
         except MeshInputError as exc:
             raise DataError(f"{row.where}, field 'mesh': {exc}") from None
         bar.update(1)
@@ -310,18 +314,19 @@ def resolve_mesh_source(data: DataConfig, config: MeshSetConfig) -> Path:
 
 
 def load_mesh_sets(
-    data: DataConfig, config: MeshSetConfig, points: int, seed: int, train_draws: int = 1
+    data: DataConfig, config: MeshSetConfig, points: int, seed: int, train_draws: int = 1, parts: bool = False
 ) -> tuple[MeshSet, MeshSet]:
     """`(train, heldout)` sets of `data.path` with `points` surface samples per mesh drawn with `seed`.
 
     The training set holds `train_draws` independent draws per mesh (seeds `seed`, `seed + 1`, …):
     its `points` are `(train_draws, K, N, 6)`; the held-out set holds the `seed` draw, `(K, N, 6)`.
+    `parts` adds each sample's part label as a 7th channel.
     """
     source = resolve_mesh_source(data, config)
     train, heldout = split_rows(read_mesh_rows(source, config), config, str(source))
     cache = cache_root(data) / "mesh-points"
-    train_points = torch.stack([sample_rows(train, points, seed + d, cache) for d in range(train_draws)])
-    return MeshSet(train, train_points), MeshSet(heldout, sample_rows(heldout, points, seed, cache))
+    train_points = torch.stack([sample_rows(train, points, seed + d, cache, parts) for d in range(train_draws)])
+    return MeshSet(train, train_points), MeshSet(heldout, sample_rows(heldout, points, seed, cache, parts))
 
 
 # ----------------------------------------------------------------------------------------------

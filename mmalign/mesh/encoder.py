@@ -1,8 +1,9 @@
 """The mesh reward network: a local-geometry point encoder, prompt FiLM, LayerNorm-ed embedding, scalar head.
 
 Input: `points (B, N, 6)`: surface samples in the unit box (xyz) and their unit normals (see
-`mmalign.mesh.points`). Output: an embedding `(B, D)` (the samples of RewardCS's Cauchy–Schwarz
-term) and a reward `(B,)` from a small head on it.
+`mmalign.mesh.points`), with `part_contact` a 7th channel, each sample's part label. Output: an
+embedding `(B, D)` (the samples of RewardCS's Cauchy–Schwarz term) and a reward `(B,)` from a
+small head on it.
 
 Why this encoder: an EdgeConv-style k-nearest-neighbour stage feeding a PointNet.
 
@@ -19,6 +20,14 @@ Why this encoder: an EdgeConv-style k-nearest-neighbour stage feeding a PointNet
 - Farthest-point-sampled patches (PointNet++, Point-MAE) depend on their start point, hence on
   the input order, and run a sequential loop; attention over all points costs O(N²). Both are
   heavier on a one-CPU-core budget with nothing to gain on primitive shapes.
+
+Part contact (optional, `part_contact`): where parts meet is a relation between points of
+*different* connected components, which may be far apart in the kNN graph of a coarse sampling
+(a sphere resting on a cylinder meets it in one small disc). With it, every point also reads its
+signed distance to the nearest sample of another part, `(p − q)·n_q` (positive outside that part,
+negative inside it), in units of its local spacing and softly saturated (`contact_features`). The
+input then carries each sample's part label as a 7th channel (`mmalign.mesh.points`). The
+distance is differentiable in the positions, so guidance can move parts into contact.
 
 Prompt conditioning (optional): a frozen CLIP text tower (`TextTower`, the embedded toy CLIP by
 default) gives one unit vector per prompt; FiLM turns it into a per-channel scale and shift of the
@@ -41,6 +50,8 @@ from mmalign.config import option
 from mmalign.rewards.clip_score import DEFAULT_CLIP, ClipScore
 
 EDGE_FEATURES = 11  # offset (3), normal difference (3), own normal (3), height above the tangent plane, cosine
+CONTACT_FEATURES = 2  # signed distance to the nearest other part (local spacings, saturated), whether one exists
+CONTACT_SATURATION = 4.0  # local spacings: distances beyond a few samples' spacing read alike
 
 
 @dataclass
@@ -54,12 +65,22 @@ class MeshEncoderConfig:
     width: int = option("width of the per-point MLP", 64)
     embed_dim: int = option("D: embedding size (the CS divergence's sample space)", 64)
     head_hidden: int = option("hidden width of the reward head", 64)
+    part_contact: bool = option(
+        "also read each point's signed distance to the nearest sample of another part (connected component): "
+        "contact, gaps and interpenetration between parts; the input gains a 7th channel, the part label",
+        False,
+    )
     text_conditioning: bool = option("condition on the prompt through a frozen text tower (FiLM)", True)
     text_encoder: str = option(
         "CLIP folder or id whose frozen text tower embeds prompts, or `hashed-ngrams` (words and word pairs, "
         "feature-hashed: see `TextTower`)",
         DEFAULT_CLIP,
     )
+
+    @property
+    def channels(self) -> int:
+        """Channels of the encoder's input per point: xyz, normal, and the part label with `part_contact`."""
+        return 7 if self.part_contact else 6
 
 
 def knn_indices(xyz: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
@@ -75,6 +96,35 @@ def knn_indices(xyz: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
         return torch.cat([torch.cdist(c, c).topk(k, dim=-1, largest=False).indices for c in xyz.split(chunk)])
 
 
+def local_spacing(xyz: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """`(B, N, 1)`: each point's mean distance to its kNN `neighbours (B, N, k)` (itself included)."""
+    batch = torch.arange(xyz.shape[0], device=xyz.device)[:, None, None]
+    return (xyz[batch, neighbours] - xyz[:, :, None]).norm(dim=-1).mean(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def contact_features(
+    xyz: torch.Tensor, normals: torch.Tensor, parts: torch.Tensor, spacing: torch.Tensor
+) -> torch.Tensor:
+    """Each point's relation to the nearest sample of another part: `(B, N, 2)`.
+
+    `parts (B, N)`: part labels; `spacing (B, N, 1)`: local spacing (`local_spacing`). Channel 0 is
+    `S·tanh(d / S)` with `d = (p − q)·n_q / spacing`, `q` the nearest point of another part and `S` =
+    `CONTACT_SATURATION`: ≈ 0 where parts touch, positive across a gap, negative inside the other
+    part (for outward normals); `S` where the mesh has one part. Channel 1 is 1 where another part
+    exists. Differentiable in `xyz` and `normals` (the choice of `q` is not).
+    """
+    with torch.no_grad():
+        other = parts[:, :, None] != parts[:, None, :]  # (B, N, N)
+        distance = torch.cdist(xyz, xyz).masked_fill(~other, float("inf"))
+        nearest = distance.argmin(dim=-1)  # (B, N)
+        has_other = other.any(dim=-1)
+    batch = torch.arange(xyz.shape[0], device=xyz.device)[:, None]
+    signed = ((xyz - xyz[batch, nearest]) * normals[batch, nearest]).sum(dim=-1) / spacing.squeeze(-1)
+    signed = CONTACT_SATURATION * torch.tanh(signed / CONTACT_SATURATION)
+    signed = torch.where(has_other, signed, torch.full_like(signed, CONTACT_SATURATION))
+    return torch.stack([signed, has_other.to(signed.dtype)], dim=-1)
+
+
 def edge_features(xyz: torch.Tensor, normals: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     """Features of every point with each of its k neighbours: `(B, N, k, 11)`.
 
@@ -84,8 +134,7 @@ def edge_features(xyz: torch.Tensor, normals: torch.Tensor, neighbours: torch.Te
     """
     batch = torch.arange(xyz.shape[0], device=xyz.device)[:, None, None]
     offsets = xyz[batch, neighbours] - xyz[:, :, None]  # (B, N, k, 3)
-    spacing = offsets.norm(dim=-1).mean(dim=-1, keepdim=True).clamp_min(1e-6)  # (B, N, 1)
-    offsets = offsets / spacing[..., None]
+    offsets = offsets / local_spacing(xyz, neighbours)[..., None]
     n_i = normals[:, :, None].expand_as(offsets)
     n_j = normals[batch, neighbours]
     height = (offsets * n_i).sum(-1, keepdim=True)
@@ -94,7 +143,7 @@ def edge_features(xyz: torch.Tensor, normals: torch.Tensor, neighbours: torch.Te
 
 
 class MeshRewardNet(nn.Module):
-    """`points (B, N, 6)`, optional text embeddings `(B, T)` → embeddings `(B, D)`, rewards `(B,)`."""
+    """`points (B, N, C)`, optional text embeddings `(B, T)` → embeddings `(B, D)`, rewards `(B,)`."""
 
     def __init__(self, config: MeshEncoderConfig, text_dim: int | None = None):
         super().__init__()
@@ -105,7 +154,8 @@ class MeshRewardNet(nn.Module):
         self.edge = nn.Sequential(
             nn.Linear(EDGE_FEATURES, config.local_width), nn.ReLU(), nn.Linear(config.local_width, config.local_width)
         )
-        self.point_in = nn.Sequential(nn.Linear(6 + config.local_width, w), nn.ReLU(), nn.Linear(w, w))
+        contact = CONTACT_FEATURES if config.part_contact else 0
+        self.point_in = nn.Sequential(nn.Linear(6 + contact + config.local_width, w), nn.ReLU(), nn.Linear(w, w))
         self.film = nn.Linear(text_dim, 2 * w) if config.text_conditioning else None
         if self.film is not None:  # starts as the identity: scale 1, shift 0
             nn.init.zeros_(self.film.weight)
@@ -120,22 +170,27 @@ class MeshRewardNet(nn.Module):
     def embed(
         self, points: torch.Tensor, text: torch.Tensor | None = None, neighbours: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`(B, N, 6)` (+ `(B, T)` text) → LayerNorm-ed embeddings `(B, D)`; differentiable in `points`.
+        """`(B, N, C)` (+ `(B, T)` text) → LayerNorm-ed embeddings `(B, D)`; differentiable in `points`.
+
+        `C` = `config.channels`: xyz, normal, and with `part_contact` the part label.
 
         `neighbours (B, N, k)`: the points' kNN indices when already known (`knn_indices` of fixed
         training samples, computed once); None computes them.
         """
-        if points.ndim != 3 or points.shape[-1] != 6:
-            raise ValueError(f"expected points of shape (B, N, 6), got {tuple(points.shape)}")
+        channels = self.config.channels
+        if points.ndim != 3 or points.shape[-1] != channels:
+            raise ValueError(f"expected points of shape (B, N, {channels}), got {tuple(points.shape)}")
         if (self.film is not None) != (text is not None):
             state = "needs" if self.film is not None else "takes no"
             raise ValueError(f"this reward network {state} text embeddings")
-        xyz, normals = points[..., :3], points[..., 3:]
+        xyz, normals = points[..., :3], points[..., 3:6]
         if neighbours is None:
             neighbours = knn_indices(xyz, self.config.neighbours)
         edges = edge_features(xyz, normals, neighbours)
-        local = self.edge(edges).amax(dim=2)  # (B, N, local_width)
-        h = self.point_in(torch.cat([points, local], dim=-1))  # (B, N, W)
+        local = [self.edge(edges).amax(dim=2)]  # (B, N, local_width)
+        if self.config.part_contact:
+            local.append(contact_features(xyz, normals, points[..., 6], local_spacing(xyz, neighbours)))
+        h = self.point_in(torch.cat([points[..., :6], *local], dim=-1))  # (B, N, W)
         if self.film is not None:
             scale, shift = self.film(text).unsqueeze(1).chunk(2, dim=-1)
             h = h * (1 + scale) + shift

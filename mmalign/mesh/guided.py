@@ -8,9 +8,9 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
 
 - `r` is a frozen mesh reward (the shipped RewardCS by default) or an ensemble's mean or minimum,
   averaged over `draws` surface draws. Each draw is made as the reward's own scoring makes its
-  input (unit box, area-weighted samples with face normals), but with `SurfaceDraw`: fresh face
-  indices and barycentric weights every step, so points and normals carry gradients to the
-  vertices and the optimisation cannot fit one fixed sample set;
+  input (unit box, area-weighted samples with face normals and part labels), but with
+  `SurfaceDraw`: fresh face indices and barycentric weights every step, so points and normals
+  carry gradients to the vertices and the optimisation cannot fit one fixed sample set;
 - `α(t) = α_min + (α_max − α_min)·t/T` grows over the run (the spec's 10 → 20 by default; the recipe's
   0.3 → 0.6 suits rewards that regress scores ÷ 5);
 - `L_lap`: uniform Laplacian energy (`mmalign.losses.laplacian_smoothing_loss`) ÷ the template's
@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse
-import scipy.sparse.csgraph
 import scipy.sparse.linalg
 import torch
 import trimesh
@@ -63,6 +62,7 @@ from mmalign.losses import (
     normal_consistency_loss,
 )
 from mmalign.mesh import world
+from mmalign.mesh.parts import face_parts, vertex_adjacency, vertex_components
 from mmalign.mesh.render import render_views
 from mmalign.mesh.reward import MeshReward
 from mmalign.mesh.sampling import SurfaceDraw
@@ -161,19 +161,6 @@ class PartTranslations(nn.Module):
         return [self.scale * t[getattr(self, f"labels_{i}")] for i, t in enumerate(self.translations)]
 
 
-def vertex_adjacency(edges: torch.Tensor, vertex_count: int) -> scipy.sparse.csr_matrix:
-    """`(V, V)` symmetric 0/1 adjacency of the vertex graph `edges (E, 2)` (each undirected edge once)."""
-    i, j = edges[:, 0].cpu().numpy(), edges[:, 1].cpu().numpy()
-    adjacency = scipy.sparse.coo_matrix((np.ones(len(i)), (i, j)), shape=(vertex_count, vertex_count))
-    return (adjacency + adjacency.T).tocsr()
-
-
-def vertex_components(edges: torch.Tensor, vertex_count: int) -> torch.Tensor:
-    """`(V,)` int64: the connected component (part) of every vertex of the graph `edges (E, 2)`."""
-    _, labels = scipy.sparse.csgraph.connected_components(vertex_adjacency(edges, vertex_count), directed=False)
-    return torch.from_numpy(labels.astype(np.int64)).to(edges.device)
-
-
 class Deformation(nn.Module):
     """The optimised part of every template: vertex offsets `δ_i` and, optionally, part translations."""
 
@@ -246,6 +233,7 @@ class MeshGuided(Method):
         self.rest = [torch.as_tensor(np.asarray(t.mesh.vertices), **to) for t in self.templates]
         self.faces = [torch.as_tensor(np.asarray(t.mesh.faces), device=self.device) for t in self.templates]
         self.edges = [mesh_edges(f) for f in self.faces]
+        self.face_parts = [face_parts(f, len(v)).to(torch.float32) for f, v in zip(self.faces, self.rest)]
         self.adjacency = [face_adjacency(f) for f in self.faces]
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
         self.spacing2 = [lengths.mean().pow(2) for lengths in self.rest_lengths]  # squared mean edge length
@@ -322,11 +310,12 @@ class MeshGuided(Method):
         offsets, vertices = self.deform(self.module)
         self.generator.manual_seed(self.run.seed * 1_000_003 + batch)
         samples = []
-        for v, f in zip(vertices, self.faces):
+        for v, f, labels in zip(vertices, self.faces, self.face_parts):
             unit = unit_box(v)
             for _ in range(c.draws):
-                points, normals = SurfaceDraw.draw(unit.detach(), f, self.points, self.generator).sample(unit, f)
-                samples.append(torch.cat([points, normals], dim=-1))
+                draw = SurfaceDraw.draw(unit.detach(), f, self.points, self.generator)
+                points, normals = draw.sample(unit, f)
+                samples.append(torch.cat([points, normals, labels[draw.face_index, None]], dim=-1))
         prompts = [p for p in self.prompts for _ in range(c.draws)]
         points = torch.stack(samples)
         members = [r.rewards(points, prompts).view(len(vertices), c.draws).mean(dim=1) for r in self.rewards]

@@ -1,5 +1,8 @@
 """A mesh as the reward encoder sees it: `(N, 6)` surface samples with normals, whatever its vertex and face order.
 
+With `parts=True` a 7th channel holds the part (connected component) each sample lies on, for
+rewards whose encoder reads contact between parts (`MeshEncoderConfig.part_contact`).
+
 `mesh_points` loads and validates the mesh (`mmalign.mesh.io.load_mesh`: unit box), puts it in a
 canonical order, and draws seeded area-weighted samples. The canonical order makes the draw,
 and so any reward computed from it, exactly invariant to how a file happens to list its vertices
@@ -15,6 +18,7 @@ import torch
 import trimesh
 
 from mmalign.mesh.io import load_mesh
+from mmalign.mesh.parts import face_parts
 from mmalign.mesh.sampling import sample_surface
 
 
@@ -36,12 +40,22 @@ def canonical_order(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
 
 
 def mesh_points(
-    source: str | Path | trimesh.Trimesh | trimesh.Scene, n: int, seed: int, name: str | None = None
+    source: str | Path | trimesh.Trimesh | trimesh.Scene,
+    n: int,
+    seed: int,
+    name: str | None = None,
+    parts: bool = False,
 ) -> torch.Tensor:
     """`(n, 6)` float32: xyz in the unit box, then unit face normals, of a mesh file or object.
 
+    `parts`: `(n, 7)`, the last channel the part label of each sample's face (0, 1, …, in the
+    canonical order, so labels too ignore how the file lists its vertices and faces).
     Bad meshes raise `MeshInputError` naming `name` (default: the file, or "mesh object").
     """
     mesh = canonical_order(load_mesh(source, name=name))
-    points, normals = sample_surface(mesh, n, seed)
-    return torch.cat([points, normals], dim=1)
+    points, normals, face_index = sample_surface(mesh, n, seed)
+    channels = [points, normals]
+    if parts:
+        labels = face_parts(torch.from_numpy(np.asarray(mesh.faces)), len(mesh.vertices))
+        channels.append(labels[face_index].to(torch.float32)[:, None])
+    return torch.cat(channels, dim=1)

@@ -103,10 +103,10 @@ class MeshReward(Reward):
         self.metrics = manifest.get("metrics", {})
 
     def points(self, meshes: Any) -> torch.Tensor:
-        """Meshes (paths or trimesh objects) → `(K, N, 6)` encoder input, sampled as in training."""
+        """Meshes (paths or trimesh objects) → `(K, N, config.channels)` encoder input, sampled as in training."""
         c = self.config
         out = [
-            mesh_points(m, c.points, c.sample_seed, name=None if isinstance(m, (str, Path)) else f"mesh {i}")
+            mesh_points(m, c.points, c.sample_seed, None if isinstance(m, (str, Path)) else f"mesh {i}", c.part_contact)
             for i, m in enumerate(as_mesh_list(meshes))
         ]
         if not out:
@@ -114,12 +114,16 @@ class MeshReward(Reward):
         return torch.stack(out)
 
     def rewards(self, points: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        """`(B, N, 6)` → `(B,)` rewards with gradients to `points` (for reward-guided optimisation)."""
+        """`(B, N, C ≥ config.channels)` → `(B,)` rewards with gradients to `points` (for reward-guided optimisation).
+
+        Channels past the reward's own (a part label it does not read) are ignored, so an ensemble
+        can share one sample tensor.
+        """
         text = self.text(prompts).to(self.device) if self.text is not None else None
-        return self.net(points.to(self.device), text)[1]
+        return self.net(points[..., : self.config.channels].to(self.device), text)[1]
 
     def score_batch(self, points: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        """`points (B, N, 6)` → `(B,)` scores on CPU (the `Reward` hook; meshes arrive through `__call__`)."""
+        """`points (B, N, C)` → `(B,)` scores on CPU (the `Reward` hook; meshes arrive through `__call__`)."""
         with torch.no_grad():
             return self.rewards(points, prompts).cpu()
 

@@ -88,13 +88,15 @@ class MeshRewardMethod(Method):
             section = self.run.method.replace("-", "_")
             raise ConfigError(f"{section}.train_draws must be at least 1, got {self.config.train_draws}")
         with accelerator.main_process_first():
-            sets = load_mesh_sets(self.run.data, self.config.meshes, e.points, e.sample_seed, self.config.train_draws)
+            sets = load_mesh_sets(
+                self.run.data, self.config.meshes, e.points, e.sample_seed, self.config.train_draws, e.part_contact
+            )
         self.train_set, self.heldout_set = sets
         tower = TextTower(e.text_encoder, self.device) if e.text_conditioning else None
         self.text_dim = tower.dim if tower is not None else None
         splits = (("train", self.train_set), ("heldout", self.heldout_set))
         self.text = {name: tower(part.prompts).to(self.device) if tower else None for name, part in splits}
-        # `(draws, K, N, 6)` per split (held out: one draw); the samples are fixed, so is their kNN
+        # `(draws, K, N, C)` per split (held out: one draw); the samples are fixed, so is their kNN
         # graph: computed once, not at every step
         self.points = {name: part.points.reshape(-1, *part.points.shape[-3:]).to(self.device) for name, part in splits}
         self.neighbours = {

@@ -17,13 +17,17 @@ import torch.nn.functional as F
 import trimesh
 
 
-def sample_surface(mesh: trimesh.Trimesh, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` area-weighted surface points `(n, 3)` and their face normals `(n, 3)`, float32, reproducible by `seed`."""
+def sample_surface(mesh: trimesh.Trimesh, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`n` area-weighted surface points `(n, 3)`, their face normals `(n, 3)` (float32) and faces `(n,)` (int64).
+
+    Reproducible by `seed`.
+    """
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     points, face_index = trimesh.sample.sample_surface(mesh, n, seed=np.random.default_rng(seed))
     normals = mesh.face_normals[face_index]
-    return torch.from_numpy(np.asarray(points, np.float32)), torch.from_numpy(np.asarray(normals, np.float32))
+    as_tensor = torch.from_numpy
+    return as_tensor(np.asarray(points, np.float32)), as_tensor(np.asarray(normals, np.float32)), as_tensor(face_index)
 
 
 def face_cross(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
