@@ -13,6 +13,7 @@ from mmalign.mesh import world
 from mmalign.mesh.encoder import (
     CONTACT_SATURATION,
     HASHED_NGRAMS,
+    WINDING_AREA,
     HashedNgrams,
     MeshEncoderConfig,
     MeshRewardNet,
@@ -211,26 +212,42 @@ def test_mesh_points_label_each_sample_with_its_part():
 
 
 def test_contact_features_match_a_loop_over_the_points():
-    points = mesh_points(_stacked_boxes(0.05), 128, seed=1, parts=True)[None]
+    points = mesh_points(_stacked_boxes(-0.05), 128, seed=1, parts=True)[None]
     xyz, normals, parts = (t.numpy().astype(np.float64) for t in (points[0, :, :3], points[0, :, 3:6], points[0, :, 6]))
-    spacing = local_spacing(points[..., :3], knn_indices(points[..., :3], 12))[0, :, 0].numpy()
+    spacing = local_spacing(points[..., :3], knn_indices(points[..., :3], 12))[0, :, 0].numpy().astype(np.float64)
     expected = []
     for i in range(len(xyz)):
         others = [j for j in range(len(xyz)) if parts[j] != parts[i]]
-        j = min(others, key=lambda j: np.linalg.norm(xyz[i] - xyz[j]))
-        d = float(np.dot(xyz[i] - xyz[j], normals[j])) / spacing[i]
-        expected.append(CONTACT_SATURATION * np.tanh(d / CONTACT_SATURATION))
-    features = _contact(points)[0]
-    np.testing.assert_allclose(features[:, 0].numpy(), expected, atol=1e-5)
-    assert torch.equal(features[:, 1], torch.ones(128))
+        winding = 0.0
+        for j in others:
+            r2 = float(np.sum((xyz[j] - xyz[i]) ** 2))
+            flux = float(np.dot(xyz[j] - xyz[i], normals[j])) / (r2 + (spacing[j] / 2) ** 2) ** 1.5
+            winding += WINDING_AREA * spacing[j] ** 2 * flux / (4 * np.pi)
+        distance = min(np.linalg.norm(xyz[i] - xyz[j]) for j in others) / spacing[i]
+        signed = distance * (1 - 2 * min(max(winding, 0.0), 1.0))
+        expected.append([CONTACT_SATURATION * np.tanh(signed / CONTACT_SATURATION), winding, 1.0])
+    np.testing.assert_allclose(_contact(points)[0].numpy(), np.array(expected), atol=1e-4)
+
+
+def test_the_winding_number_tells_inside_from_outside_of_a_closed_part():
+    """Samples of a part sunk into another read a winding number well above ½; samples away from it, near 0.
+
+    (At 512 samples the estimate reads about 0.7 deep inside, not 1: the area per sample comes from the
+    local spacing, which the cube's own samples near the slab's surface shorten.)
+    """
+    points = mesh_points(_stacked_boxes(-0.3), 512, seed=0, parts=True)[None]
+    winding = _contact(points)[0, :, 1]
+    cube = points[0, :, 6] == points[0, points[0, :, 2].argmax(), 6]
+    z = points[0, :, 2]
+    slab_top = z[~cube].max()  # in the unit box
+    deep = cube & (z < slab_top - 0.1) & (points[0, :, 0].abs() < 0.15) & (points[0, :, 1].abs() < 0.15)
+    assert deep.any() and (winding[deep] > 0.6).all()  # the cube's bottom, well inside the slab
+    assert (winding[cube & (z > slab_top + 0.1)].abs() < 0.2).all()  # its upper part, outside
+    assert (winding[~cube & (z < slab_top - 0.2)].abs() < 0.2).all()  # the slab's bottom, below the cube
 
 
 def test_contact_reads_touching_floating_and_sunk_parts_apart():
-    """Read on the upper cube's bottom face, where the other part's nearest sample lies on the slab's top.
-
-    (Near the other part's edges the nearest sample can lie on a side face, whose normal gives the
-    distance a sign that is not the inside/outside one: the feature is exact on faces, rough at edges.)
-    """
+    """Read on the upper cube's bottom face: about 0 where it touches the slab, negative inside it, positive above."""
     bottom = {}
     for gap in (-0.15, 0.0, 0.15):
         points = mesh_points(_stacked_boxes(gap), 512, seed=0, parts=True)[None]
@@ -239,10 +256,10 @@ def test_contact_reads_touching_floating_and_sunk_parts_apart():
         facing_down = points[0, :, 5] < -0.99
         bottom[gap] = signed[cube & facing_down]
     assert (bottom[-0.15] < -0.5).all()  # inside the other part
-    assert (bottom[0.0].abs() < 1e-5).all()  # touching
+    assert (bottom[0.0].abs() < 0.3).all()  # touching
     assert (bottom[0.15] > 0.5).all()  # across a gap
     single = _contact(mesh_points(trimesh.creation.box([1, 1, 1]), 128, seed=0, parts=True)[None])[0]
-    assert torch.equal(single, torch.tensor([CONTACT_SATURATION, 0.0]).expand(128, 2))  # one part: no contact
+    assert torch.equal(single, torch.tensor([CONTACT_SATURATION, 0.0, 0.0]).expand(128, 3))  # one part: none
 
 
 def test_contact_distance_follows_the_upper_part_up_and_down():

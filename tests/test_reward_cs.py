@@ -207,3 +207,19 @@ def test_batches_below_the_per_class_minimum_are_refused():
     run = load_config(ROOT / "configs/mesh/reward_cs.yaml", ["train.batch_size=14"])
     with pytest.raises(ConfigError, match="7 meshes of each class per process"):
         RewardCS(run).setup(SimpleNamespace(num_processes=2))
+
+
+def test_the_shipped_contact_reward_prefers_resting_parts_to_floating_and_sunk_ones():
+    """`embedded:mesh-reward-cs-contact` (scripts/train_mesh_reward.py --asset contact) on held-out compositions."""
+    reward = load_reward("reward-cs", path="embedded:mesh-reward-cs-contact")
+    assert reward.config.part_contact
+    assert reward.points(world.good_mesh("a torus", np.random.default_rng(0))).shape[-1] == 7  # xyz, normal, part
+    wins = []
+    for prompt in ("a sphere on a cylinder", "a torus on a cube"):
+        for seed in range(4):
+            resting = world.good_mesh(prompt, np.random.default_rng(seed))
+            floating = world.floating_mesh(prompt, np.random.default_rng(seed))
+            sunk = world.bad_mesh(prompt, np.random.default_rng(seed), "intersecting")
+            scores = reward([resting, floating, sunk], prompt)
+            wins += [bool(scores[0] > scores[1]), bool(scores[0] > scores[2])]
+    assert np.mean(wins) >= 0.75, wins
