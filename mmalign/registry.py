@@ -125,7 +125,7 @@ EMBEDDED: dict[str, str] = {
     "mesh-reward-cs-round0": "mesh-reward-cs-round0",  # its rounds 0–2: the ensemble of configs/mesh/guided.yaml
     "mesh-reward-cs-round1": "mesh-reward-cs-round1",
     "mesh-reward-cs-round2": "mesh-reward-cs-round2",
-    "mesh-reward-cs-contact": "mesh-reward-cs-contact",  # RewardCS with part contact: guided.yaml's reward
+    "mesh-reward-cs-contact": "mesh-reward-cs-contact",  # RewardCS reading part contact (README)
     "vlm-shapes": "vlm-shapes",
     "balls-t2v": "balls-t2v",
 }

@@ -5,9 +5,9 @@
   of its own guided meshes as rated negatives), then copies its `final/reward` folder into
   `mmalign/assets/mesh-reward-cs/` and each earlier round's reward into
   `mmalign/assets/mesh-reward-cs-round<k>/`. About 33 min.
-- `--asset contact`: `embedded:mesh-reward-cs-contact`, the reward `configs/mesh/guided.yaml` guides
-  with: `configs/mesh/reward_cs.yaml` with part contact (`encoder.part_contact`) on a mesh set that
-  also holds floating parts (`meshes.embedded.floating_per_prompt=3`). About 30 s.
+- `--asset contact`: `embedded:mesh-reward-cs-contact`, `configs/mesh/reward_cs.yaml` with part
+  contact (`encoder.part_contact`) on a mesh set that also holds floating parts
+  (`meshes.embedded.floating_per_prompt=3`): the reward for guidance that moves parts. About 30 s.
 
 Each reward folder's manifest carries the held-out metrics it was measured with; the run's own
 `report.md` stays in `--work-dir`. Finished stages in `--work-dir` are reused, so a killed run

@@ -223,10 +223,8 @@ def read_mesh_rows(source: Path, config: MeshSetConfig) -> list[MeshRow]:
             f"{' and '.join(f'{name}/' for name in CLASS_FOLDERS)} and {PROMPTS_JSONL}"
         )
     if not rows:
-        raise DataError(
-            f"{source}: no meshes outside the dropped score band ({config.dispreferred_max:g}, "
-            f"{config.preferred_min:g})"
-        )
+        raise DataError(f"{source}: no meshes outside the dropped score band ({config.dispreferred_max:g}, "
+                        f"{config.preferred_min:g})")
     return rows
 
 
@@ -238,9 +236,8 @@ def split_rows(rows: list[MeshRow], config: MeshSetConfig, source: str) -> tuple
     with_split = [r for r in rows if r.split is not None]
     if with_split and len(with_split) != len(rows):
         missing = next(r for r in rows if r.split is None)
-        raise DataError(
-            f"{missing.where}, field 'split': missing, but other rows have one; give all rows a split or none"
-        )
+        raise DataError(f"{missing.where}, field 'split': missing, but other rows have one; give all rows a split "
+                        "or none")
     if with_split:
         held = {i for i, r in enumerate(rows) if r.split == "heldout"}
     else:

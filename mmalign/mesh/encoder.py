@@ -70,8 +70,9 @@ class MeshEncoderConfig:
     embed_dim: int = option("D: embedding size (the CS divergence's sample space)", 64)
     head_hidden: int = option("hidden width of the reward head", 64)
     part_contact: bool = option(
-        "also read each point's signed distance to the nearest sample of another part (connected component): "
-        "contact, gaps and interpenetration between parts; the input gains a 7th channel, the part label",
+        "also read, at each point, the other parts' (connected components') winding number and the distance to "
+        "their nearest sample signed by it: contact, gaps and interpenetration between parts "
+        "(`contact_features`); the input gains a 7th channel, the part label",
         False,
     )
     text_conditioning: bool = option("condition on the prompt through a frozen text tower (FiLM)", True)
@@ -143,7 +144,9 @@ def contact_features(
     return torch.stack([signed, winding, has_other.to(signed.dtype)], dim=-1)
 
 
-def edge_features(xyz: torch.Tensor, normals: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+def edge_features(
+    xyz: torch.Tensor, normals: torch.Tensor, neighbours: torch.Tensor, spacing: torch.Tensor
+) -> torch.Tensor:
     """Features of every point with each of its k neighbours: `(B, N, k, 11)`.
 
     Offsets `o_ij = (p_j − p_i) / s_i` are in units of the point's mean neighbour distance `s_i`,
@@ -152,7 +155,7 @@ def edge_features(xyz: torch.Tensor, normals: torch.Tensor, neighbours: torch.Te
     """
     batch = torch.arange(xyz.shape[0], device=xyz.device)[:, None, None]
     offsets = xyz[batch, neighbours] - xyz[:, :, None]  # (B, N, k, 3)
-    offsets = offsets / local_spacing(xyz, neighbours)[..., None]
+    offsets = offsets / spacing[..., None]
     n_i = normals[:, :, None].expand_as(offsets)
     n_j = normals[batch, neighbours]
     height = (offsets * n_i).sum(-1, keepdim=True)
@@ -204,10 +207,11 @@ class MeshRewardNet(nn.Module):
         xyz, normals = points[..., :3], points[..., 3:6]
         if neighbours is None:
             neighbours = knn_indices(xyz, self.config.neighbours)
-        edges = edge_features(xyz, normals, neighbours)
+        spacing = local_spacing(xyz, neighbours)
+        edges = edge_features(xyz, normals, neighbours, spacing)
         local = [self.edge(edges).amax(dim=2)]  # (B, N, local_width)
         if self.config.part_contact:
-            local.append(contact_features(xyz, normals, points[..., 6], local_spacing(xyz, neighbours)))
+            local.append(contact_features(xyz, normals, points[..., 6], spacing))
         h = self.point_in(torch.cat([points[..., :6], *local], dim=-1))  # (B, N, W)
         if self.film is not None:
             scale, shift = self.film(text).unsqueeze(1).chunk(2, dim=-1)

@@ -62,7 +62,7 @@ from mmalign.losses import (
     normal_consistency_loss,
 )
 from mmalign.mesh import world
-from mmalign.mesh.parts import face_parts, vertex_adjacency, vertex_components
+from mmalign.mesh.parts import vertex_adjacency, vertex_components
 from mmalign.mesh.render import render_views
 from mmalign.mesh.reward import MeshReward
 from mmalign.mesh.sampling import SurfaceDraw
@@ -149,10 +149,10 @@ class PartTranslations(nn.Module):
     learning rate the vertex offsets share.
     """
 
-    def __init__(self, edges: list[torch.Tensor], vertex_counts: list[int], scale: float):
+    def __init__(self, labels: list[torch.Tensor], scale: float):
+        """`labels`: per template, the `(V_i,)` part of every vertex (`vertex_components`)."""
         super().__init__()
         self.scale = scale
-        labels = [vertex_components(e, v) for e, v in zip(edges, vertex_counts)]
         for i, label in enumerate(labels):
             self.register_buffer(f"labels_{i}", label, persistent=False)
         self.translations = nn.ParameterList([nn.Parameter(torch.zeros(int(label.max()) + 1, 3)) for label in labels])
@@ -233,14 +233,15 @@ class MeshGuided(Method):
         self.rest = [torch.as_tensor(np.asarray(t.mesh.vertices), **to) for t in self.templates]
         self.faces = [torch.as_tensor(np.asarray(t.mesh.faces), device=self.device) for t in self.templates]
         self.edges = [mesh_edges(f) for f in self.faces]
-        self.face_parts = [face_parts(f, len(v)).to(torch.float32) for f, v in zip(self.faces, self.rest)]
+        vertex_parts = [vertex_components(e, len(v)) for e, v in zip(self.edges, self.rest)]
+        self.face_parts = [parts[f[:, 0]].to(torch.float32) for parts, f in zip(vertex_parts, self.faces)]
         self.adjacency = [face_adjacency(f) for f in self.faces]
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
         self.spacing2 = [lengths.mean().pow(2) for lengths in self.rest_lengths]  # squared mean edge length
         if c.part_translation_scale < 0:
             raise ConfigError("mesh_guided.part_translation_scale must be non-negative (0 = parts stay)")
         counts = [len(v) for v in self.rest]
-        parts = PartTranslations(self.edges, counts, c.part_translation_scale) if c.part_translation_scale else None
+        parts = PartTranslations(vertex_parts, c.part_translation_scale) if c.part_translation_scale else None
         self.deformation = Deformation(VertexOffsets(self.edges, counts, c.smoothing), parts).to(self.device)
         self.anchor_filters = [
             SmoothingSolver(e, v, c.anchor_smoothing) if c.anchor_smoothing > 0 else None

@@ -26,8 +26,8 @@ def sample_surface(mesh: trimesh.Trimesh, n: int, seed: int) -> tuple[torch.Tens
         raise ValueError(f"n must be positive, got {n}")
     points, face_index = trimesh.sample.sample_surface(mesh, n, seed=np.random.default_rng(seed))
     normals = mesh.face_normals[face_index]
-    as_tensor = torch.from_numpy
-    return as_tensor(np.asarray(points, np.float32)), as_tensor(np.asarray(normals, np.float32)), as_tensor(face_index)
+    points, normals = (torch.from_numpy(np.asarray(a, np.float32)) for a in (points, normals))
+    return points, normals, torch.from_numpy(face_index)
 
 
 def face_cross(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
