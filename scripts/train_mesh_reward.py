@@ -6,8 +6,9 @@
   `mmalign/assets/mesh-reward-cs/` and each earlier round's reward into
   `mmalign/assets/mesh-reward-cs-round<k>/`. About 33 min.
 - `--asset contact`: `embedded:mesh-reward-cs-contact`, `configs/mesh/reward_cs.yaml` with part
-  contact (`encoder.part_contact`) on a mesh set that also holds floating parts
-  (`meshes.embedded.floating_per_prompt=3`): the reward for guidance that moves parts. About 30 s.
+  contact (`encoder.part_contact`) on a mesh set that also holds floating parts and parts just off
+  contact (`meshes.embedded.floating_per_prompt=3`, `displaced_per_prompt=4`): the reward for guidance
+  that moves parts (`configs/mesh/guided.yaml`). About 2 min.
 
 Each reward folder's manifest carries the held-out metrics it was measured with; the run's own
 `report.md` stays in `--work-dir`. Finished stages in `--work-dir` are reused, so a killed run
@@ -31,7 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "mmalign" / "assets"
 
 
-CONTACT_OVERRIDES = ["reward_cs.meshes.embedded.floating_per_prompt=3", "reward_cs.encoder.part_contact=true"]
+CONTACT_OVERRIDES = [
+    "reward_cs.meshes.embedded.floating_per_prompt=3",
+    "reward_cs.meshes.embedded.displaced_per_prompt=4",
+    "reward_cs.encoder.part_contact=true",
+]
 
 
 def train(config: str, run: Path, seed: int, overrides: list[str]) -> None:

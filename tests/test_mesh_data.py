@@ -285,6 +285,20 @@ def test_floating_meshes_come_only_for_on_prompts_and_fail_the_relation(tmp_path
         build_embedded_meshes(EmbeddedMeshesConfig(floating_per_prompt=-1), tmp_path / "x")
 
 
+def test_displaced_meshes_come_for_two_part_prompts_and_are_scored_like_any_mesh(tmp_path):
+    config = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=1, bad_kinds=["noisy"], displaced_per_prompt=3)
+    rows = [json.loads(line) for line in (build_embedded_meshes(config, tmp_path / "set") / "meshes.jsonl").open()]
+    pairs = [p for p in world.PROMPTS if len(world.parse_prompt(p).parts) == 2]
+    displaced = [r for r in rows if r["kind"] == "displaced"]
+    assert sorted(r["prompt"] for r in displaced) == sorted(pairs * 3)
+    for row in displaced:
+        mesh = trimesh.load(tmp_path / "set" / row["mesh"], process=False)
+        assert row["score"] == round(5.0 * world.gold_score(mesh, row["prompt"]), 4)
+    assert {r["score"] > 4.0 for r in displaced} == {True, False}  # resting within the tolerance, or not
+    with pytest.raises(ConfigError, match="displaced_per_prompt"):
+        build_embedded_meshes(EmbeddedMeshesConfig(displaced_per_prompt=-1), tmp_path / "x")
+
+
 def test_embedded_set_holds_mild_corruptions_between_clean_and_broken(tmp_path):
     config = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=4, bad_kinds=["noisy"], min_strength=0.25)
     rows = [json.loads(line) for line in (build_embedded_meshes(config, tmp_path / "set") / "meshes.jsonl").open()]

@@ -316,12 +316,12 @@ def test_renders_show_outward_faces_in_front_colour_and_inside_out_ones_in_back_
 
 @pytest.fixture(scope="module")
 def guided_run(tmp_path_factory) -> tuple[Path, dict]:
-    """`mmalign train configs/mesh/guided.yaml` on one noisy template per held-out prompt, 40 steps."""
+    """`mmalign train configs/mesh/guided.yaml` (a noisy and an intersecting template per held-out prompt), 40 steps."""
     out = tmp_path_factory.mktemp("guided")
     overrides = [
         f"output_dir={out}", "train.max_steps=40", "train.threads=1", "eval.every=20", "train.checkpoint_every=20",
-        "mesh_guided.templates.per_prompt=1", "mesh_guided.draws=4", "mesh_guided.render_size=48",
-        "train.learning_rate=2.5e-3",  # larger steps: 40 of them move the meshes as the recipe's 200 do
+        "mesh_guided.draws=4", "mesh_guided.render_size=48",
+        "train.learning_rate=1e-3",  # twice the recipe's steps: 40 of them move the meshes most of the way its 200 do
     ]  # fmt: skip
     assert main(["train", str(ROOT / "configs/mesh/guided.yaml"), *overrides]) == 0
     return out, json.loads((out / "report.json").read_text())
@@ -332,12 +332,14 @@ def test_guidance_raises_the_reward_on_heldout_prompts_and_keeps_the_meshes_mesh
     before, after = report["metrics"]["before"], report["metrics"]["after"]
     assert report["gold_metric"] == "heldout_gold" and 0.0 <= report["after"] <= 1.0
     assert after["reward"] > before["reward"] + 0.05, (before["reward"], after["reward"])  # spec (g) 8
-    assert after["gold/count"] == before["gold/count"] == 1.0  # no part torn off or merged
+    assert after["heldout_gold"] > before["heldout_gold"] + 0.1, (before["heldout_gold"], after["heldout_gold"])
+    assert after["gold/relation"] > before["gold/relation"] + 0.2  # the reward moved parts into place
+    assert after["gold/count"] == before["gold/count"]  # no part torn off or merged
     assert after["gold/closed"] == 1.0 and after["gold/oriented"] == 1.0
     assert 0.5 < report["train"]["alpha"] <= 0.6 and [e["step"] for e in report["evaluations"]] == [0, 20, 40]
     start = read_templates(out / "meshes" / "step-000000")
     final = read_templates(out / "final" / "meshes")
-    assert [t.prompt for t in final] == world.prompts("heldout")
+    assert [t.prompt for t in final] == [p for p in world.prompts("heldout") for _ in range(2)]
     for a, b in zip(start, final):
         assert len(a.mesh.faces) == len(b.mesh.faces) and np.isfinite(b.mesh.vertices).all()
         assert not np.allclose(a.mesh.vertices, b.mesh.vertices)

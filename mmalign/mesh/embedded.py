@@ -48,6 +48,12 @@ class EmbeddedMeshesConfig:
         "they teach a reward that parts rest on each other; 0 = none (the shipped rewards' set)",
         0,
     )
+    displaced_per_prompt: int = option(
+        "extra meshes per two-part prompt whose parts sit just off contact, within ±0.1 (unit box) of touching "
+        "(kind displaced, `world.displaced_mesh`): scored like any mesh, so they fall on both sides of the judge's "
+        "contact tolerance and teach a reward where resting ends; 0 = none",
+        0,
+    )
     min_strength: float = option(
         "noisy, crumpled and deformed meshes are corrupted with a strength drawn uniformly from [min_strength, 1]: "
         "milder ones are the immature states a generator passes through (1 = full corruption only)",
@@ -77,13 +83,16 @@ def build_embedded_meshes(config: EmbeddedMeshesConfig, directory: Path) -> Path
         known = ", ".join(world.PROMPT_SETS)
         raise ConfigError(f"meshes.embedded.prompts must be one of {known}, got {config.prompts!r}")
     heldout, good = set(world.HELDOUT), config.good_per_prompt
-    if config.floating_per_prompt < 0:
-        raise ConfigError("meshes.embedded.floating_per_prompt must be non-negative")
+    if config.floating_per_prompt < 0 or config.displaced_per_prompt < 0:
+        raise ConfigError("meshes.embedded.floating_per_prompt and displaced_per_prompt must be non-negative")
     jobs = []
     for index, prompt in enumerate(world.PROMPT_SETS[config.prompts]):
         kinds = ["good"] * good + [config.bad_kinds[j % len(config.bad_kinds)] for j in range(config.bad_per_prompt)]
-        if world.parse_prompt(prompt).relation == "on":
+        spec = world.parse_prompt(prompt)
+        if spec.relation == "on":
             kinds += ["floating"] * config.floating_per_prompt
+        if len(spec.parts) == 2:
+            kinds += ["displaced"] * config.displaced_per_prompt
         jobs += [(index, prompt, kind) for kind in kinds]
     rows = []
     with atomic_directory(directory) as tmp:
@@ -94,6 +103,8 @@ def build_embedded_meshes(config: EmbeddedMeshesConfig, directory: Path) -> Path
                 mesh = world.good_mesh(prompt, rng)
             elif kind == "floating":
                 mesh = world.floating_mesh(prompt, rng)
+            elif kind == "displaced":
+                mesh = world.displaced_mesh(prompt, rng)
             else:
                 mesh = world.bad_mesh(prompt, rng, kind, strength=rng.uniform(config.min_strength, 1.0))
             name = f"meshes/{number:05d}.ply"

@@ -358,6 +358,9 @@ class MeshGuided(Method):
             metrics["gold_match"] = float(np.mean([c["match"] for c in checks]))
             for name in ("smooth", "unfolded", "closed", "oriented", "nondegenerate", "count", "shape", "proportion"):
                 metrics[f"gold/{name}"] = float(np.mean([c[name] for c in checks]))
+            relations = [c["relation"] for c in checks if "relation" in c]  # compositions only
+            if relations:
+                metrics["gold/relation"] = float(np.mean(relations))
             captions = [f"{cap} gold={c['score']:.2f}" for cap, c in zip(captions, checks)]
         metrics["reward"] = float(rewards.mean())
         export_meshes(Path(self.run.output_dir) / "meshes" / f"step-{step:06d}", self.templates, meshes)

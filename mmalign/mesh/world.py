@@ -338,6 +338,35 @@ def floating_mesh(prompt: str, rng: np.random.Generator) -> trimesh.Trimesh:
     return trimesh.util.concatenate([upper, lower])
 
 
+def displaced_mesh(prompt: str, rng: np.random.Generator, reach: float = 0.1) -> trimesh.Trimesh:
+    """A clean composition in the unit box whose parts sit just off contact: within `reach` of touching.
+
+    For an `on` prompt the upper part moves up or down so that its bottom lies `g ~ U(−reach, reach)`
+    from the lower part's top (g < 0: sunk into it); for `next to` the parts move along the axis they
+    stand side by side on until the gap between their boxes is `g`. The gold judge accepts |g| up to
+    `_TOUCH` on `on` (and any g ≥ −`_TOUCH` beside), so these meshes lie on both sides of its contact
+    tolerance: the near misses a guided part ends in, which clean, floating and intersecting meshes
+    (all well away from it) never show a reward.
+    """
+    spec = parse_prompt(prompt)
+    if len(spec.parts) != 2:
+        raise ValueError(f"a displaced mesh needs a two-part prompt, got {prompt!r}")
+    first, second = sorted(
+        normalise_to_unit_box(good_mesh(prompt, rng)).split(only_watertight=False), key=lambda c: -c.bounds[0, 2]
+    )
+    gap = rng.uniform(-reach, reach)
+    offset = np.zeros(3)
+    if spec.relation == "on":
+        offset[2] = gap - (first.bounds[0, 2] - second.bounds[1, 2])
+    else:
+        axis = int(np.argmax(np.abs(first.centroid - second.centroid)[:2]))
+        if first.centroid[axis] > second.centroid[axis]:
+            offset[axis] = gap - (first.bounds[0, axis] - second.bounds[1, axis])
+        else:
+            offset[axis] = (second.bounds[0, axis] - first.bounds[1, axis]) - gap
+    return trimesh.util.concatenate([first.apply_translation(offset), second])
+
+
 def _random_patches(mesh: trimesh.Trimesh, rng: np.random.Generator, count: int, radius: float) -> np.ndarray:
     """`(F,)` bool: faces whose centroid lies within `radius` of one of `count` random face centroids."""
     centres = mesh.triangles_center
