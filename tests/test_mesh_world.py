@@ -160,6 +160,11 @@ def test_displaced_meshes_sit_within_reach_of_contact_on_both_sides_of_the_toler
         assert 0 < np.mean(holds) < 1  # both sides of the tolerance
     with pytest.raises(ValueError, match="two-part prompt"):
         world.displaced_mesh("a torus", np.random.default_rng(0))
+    stacked = world.good_mesh("a sphere on a cube", np.random.default_rng(0))
+    for gap in (-0.2, 0.0, 0.07):
+        upper, lower = sorted(world.parts_at_gap(stacked, "on", gap).split(), key=lambda c: -c.bounds[0, 2])
+        assert upper.bounds[0, 2] - lower.bounds[1, 2] == pytest.approx(gap)
+        assert lower.bounds.tolist() == min(stacked.split(), key=lambda c: c.bounds[0, 2]).bounds.tolist()  # stays
 
 
 def test_gold_ignores_position_and_size_but_not_inside_out(good):

@@ -341,22 +341,27 @@ def floating_mesh(prompt: str, rng: np.random.Generator) -> trimesh.Trimesh:
 def displaced_mesh(prompt: str, rng: np.random.Generator, reach: float = 0.1) -> trimesh.Trimesh:
     """A clean composition in the unit box whose parts sit just off contact: within `reach` of touching.
 
-    For an `on` prompt the upper part moves up or down so that its bottom lies `g ~ U(−reach, reach)`
-    from the lower part's top (g < 0: sunk into it); for `next to` the parts move along the axis they
-    stand side by side on until the gap between their boxes is `g`. The gold judge accepts |g| up to
-    `_TOUCH` on `on` (and any g ≥ −`_TOUCH` beside), so these meshes lie on both sides of its contact
-    tolerance: the near misses a guided part ends in, which clean, floating and intersecting meshes
-    (all well away from it) never show a reward.
+    The parts are moved to a gap `g ~ U(−reach, reach)` (`parts_at_gap`; g < 0: into each other). The
+    gold judge accepts |g| up to `_TOUCH` on `on` (and any g ≥ −`_TOUCH` beside), so these meshes lie on
+    both sides of its contact tolerance: the near misses a guided part ends in, which clean, floating and
+    intersecting meshes (all well away from it) never show a reward.
     """
     spec = parse_prompt(prompt)
     if len(spec.parts) != 2:
         raise ValueError(f"a displaced mesh needs a two-part prompt, got {prompt!r}")
-    first, second = sorted(
-        normalise_to_unit_box(good_mesh(prompt, rng)).split(only_watertight=False), key=lambda c: -c.bounds[0, 2]
-    )
-    gap = rng.uniform(-reach, reach)
+    mesh = normalise_to_unit_box(good_mesh(prompt, rng))
+    return parts_at_gap(mesh, spec.relation, rng.uniform(-reach, reach))
+
+
+def parts_at_gap(mesh: trimesh.Trimesh, relation: str, gap: float) -> trimesh.Trimesh:
+    """A two-part `mesh` with its higher part moved so that the parts' gap is `gap` (mesh units; < 0: overlap).
+
+    `on`: the upper part's bottom lies `gap` above the lower part's top; `next to`: the parts' boxes are
+    `gap` apart along the horizontal axis their centres differ most on.
+    """
+    first, second = sorted(mesh.split(only_watertight=False), key=lambda c: -c.bounds[0, 2])
     offset = np.zeros(3)
-    if spec.relation == "on":
+    if relation == "on":
         offset[2] = gap - (first.bounds[0, 2] - second.bounds[1, 2])
     else:
         axis = int(np.argmax(np.abs(first.centroid - second.centroid)[:2]))
