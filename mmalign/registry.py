@@ -122,10 +122,10 @@ EMBEDDED: dict[str, str] = {
     "shapes-t2i": "shapes-t2i",
     "shapes-clip": "shapes-clip",
     "mesh-reward-cs": "mesh-reward-cs",  # the last round of configs/mesh/reward_cs_rounds.yaml
-    "mesh-reward-cs-round0": "mesh-reward-cs-round0",  # its rounds 0–2: the ensemble of configs/mesh/guided.yaml
+    "mesh-reward-cs-round0": "mesh-reward-cs-round0",  # its rounds 0–2 (README, "Surface-only guidance")
     "mesh-reward-cs-round1": "mesh-reward-cs-round1",
     "mesh-reward-cs-round2": "mesh-reward-cs-round2",
-    "mesh-reward-cs-contact": "mesh-reward-cs-contact",  # RewardCS reading part contact (README)
+    "mesh-reward-cs-contact": "mesh-reward-cs-contact",  # RewardCS reading part contact: configs/mesh/guided.yaml
     "vlm-shapes": "vlm-shapes",
     "balls-t2v": "balls-t2v",
 }

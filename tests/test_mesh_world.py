@@ -165,6 +165,20 @@ def test_displaced_meshes_sit_within_reach_of_contact_on_both_sides_of_the_toler
         upper, lower = sorted(world.parts_at_gap(stacked, "on", gap).split(), key=lambda c: -c.bounds[0, 2])
         assert upper.bounds[0, 2] - lower.bounds[1, 2] == pytest.approx(gap)
         assert lower.bounds.tolist() == min(stacked.split(), key=lambda c: c.bounds[0, 2]).bounds.tolist()  # stays
+    for left_first in (True, False):  # side by side along x, the moved part on either side
+        left, right = trimesh.creation.box([1, 1, 1]), trimesh.creation.box([0.5, 0.5, 0.8])
+        left.apply_translation([0.5, 0, 0.5])
+        right.apply_translation([1.75, 0, 0.5])  # boxes 0.5 apart, the right one's bottom higher: it moves
+        pair = trimesh.util.concatenate([left, right] if left_first else [right, left])
+        for gap in (-0.1, 0.05):
+            moved = world.parts_at_gap(pair, "next to", gap)
+            low, high = sorted(moved.split(), key=lambda c: c.bounds[0, 0])
+            assert high.bounds[0, 0] - low.bounds[1, 0] == pytest.approx(gap)
+            assert low.bounds.tolist() == left.bounds.tolist()  # the lower-lying box stays
+    with pytest.raises(ValueError, match="two parts"):
+        world.parts_at_gap(trimesh.creation.box(), "on", 0.0)
+    with pytest.raises(ValueError, match="unknown relation"):
+        world.parts_at_gap(stacked, "under", 0.0)
 
 
 def test_gold_ignores_position_and_size_but_not_inside_out(good):

@@ -359,7 +359,12 @@ def parts_at_gap(mesh: trimesh.Trimesh, relation: str, gap: float) -> trimesh.Tr
     `on`: the upper part's bottom lies `gap` above the lower part's top; `next to`: the parts' boxes are
     `gap` apart along the horizontal axis their centres differ most on.
     """
-    first, second = sorted(mesh.split(only_watertight=False), key=lambda c: -c.bounds[0, 2])
+    if relation not in ("on", "next to"):
+        raise ValueError(f"unknown relation {relation!r}; expected 'on' or 'next to'")
+    parts = mesh.split(only_watertight=False)
+    if len(parts) != 2:
+        raise ValueError(f"parts_at_gap needs a mesh of two parts, got {len(parts)}")
+    first, second = sorted(parts, key=lambda c: -c.bounds[0, 2])
     offset = np.zeros(3)
     if relation == "on":
         offset[2] = gap - (first.bounds[0, 2] - second.bounds[1, 2])
