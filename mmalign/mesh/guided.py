@@ -62,7 +62,7 @@ from mmalign.losses import (
     normal_consistency_loss,
 )
 from mmalign.mesh import world
-from mmalign.mesh.parts import vertex_adjacency, vertex_components
+from mmalign.mesh.parts import face_parts, vertex_adjacency, vertex_components
 from mmalign.mesh.render import render_views
 from mmalign.mesh.reward import MeshReward
 from mmalign.mesh.sampling import SurfaceDraw
@@ -234,7 +234,7 @@ class MeshGuided(Method):
         self.faces = [torch.as_tensor(np.asarray(t.mesh.faces), device=self.device) for t in self.templates]
         self.edges = [mesh_edges(f) for f in self.faces]
         vertex_parts = [vertex_components(e, len(v)) for e, v in zip(self.edges, self.rest)]
-        self.face_parts = [parts[f[:, 0]].to(torch.float32) for parts, f in zip(vertex_parts, self.faces)]
+        self.face_parts = [face_parts(f, parts).to(torch.float32) for f, parts in zip(self.faces, vertex_parts)]
         self.adjacency = [face_adjacency(f) for f in self.faces]
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
         self.spacing2 = [lengths.mean().pow(2) for lengths in self.rest_lengths]  # squared mean edge length

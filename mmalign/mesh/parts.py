@@ -12,8 +12,6 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
-from mmalign.losses import mesh_edges
-
 
 def vertex_adjacency(edges: torch.Tensor, vertex_count: int) -> scipy.sparse.csr_matrix:
     """`(V, V)` symmetric 0/1 adjacency of the vertex graph `edges (E, 2)` (each undirected edge once)."""
@@ -28,6 +26,6 @@ def vertex_components(edges: torch.Tensor, vertex_count: int) -> torch.Tensor:
     return torch.from_numpy(labels.astype(np.int64)).to(edges.device)
 
 
-def face_parts(faces: torch.Tensor, vertex_count: int) -> torch.Tensor:
-    """`faces (F, 3)` → `(F,)` int64: the part (connected component) of every face."""
-    return vertex_components(mesh_edges(faces), vertex_count)[faces[:, 0]]
+def face_parts(faces: torch.Tensor, vertex_labels: torch.Tensor) -> torch.Tensor:
+    """`faces (F, 3)` and their vertices' parts `(V,)` (`vertex_components`) → `(F,)`: the part of every face."""
+    return vertex_labels[faces[:, 0]]

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import trimesh
 
+from mmalign.losses import mesh_edges
 from mmalign.mesh.io import load_mesh
-from mmalign.mesh.parts import face_parts
+from mmalign.mesh.parts import face_parts, vertex_components
 from mmalign.mesh.sampling import sample_surface
 
 
@@ -56,6 +57,7 @@ def mesh_points(
     points, normals, face_index = sample_surface(mesh, n, seed)
     channels = [points, normals]
     if parts:
-        labels = face_parts(torch.from_numpy(np.asarray(mesh.faces)), len(mesh.vertices))
+        faces = torch.from_numpy(np.asarray(mesh.faces))
+        labels = face_parts(faces, vertex_components(mesh_edges(faces), len(mesh.vertices)))
         channels.append(labels[face_index].to(torch.float32)[:, None])
     return torch.cat(channels, dim=1)
