@@ -39,12 +39,19 @@ def time_mmalign(method_name: str, args: argparse.Namespace, work: Path) -> dict
     from mmalign.registry import METHODS, load
 
     section = method_name
-    run = load_config(ROOT / f"configs/vlm/{method_name}.yaml", [
-        f"model.path={args.model}", f"output_dir={work / method_name}", f"train.batch_size={args.prompts}",
-        f"{section}.num_generations={args.group}", f"{section}.max_new_tokens={args.tokens}",
-        f"{section}.temperature=1.0", f"{section}.kinds=[count,largest,arith]",
-        f"{section}.rewards=[{{name: accuracy, weight: 1.0}}]",
-    ])
+    run = load_config(
+        ROOT / f"configs/vlm/{method_name}.yaml",
+        [
+            f"model.path={args.model}",
+            f"output_dir={work / method_name}",
+            f"train.batch_size={args.prompts}",
+            f"{section}.num_generations={args.group}",
+            f"{section}.max_new_tokens={args.tokens}",
+            f"{section}.temperature=1.0",
+            "data.embedded.kinds=[count,largest,arith]",
+            f"{section}.rewards=[{{name: accuracy, weight: 1.0}}]",
+        ],
+    )
     method = load(METHODS, "method", run.method)(run)
     method.setup(_CPU())
     params = [p for p in method.trainable_module().parameters() if p.requires_grad]
@@ -89,13 +96,26 @@ def time_trl(args: argparse.Namespace, work: Path) -> dict[str, float]:
 
     def run(steps: int) -> float:
         config = GRPOConfig(
-            output_dir=str(work / f"trl-{steps}"), per_device_train_batch_size=args.prompts * args.group,
-            num_generations=args.group, max_completion_length=args.tokens, max_steps=steps, beta=0.0,
-            temperature=1.0, learning_rate=1e-5, use_vllm=False, use_cpu=True, bf16=False, logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+            output_dir=str(work / f"trl-{steps}"),
+            per_device_train_batch_size=args.prompts * args.group,
+            num_generations=args.group,
+            max_completion_length=args.tokens,
+            max_steps=steps,
+            beta=0.0,
+            temperature=1.0,
+            learning_rate=1e-5,
+            use_vllm=False,
+            use_cpu=True,
+            bf16=False,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
         )
-        trainer = GRPOTrainer(model=path, reward_funcs=[reward], args=config, train_dataset=dataset,
-                              processing_class=processor)
+        trainer = GRPOTrainer(
+            model=path, reward_funcs=[reward], args=config, train_dataset=dataset, processing_class=processor
+        )
         start = time.perf_counter()
         trainer.train()
         return time.perf_counter() - start
@@ -103,7 +123,7 @@ def time_trl(args: argparse.Namespace, work: Path) -> dict[str, float]:
     warm = run(args.warmup)
     lengths.clear()
     total = run(args.warmup + args.steps)
-    return {"step_s": (total - warm) / args.steps, "length": statistics.fmean(lengths[args.warmup:])}
+    return {"step_s": (total - warm) / args.steps, "length": statistics.fmean(lengths[args.warmup :])}
 
 
 def main() -> None:
@@ -120,8 +140,11 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results = {"grpo": time_mmalign("grpo", args, work), "papo": time_mmalign("papo", args, work),
-                   "trl_grpo": time_trl(args, work)}
+        results = {
+            "grpo": time_mmalign("grpo", args, work),
+            "papo": time_mmalign("papo", args, work),
+            "trl_grpo": time_trl(args, work),
+        }
     results["ratios"] = {
         "mmalign_grpo_over_trl": results["grpo"]["step_s"] / results["trl_grpo"]["step_s"],
         "papo_over_grpo": results["papo"]["step_s"] / results["grpo"]["step_s"],

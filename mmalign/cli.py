@@ -8,17 +8,33 @@ import json
 import sys
 from pathlib import Path
 
-from mmalign.config import ConfigError, help_text, load_config
+from mmalign.config import ConfigError, help_text, load_config, method_of
 from mmalign.errors import UserInputError
 from mmalign.io import expand_files
-from mmalign.registry import METHODS, REWARDS
+from mmalign.registry import DATASETS, METHODS, REWARDS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+
+def _train_help(args: argparse.Namespace) -> str:
+    """`mmalign train --help [METHOD]` or `mmalign train CONFIG [overrides] --help`: the options that run reads."""
+    if args.config is None:
+        return help_text()
+    if args.config in METHODS:
+        method = args.config
+    else:
+        method = method_of(args.config, args.overrides)
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; `mmalign methods` lists them")
+    return f"options of a {method} run (key = default):\n" + help_text(method)
 
 
 def _train(args: argparse.Namespace) -> int:
     import mmalign
 
+    if args.help or args.config is None:
+        print(args.usage_text + "\n\nconfig keys (key = default):\n" + _train_help(args))
+        return 0
     config = load_config(args.config, args.overrides)
     report = mmalign.train(config)
     if report:
@@ -98,8 +114,10 @@ def _sample(args: argparse.Namespace) -> int:
         reward = mmalign.load_reward(args.reward, **_reward_kwargs(args.reward_arg))
         result = best_of_n(model, all_prompts, args.best_of, reward, **options)
         images_t = result.images
-        scores = [{"prompt": p, "chosen": int(c), "scores": s.tolist()}
-                  for p, c, s in zip(all_prompts, result.chosen, result.scores)]
+        scores = [
+            {"prompt": p, "chosen": int(c), "scores": s.tolist()}
+            for p, c, s in zip(all_prompts, result.chosen, result.scores)
+        ]
     else:
         images_t = sample_candidates(model, prompts, args.num, **options).flatten(0, 1)
         scores = None
@@ -122,6 +140,9 @@ def _methods(args: argparse.Namespace) -> int:
     print("\nrewards (mmalign score --reward, mmalign.load_reward):")
     for name, (_, description) in REWARDS.items():
         print(f"  {name:<16} {description}")
+    print("\ndata (the data.path a method reads; embedded:<name> sets are built offline):")
+    for name, (methods, description) in DATASETS.items():
+        print(f"  {name:<24} {methods}\n  {'':<24} {description}")
     return 0
 
 
@@ -136,15 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="run a training recipe",
+        add_help=False,  # --help lists the options of the run the config selects (`_train_help`)
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a recipe YAML. Override any key as key=value (dotted for nested keys; "
         "`model=ID` and `data=PATH` set model.path / data.path). A run killed mid-way resumes "
-        "from its last checkpoint when the same command is run again.",
-        epilog="config keys (key = default):\n" + help_text(),
+        "from its last checkpoint when the same command is run again. `mmalign train CONFIG --help` "
+        "or `mmalign train --help METHOD` lists every option that run reads.",
     )
-    train.add_argument("config", help="recipe YAML, e.g. configs/image/diffusion_dpo.yaml")
+    train.add_argument("-h", "--help", action="store_true", help="list the options of this run (or METHOD)")
+    train.add_argument(
+        "config", nargs="?", help="recipe YAML, e.g. configs/image/diffusion_dpo.yaml, or a method name after --help"
+    )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, usage_text=train.format_help())
 
     score = sub.add_parser("score", help="score images (or meshes, with a mesh reward) and print a table")
     score.add_argument("files", nargs="+", help="image or mesh files, or folders (searched recursively)")

@@ -52,8 +52,19 @@ def option(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
     return field(default=default, metadata={"help": text}, **kwargs)
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise a `ConfigError` naming `key` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
+    """The `model` section of diffusion methods: the pipeline, its adapter and how it is loaded."""
+
     path: str = option("Hub id, local diffusers folder, or embedded:<name>", default="embedded:shapes-t2i")
     lora_rank: int | None = option("LoRA rank on the denoiser's attention; null = full fine-tuning", default=8)
     lora_alpha: int | None = option("LoRA alpha (scale = alpha / rank); null = rank", default=None)
@@ -67,6 +78,30 @@ class ModelConfig:
     revision: str | None = option("Hub revision (branch, tag or commit)", default=None)
     gradient_checkpointing: bool = option("recompute denoiser activations in backward to save memory", default=False)
     flow_sampling: str = option("σ law for flow-matching models: logit_normal or uniform", default="logit_normal")
+    save_pipeline: bool = option("with LoRA, also save the whole pipeline (LoRA merged) at the end", default=False)
+
+    def __post_init__(self) -> None:
+        check_choice("model.dtype", self.dtype, DTYPES)
+        check_choice("model.flow_sampling", self.flow_sampling, ("logit_normal", "uniform"))
+
+
+@dataclass
+class VLMModelConfig:
+    """The `model` section of VLM methods: the vision-language model and its adapter."""
+
+    path: str = option("Hub id, local transformers folder, or embedded:<name>", default="embedded:vlm-shapes")
+    lora_rank: int | None = option(
+        "LoRA rank on the language model's projections; null = full fine-tuning", default=None
+    )
+    lora_alpha: int | None = option("LoRA alpha (scale = alpha / rank); null = rank", default=None)
+    lora_targets: list[str] | None = option(
+        "module names to adapt; null = the attention and MLP projections", default=None
+    )
+    dtype: str = option("dtype of the weights: float32, float16 or bfloat16", default="float32")
+    revision: str | None = option("Hub revision (branch, tag or commit)", default=None)
+
+    def __post_init__(self) -> None:
+        check_choice("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -83,7 +118,25 @@ class EmbeddedPrefsConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSource:
+    """A `data` section that only names where the data is (methods that read nothing else about it)."""
+
+    path: str = option("a dataset folder or file, or embedded:<name> (`mmalign methods` lists them)", default="")
+
+
+@dataclass
+class CachedDataSource(DataSource):
+    """A `data` section whose embedded sets are generated once and cached."""
+
+    cache_dir: str | None = option(
+        "where generated embedded data is cached; null = $MMALIGN_CACHE or ~/.cache/mmalign", default=None
+    )
+
+
+@dataclass
+class DataConfig(CachedDataSource):
+    """The `data` section of diffusion pair methods: preference pairs and their preprocessing."""
+
     path: str = option(
         "datasets name or folder (Pick-a-Pic columns jpg_0/jpg_1/label_0/caption), a folder with pairs.jsonl "
         "(image_0/image_1/label/prompt), or embedded:shapes-prefs",
@@ -95,7 +148,6 @@ class DataConfig:
     random_crop: bool = option("random instead of centre crop after resizing", default=False)
     random_flip: bool = option("horizontal flip with probability 1/2, per image", default=False)
     max_pairs: int | None = option("use at most this many pairs (after dropping ties)", default=None)
-    cache_dir: str | None = option("where generated embedded data is cached; null = ~/.cache/mmalign", default=None)
     embedded: EmbeddedPrefsConfig = option(
         "generation of the embedded preference set", default_factory=EmbeddedPrefsConfig
     )
@@ -120,12 +172,19 @@ class TrainConfig:
     keep_checkpoints: int = option("keep the newest N checkpoints", default=2)
     resume: bool = option("continue from the newest checkpoint in output_dir when there is one", default=True)
     threads: int | None = option("torch CPU threads; null = torch's default", default=None)
-    save_pipeline: bool = option("also save the whole pipeline (LoRA merged) at the end", default=False)
 
 
 @dataclass
-class EvalConfig:
+class EvalSchedule:
+    """The `eval` section of methods whose evaluation options live in their own section: when to evaluate."""
+
     every: int = option("evaluate every N steps (0 = only before and after)", default=100)
+
+
+@dataclass
+class EvalConfig(EvalSchedule):
+    """The `eval` section of diffusion methods: prompts, sampling and the rewards that score the samples."""
+
     prompts: str = option(
         "heldout / train (shapes-world splits) or a text file with one prompt per line", default="heldout"
     )
@@ -149,10 +208,12 @@ class RunConfig:
     recipe: str = option("name shown in reports", default="")
     seed: int = option("global seed (data order, noise, timesteps)", default=0)
     output_dir: str = option("run directory: config, logs, checkpoints, samples, report", default="runs/run")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # `model`, `data` and `eval` hold the dataclasses the method declares (`Method.model_config_class`, …);
+    # a method without a model section has `model=None`.
+    model: Any = field(default_factory=ModelConfig)
+    data: Any = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: Any = field(default_factory=EvalConfig)
     method_args: Any = None  # the method's own config dataclass, parsed from its section
 
     @property
@@ -160,11 +221,28 @@ class RunConfig:
         return self.method.replace("-", "_")
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(dataclasses.replace(self, method_args=None))
-        out.pop("method_args")
+        """Every section the run has (a method without a model section has none), then the method's own."""
+        out: dict[str, Any] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method_args"
+        }
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items() if v is not None}
         if self.method_args is not None:
             out[self.method_section] = dataclasses.asdict(self.method_args)
         return out
+
+
+#: the sections every run has; `model`, `data` and `eval` take the dataclass the method declares
+SHARED_SECTIONS = ("model", "data", "train", "eval")
+
+
+def section_classes(method_class: type) -> dict[str, type | None]:
+    """`{section: dataclass or None}` of a method class (None: the method reads no such section)."""
+    return {
+        "model": method_class.model_config_class,
+        "data": method_class.data_config_class,
+        "train": TrainConfig,
+        "eval": method_class.eval_config_class,
+    }
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -218,20 +296,23 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _unknown_key(key: str, known: list[str]) -> ConfigError:
+def _unknown_key(key: str, known: list[str], reader: str | None = None) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    if reader is None:
+        return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"config key {key!r} is not read by {reader}{hint} It reads: {', '.join(known)}")
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, converting types and rejecting unknown keys."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", reader: str | None = None) -> Any:
+    """Build dataclass `cls` from a mapping, converting types and rejecting unknown keys (naming `reader`,
+    e.g. "method grpo", in the error when given)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "method_args"]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise _unknown_key(prefix + key, [prefix + n for n in names])
+            raise _unknown_key(prefix + key, [prefix + n for n in names], reader)
         kwargs[key] = _convert(value, hints[key], prefix + key)
     return cls(**kwargs)
 
@@ -262,8 +343,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a recipe YAML (or start from defaults), apply overrides, and validate."""
+def _read_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The recipe YAML (or nothing) with the overrides applied, as a nested mapping."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -280,46 +361,93 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value, sections)
+    return tree
+
+
+def method_of(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The method a recipe and its overrides select."""
+    return str(_read_tree(path, overrides).get("method", RunConfig.method))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a recipe YAML (or start from defaults), apply overrides, and validate.
+
+    Each section is parsed with the dataclass the method declares for it, so a key the method does
+    not read is an error that names it.
+    """
+    tree = _read_tree(path, overrides)
     method = str(tree.get("method", RunConfig.method))
     from mmalign.registry import METHODS, load
 
     method_class = load(METHODS, "method", method)
+    reader = f"method {method}"
     section = method.replace("-", "_")
     method_tree = tree.pop(section, {}) or {}
-    known = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_args"]
+    classes = section_classes(method_class)
+    scalars = [f.name for f in dataclasses.fields(RunConfig) if f.name not in (*SHARED_SECTIONS, "method_args")]
     other_sections = {name.replace("-", "_"): name for name in METHODS}
     for key in tree:
         if key in other_sections:
-            raise ConfigError(f"config section {key!r} configures method {other_sections[key]}, but this run's "
-                              f"method is {method}; remove the section or set method={other_sections[key]}")
-        if key not in known:
-            raise _unknown_key(key, known + [section])
-    config = from_dict(RunConfig, tree)
-    config.method_args = from_dict(method_class.config_class, method_tree, prefix=f"{section}.")
+            raise ConfigError(
+                f"config section {key!r} configures method {other_sections[key]}, but this run's "
+                f"method is {method}; remove the section or set method={other_sections[key]}"
+            )
+        if key not in scalars and key not in SHARED_SECTIONS:
+            raise _unknown_key(key, scalars + [name for name, cls in classes.items() if cls] + [section])
+    config = from_dict(RunConfig, {k: v for k, v in tree.items() if k in scalars})
+    for name, cls in classes.items():
+        values = tree.get(name)
+        if cls is None:
+            if values:
+                first = next(iter(values)) if isinstance(values, dict) else "path"
+                raise ConfigError(f"config key '{name}.{first}' is not read by {reader}: it has no {name} section")
+            setattr(config, name, None)
+            continue
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"config key {name!r} is a section; expected a mapping, got {values!r}")
+        setattr(config, name, from_dict(cls, values or {}, prefix=f"{name}.", reader=reader))
+    config.method_args = from_dict(method_class.config_class, method_tree, prefix=f"{section}.", reader=reader)
     return config
 
 
-def help_text() -> str:
-    """Every config key with its type, default and help, for `mmalign train --help`."""
+def _option_lines(cls: type, prefix: str) -> list[str]:
+    """`key = default` and its help for every field of dataclass `cls`, nested sections flattened."""
     lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "method_args" or f.name in SHARED_SECTIONS and cls is RunConfig:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += _option_lines(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return lines
 
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "method_args":
-                continue
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
 
-    walk(RunConfig, "")
+def help_text(method: str | None = None) -> str:
+    """Every config key a run of `method` reads, with its type, default and help (`mmalign train --help`);
+    without a method, the keys every run shares."""
+    lines = _option_lines(RunConfig, "")
+    if method is None:
+        lines += _option_lines(TrainConfig, "train.")
+        lines.append(
+            "\n  The model, data and eval sections and the method's own section depend on the method: "
+            "`mmalign train CONFIG --help` or `mmalign train --help METHOD` lists them."
+        )
+        return "\n".join(lines)
     from mmalign.registry import METHODS, load
 
-    for name in METHODS:
-        lines.append(f"\n  [{name.replace('-', '_')}] options of method {name}:")
-        walk(load(METHODS, "method", name).config_class, f"{name.replace('-', '_')}.")
+    method_class = load(METHODS, "method", method)
+    for name, cls in section_classes(method_class).items():
+        if cls is None:
+            lines.append(f"\n  [{name}] method {method} has no {name} section")
+            continue
+        lines.append(f"\n  [{name}]")
+        lines += _option_lines(cls, f"{name}.")
+    section = method.replace("-", "_")
+    lines.append(f"\n  [{section}] options of method {method}:")
+    lines += _option_lines(method_class.config_class, f"{section}.")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Names → implementations, imported lazily by dotted string so the core never imports a modality.
 
-Three tables: training methods, rewards, and embedded assets (models shipped in the wheel,
-addressed as `embedded:<name>`). `load(table, name)` imports and returns the object.
+Four tables: training methods, rewards, embedded assets (models shipped in the wheel, addressed as
+`embedded:<name>`) and the data each method reads (`DATASETS`: embedded sets and user formats).
+`load(table, name)` imports and returns the object.
 """
 
 from __future__ import annotations
@@ -114,6 +115,43 @@ REWARDS: dict[str, tuple[str, str]] = {
     "vlm-rm": (
         "mmalign.vlm.reward:VLMReward",
         "VLM reward model (Bradley-Terry head on a VLM) scoring images with prompts (path=folder)",
+    ),
+}
+
+#: `data.path` value or user format → (the methods that read it, what it is). Embedded sets are built
+#: offline on first use and cached under `data.cache_dir`, `$MMALIGN_CACHE` or `~/.cache/mmalign`.
+DATASETS: dict[str, tuple[str, str]] = {
+    "embedded:shapes-prefs": (
+        "diffusion-dpo, diffusion-sft, smpo",
+        "the shapes world's captions, the model's own samples paired best vs worst by a proxy reward",
+    ),
+    "Pick-a-Pic datasets": (
+        "diffusion-dpo, diffusion-sft, smpo",
+        "a datasets name or folder with columns jpg_0, jpg_1, label_0, caption (ties dropped)",
+    ),
+    "pairs.jsonl folder": (
+        "diffusion-dpo, diffusion-sft, smpo",
+        "rows {image_0, image_1, prompt, label}: label = index of the preferred image, 0.5 a tie",
+    ),
+    "embedded:balls-world": ("densedpo, rdpo", "simulated clips of balls under gravity with captions"),
+    "videos.jsonl folder": ("densedpo, rdpo", "rows {video, prompt, fps?}: MP4 or GIF clips with their captions"),
+    "embedded:meshes": ("reward-cs, reward-bt, reward-cs-rounds", "the mesh world's scored meshes"),
+    "meshes.jsonl folder": (
+        "reward-cs, reward-bt, reward-cs-rounds",
+        "rows {prompt, mesh, score, label?, split?}, or preferred/ + dispreferred/ + prompts.jsonl",
+    ),
+    "embedded:mesh-templates": ("mesh-guided", "immature meshes of the mesh world to guide"),
+    "templates.jsonl folder": ("mesh-guided", "rows {prompt, mesh}: your generator's meshes to guide"),
+    "embedded:vlm-world": ("grpo, papo, listener-grpo, vlm-sft", "verifiable questions about shapes images"),
+    "VQA set": (
+        "grpo, papo, listener-grpo, vlm-sft",
+        "a JSONL file, <split>.jsonl folder or datasets name/folder with columns images, problem, answer "
+        "(data.columns renames them; vlm-sft also reads response)",
+    ),
+    "embedded:vlm-image-prefs": ("vlm-reward-model", "gold-labelled image pairs of the shapes world"),
+    "VLM preference pairs": (
+        "vlm-reward-model",
+        "a pairs.jsonl folder with rows {prompt, image_1, image_2, label} or {prompt, images, chosen, rejected}",
     ),
 }
 

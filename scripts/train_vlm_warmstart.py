@@ -58,22 +58,48 @@ def main() -> None:
     init = args.work_dir / "init"
     if not (init / "model.safetensors").is_file():
         build_tiny_vlm("qwen2-vl", init, corpus=corpus(), size=WARMSTART_SIZE, seed=args.seed)
-    onset = sft(init, args.work_dir / f"onset-seed{args.seed}", args.seed, args.onset_steps,
-                ["vlm_sft.kinds=[largest]", "vlm_sft.eval_kinds=[largest]", "vlm_sft.eval_per_kind=50",
-                 "train.checkpoint_every=200", "eval.every=0"], args.threads)
+    onset = sft(
+        init,
+        args.work_dir / f"onset-seed{args.seed}",
+        args.seed,
+        args.onset_steps,
+        [
+            "data.embedded.kinds=[largest]",
+            "data.embedded.eval_kinds=[largest]",
+            "data.embedded.eval_per_kind=50",
+            "train.checkpoint_every=200",
+            "eval.every=0",
+        ],
+        args.threads,
+    )
     count = sft(onset / "final" / "model", args.work_dir / f"count-seed{args.seed}", args.seed, args.count_steps,
-                ["vlm_sft.kinds=[largest,count]", "vlm_sft.eval_kinds=[count,largest]", "train.checkpoint_every=200",
-                 "eval.every=200"], args.threads)  # fmt: skip
-    run = sft(count / "final" / "model", args.work_dir / f"sft-seed{args.seed}", args.seed, args.steps,
-              ["train.checkpoint_every=200", "eval.every=200"], args.threads)
+                ["data.embedded.kinds=[largest,count]", "data.embedded.eval_kinds=[count,largest]",
+                 "train.checkpoint_every=200", "eval.every=200"], args.threads)  # fmt: skip
+    run = sft(
+        count / "final" / "model",
+        args.work_dir / f"sft-seed{args.seed}",
+        args.seed,
+        args.steps,
+        ["train.checkpoint_every=200", "eval.every=200"],
+        args.threads,
+    )
     tmp = ASSET.with_name(f".tmp-{ASSET.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(run / "final" / "model", tmp)
     shutil.rmtree(ASSET, ignore_errors=True)
     tmp.rename(ASSET)
     report = json.loads((run / "report.json").read_text())
-    print(json.dumps({"shipped": str(ASSET), "before": report["before"], "after": report["after"],
-                      "metrics": report["metrics"]["after"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "shipped": str(ASSET),
+                "before": report["before"],
+                "after": report["after"],
+                "metrics": report["metrics"]["after"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

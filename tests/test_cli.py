@@ -27,19 +27,36 @@ def test_methods_lists_methods_and_rewards(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "diffusion-dpo" in out and "clip-score" in out and "shapes-gold" in out
+    assert "embedded:vlm-world" in out and "VQA set" in out and "videos.jsonl folder" in out
 
 
-def test_train_help_documents_every_option(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--help"])
-    assert exit_info.value.code == 0
+def test_train_help_lists_the_options_the_run_reads(capsys):
+    assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "train.learning_rate" in out and "diffusion_dpo.beta" in out and "data.embedded.prompts" in out
+    assert "train.learning_rate" in out and "mmalign train CONFIG --help" in out and "diffusion_dpo.beta" not in out
+    assert main(["train", "configs/image/diffusion_dpo.yaml", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusion_dpo.beta" in out and "data.embedded.prompts" in out and "grpo.rewards" not in out
+    assert main(["train", "configs/image/diffusion_dpo.yaml", "method=grpo", "--help"]) == 0
+    assert "grpo.rewards" in capsys.readouterr().out
+    assert main(["train", "--help", "reward-cs"]) == 0
+    out = capsys.readouterr().out
+    assert "reward_cs.cs_weight" in out and "has no model section" in out and "eval.gold" not in out
 
 
 def test_score_prints_a_table_and_writes_csv_and_json(image_folder, tmp_path, capsys):
-    args = ["score", "--reward", "shapes-gold", str(image_folder), "--prompt", "a red circle above a blue square",
-            "--csv", str(tmp_path / "s.csv"), "--json", str(tmp_path / "s.json")]
+    args = [
+        "score",
+        "--reward",
+        "shapes-gold",
+        str(image_folder),
+        "--prompt",
+        "a red circle above a blue square",
+        "--csv",
+        str(tmp_path / "s.csv"),
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[-1] == "shapes-gold" and len(out) == 4
@@ -82,18 +99,45 @@ def test_unknown_reward_and_bad_override(capsys, tmp_path):
 
 def test_sample_writes_images_and_a_grid(tiny_pipelines, tmp_path):
     out = tmp_path / "out"
-    args = ["sample", "--model", str(tiny_pipelines["sd"]), "--prompt", "a red circle", "--prompt", "a blue square",
-            "--num", "2", "--steps", "2", "--out", str(out)]
+    args = [
+        "sample",
+        "--model",
+        str(tiny_pipelines["sd"]),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue square",
+        "--num",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
-    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png", "00003.png",
-                                                           "grid.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
     assert (out / "prompts.txt").read_text().splitlines() == ["a red circle"] * 2 + ["a blue square"] * 2
 
 
 def test_sample_best_of_n_keeps_the_rewards_choice(tiny_pipelines, tmp_path):
     out = tmp_path / "best"
-    args = ["sample", "--model", str(tiny_pipelines["sd"]), "--prompt", "a red circle", "--prompt", "a blue square",
-            "--steps", "2", "--best-of", "3", "--reward", "shapes-gold", "--out", str(out)]
+    args = [
+        "sample",
+        "--model",
+        str(tiny_pipelines["sd"]),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue square",
+        "--steps",
+        "2",
+        "--best-of",
+        "3",
+        "--reward",
+        "shapes-gold",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     record = json.loads((out / "best_of_n.json").read_text())
     assert record["n"] == 3 and len(record["samples"]) == 2

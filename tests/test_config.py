@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
-from mmalign.config import ConfigError, dump_config, help_text, load_config
+from mmalign.config import ConfigError, dump_config, help_text, load_config, section_classes
+from mmalign.registry import METHODS, load
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
 
@@ -51,7 +54,10 @@ def test_overrides_convert_types_and_section_shorthand():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.learnig_rate=1", "unknown config key 'train.learnig_rate'; did you mean 'train.learning_rate'?"),
+        (
+            "train.learnig_rate=1",
+            "'train.learnig_rate' is not read by method diffusion-dpo; did you mean 'train.learning_rate'?",
+        ),
         ("trian.max_steps=1", "unknown config key 'trian'; did you mean 'train'?"),
         ("diffusion_dpo.bta=1", "did you mean 'diffusion_dpo.beta'?"),
         ("train.max_steps=abc", "config key 'train.max_steps' expects int, got 'abc'"),
@@ -82,17 +88,51 @@ def test_bad_yaml_files(tmp_path):
         load_config(tmp_path / "broken.yaml")
 
 
-def test_help_documents_every_key():
-    text = help_text()
+def test_help_documents_every_key_of_the_method_and_no_other():
+    text = help_text("diffusion-dpo")
     for key in (
         "train.learning_rate",
         "model.lora_rank",
         "data.embedded.candidates",
         "eval.gold",
         "diffusion_dpo.beta",
-        "diffusion_sft.both_images",
     ):
         assert key in text
+    assert "diffusion_sft.both_images" in help_text("diffusion-sft") and "diffusion_sft" not in text
+    grpo = help_text("grpo")
+    assert "data.columns.problem" in grpo and "grpo.rewards" in grpo and "eval.gold" not in grpo
+    assert "model.flow_sampling" not in grpo and "data.random_crop" not in grpo
+    assert "has no model section" in help_text("reward-cs")
+    shared = help_text()
+    assert "train.learning_rate" in shared and "model.path" not in shared
+
+
+def _keys(cls: type, prefix: str) -> set[str]:
+    out = set()
+    for f in dataclasses.fields(cls):
+        out.add(prefix + f.name)
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            out |= _keys(f.type, f"{prefix}{f.name}.")
+    return out
+
+
+def _section_keys(method: str) -> set[str]:
+    classes = section_classes(load(METHODS, "method", method))
+    return {key for name, cls in classes.items() if cls is not None for key in _keys(cls, f"{name}.")}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_refuses_the_keys_its_method_does_not_read(recipe):
+    """Any model/data/eval key that some method reads but this recipe's method does not is an error naming it."""
+    method = load_config(recipe).method
+    own = _section_keys(method)
+    foreign = set().union(*(_section_keys(m) for m in METHODS)) - own
+    assert foreign
+    for key in sorted(foreign):
+        if any(key.startswith(k + ".") for k in foreign):  # a nested section's parent is refused already
+            continue
+        with pytest.raises(ConfigError, match=f"'{re.escape(key)}' is not read by method {method}"):
+            load_config(recipe, [f"{key}=1"])
 
 
 def test_a_section_of_another_method_is_named():

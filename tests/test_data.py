@@ -170,7 +170,7 @@ def test_pickapic_corrupt_image_is_named_when_read(tmp_path):
 
 
 def test_path_that_is_neither_folder_nor_dataset(tmp_path):
-    with pytest.raises(DataError, match="cannot open as a dataset"):
+    with pytest.raises(DataError, match="cannot open split .train. as a dataset"):
         load_pairs(tmp_path / "nowhere", resolution=16)
     with pytest.raises(DataError, match="no such file"):
         load_pairs(tmp_path / "nowhere.jsonl", resolution=16)

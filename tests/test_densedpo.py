@@ -13,7 +13,14 @@ from mmalign.data.segments import SegmentError
 from mmalign.data.video import write_video
 from mmalign.losses import diffusion_dpo_loss, per_segment_mse
 from mmalign.rewards.video import MotionSmoothness, foreground_track, segment_scores
-from mmalign.video.clips import VideoDataError, VideoPair, load_clips, load_video_pairs, write_video_pairs
+from mmalign.video.clips import (
+    ClipDataConfig,
+    VideoDataError,
+    VideoPair,
+    load_clips,
+    load_video_pairs,
+    write_video_pairs,
+)
 from mmalign.video.labels import (
     ReferenceTrackLabeler,
     RewardSegmentLabeler,
@@ -159,11 +166,31 @@ def test_mismatched_lengths_short_clips_and_unreadable_videos(tmp_path):
 
 
 def test_clips_from_the_simulator_and_from_a_folder(tmp_path):
-    clips = load_clips("embedded:balls-world", 3, seed=0)
+    clips = load_clips(ClipDataConfig("embedded:balls-world"), 3, seed=0)
     assert len(clips) == 3 and clips[0].frames.shape == (17, 32, 32, 3) and clips[0].fps == 8
     write_video(tmp_path / "c.gif", clip(2), 8)
     (tmp_path / "videos.jsonl").write_text(json.dumps({"video": "c.gif", "prompt": "a ball"}) + "\n")
-    assert load_clips(str(tmp_path), 5, seed=0)[0].fps == pytest.approx(8, rel=0.05)
+    assert load_clips(ClipDataConfig(str(tmp_path)), 5, seed=0)[0].fps == pytest.approx(8, rel=0.05)
+
+
+def test_a_folder_of_unequal_clips_is_conformed_to_one_shape(tmp_path):
+    """captions.jsonl with `file`/`caption` fields; clips at 8 and 16 fps, of two sizes, MP4 and GIF."""
+    frames = np.zeros((24, 40, 48, 3), np.uint8)
+    frames[:, 10:30, 14:34] = np.arange(24, dtype=np.uint8)[:, None, None, None] * 10  # brightness = time
+    write_video(tmp_path / "a.mp4", frames, 8)
+    write_video(tmp_path / "b.gif", frames[:, :32, :32], 16)  # twice the rate: half the duration
+    rows = [{"file": "a.mp4", "caption": "a square"}, {"video": "b.gif", "prompt": "a square", "fps": 16}]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = load_clips(ClipDataConfig(str(tmp_path), fps=8, resolution=[32, 32]), 5, seed=0)
+    assert a.frames.shape == b.frames.shape == (12, 32, 32, 3) and a.fps == b.fps == 8
+    # a keeps its first 12 frames; b at half its rate keeps every other one (brightness = 10 × source frame)
+    np.testing.assert_allclose(a.frames[:, 16, 16].mean(-1), 10 * np.arange(12), atol=6)
+    np.testing.assert_allclose(b.frames[:, 16, 16].mean(-1), 20 * np.arange(12), atol=6)
+    with pytest.raises(VideoDataError, match="row 2: 24 frames at 16 fps give 12 at 8 fps, fewer than the 20"):
+        load_clips(ClipDataConfig(str(tmp_path), fps=8, num_frames=20), 5, seed=0)
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"clip": "a.mp4", "prompt": "x"}) + "\n")
+    with pytest.raises(VideoDataError, match="row 1: missing field 'video' \\(or 'file'\\)"):
+        load_clips(ClipDataConfig(str(tmp_path)), 5, seed=0)
 
 
 # ------------------------------------------------------------------------------------ loss

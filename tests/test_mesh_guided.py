@@ -193,8 +193,7 @@ def test_smoothing_solver_solves_the_dense_system_and_backpropagates_the_same_so
 
 def test_a_low_pass_anchor_holds_the_shape_and_lets_surface_noise_go(tmp_path):
     def anchors(anchor_smoothing: float) -> tuple[float, float]:
-        overrides = [f"mesh_guided.anchor_smoothing={anchor_smoothing}", "mesh_guided.templates.per_prompt=1",
-                     f"data.cache_dir={tmp_path}"]  # fmt: skip
+        overrides = [f"mesh_guided.anchor_smoothing={anchor_smoothing}", "mesh_guided.templates.per_prompt=1"]
         method = MeshGuided(load_config(ROOT / "configs/mesh/guided.yaml", overrides))
         method.setup(SimpleNamespace(device=torch.device("cpu")))
         rest = method.rest[0]
@@ -219,9 +218,12 @@ def test_vertex_components_are_the_parts_trimesh_splits():
 
 
 def test_part_translations_move_parts_rigidly_and_no_regulariser_resists_them(tmp_path):
-    overrides = ["mesh_guided.templates.per_prompt=1", "mesh_guided.templates.kinds=[intersecting]",
-                 "mesh_guided.part_translation_scale=20", "mesh_guided.anchor_smoothing=0",
-                 f"data.cache_dir={tmp_path}"]  # fmt: skip
+    overrides = [
+        "mesh_guided.templates.per_prompt=1",
+        "mesh_guided.templates.kinds=[intersecting]",
+        "mesh_guided.part_translation_scale=20",
+        "mesh_guided.anchor_smoothing=0",
+    ]
     method = MeshGuided(load_config(ROOT / "configs/mesh/guided.yaml", overrides))
     method.setup(SimpleNamespace(device=torch.device("cpu")))
     i = method.prompts.index("a torus on a cube")

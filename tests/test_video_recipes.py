@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,15 +26,19 @@ def _overrides(model: Path, out: Path, steps: int, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+SMALL = {  # each method's recipe at a test's scale
+    "densedpo": ("densedpo.num_videos=4", "densedpo.build_batch=4", "densedpo.sample_steps=4",
+                 "densedpo.labeler_args={threshold: 0.001}"),
+    "rdpo": ("rdpo.num_videos=4", "rdpo.build_batch=4", "rdpo.sample_steps=4"),
+}  # fmt: skip
+
+
 def _dense(model: Path, out: Path, steps: int, *extra: str):
-    extra = ("densedpo.num_videos=4", "densedpo.build_batch=4", "densedpo.sample_steps=4",
-             "densedpo.labeler_args={threshold: 0.001}", *extra)  # fmt: skip
-    return load_config(ROOT / "configs/video/densedpo.yaml", _overrides(model, out, steps, *extra))
+    return load_config(ROOT / "configs/video/densedpo.yaml", _overrides(model, out, steps, *SMALL["densedpo"], *extra))
 
 
 def _rdpo(model: Path, out: Path, steps: int, *extra: str):
-    extra = ("rdpo.num_videos=4", "rdpo.build_batch=4", "rdpo.sample_steps=4", *extra)
-    return load_config(ROOT / "configs/video/rdpo.yaml", _overrides(model, out, steps, *extra))
+    return load_config(ROOT / "configs/video/rdpo.yaml", _overrides(model, out, steps, *SMALL["rdpo"], *extra))
 
 
 def _pairs(folder: Path) -> list[dict]:
@@ -127,3 +132,38 @@ def test_rdpo_nearest_selection_picks_the_closest_candidate(tiny_video_pipelines
         distances[select] = [r["selection_distance"] for r in _pairs(out / "pairs" / "stage-0")]
     assert all(n <= r + 1e-6 for n, r in zip(distances["nearest"], distances["random"]))
     assert sum(distances["nearest"]) < sum(distances["random"])
+
+
+@pytest.mark.parametrize("method", ["densedpo", "rdpo"])
+def test_the_cli_trains_on_a_folder_of_the_users_clips_and_scores_its_own_prompts(
+    method, tiny_video_pipelines, tmp_path
+):
+    """MP4 and GIF clips of two sizes with captions.jsonl; evaluation on a prompt file with a video reward and
+    no gold metric; the report names the folder and says which reward played which role."""
+    from mmalign.cli import main
+    from mmalign.data import balls_world
+    from mmalign.data.video import write_video
+
+    rng = np.random.default_rng(0)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rows = []
+    for i, caption in enumerate(balls_world.captions("train")[:4]):
+        frames = balls_world.render(caption, rng)
+        name = f"{i}.mp4" if i % 2 else f"{i}.gif"
+        write_video(clips / name, frames if i % 2 else frames.repeat(2, axis=1).repeat(2, axis=2), balls_world.FPS)
+        rows.append({"video": name, "caption": caption})
+    (clips / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball bouncing\na blue ball falling\n")
+    out = tmp_path / method
+    overrides = _overrides(tiny_video_pipelines["wan"], out, 2, *SMALL[method], f"data={clips}",
+                           "data.resolution=[32, 32]", f"eval.prompts={prompts}", "eval.gold=null",
+                           "eval.rewards=[motion-smoothness]")  # fmt: skip
+    assert main(["train", str(ROOT / f"configs/video/{method}.yaml"), *overrides]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == {"path": str(clips)} and report["eval_prompts"] == str(prompts)
+    assert report["gold_metric"] == "motion-smoothness"
+    assert "no gold metric" in (out / "report.md").read_text()
+    pairs = _pairs(out / "pairs" if method == "densedpo" else out / "pairs" / "stage-1")
+    assert {p["prompt"] for p in pairs} <= {r["caption"] for r in rows}

@@ -114,9 +114,18 @@ def test_one_step_raises_the_rewarded_tokens_probability(tiny_policy):
 
 def _grpo_overrides(policy: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [
-        f"model.path={policy}", f"output_dir={out}", f"train.max_steps={steps}", "train.batch_size=2",
-        "train.checkpoint_every=2", "train.log_every=1", "train.learning_rate=1e-3", "eval.every=0",
-        "grpo.num_generations=4", "grpo.max_new_tokens=6", "grpo.eval_per_kind=3", "grpo.eval_kinds=[count,arith]",
+        f"model.path={policy}",
+        f"output_dir={out}",
+        f"train.max_steps={steps}",
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "train.learning_rate=1e-3",
+        "eval.every=0",
+        "grpo.num_generations=4",
+        "grpo.max_new_tokens=6",
+        "data.embedded.eval_per_kind=3",
+        "data.embedded.eval_kinds=[count,arith]",
         *extra,
     ]
 
@@ -146,8 +155,9 @@ def test_grpo_runs_on_the_trainer_resumes_exactly_and_reports_blind_accuracy(tin
 
 
 def test_ratio_is_exactly_one_at_the_first_inner_step_and_moves_after(tiny_policy, tmp_path):
-    run = load_config(ROOT / "configs/vlm/grpo.yaml",
-                      _grpo_overrides(tiny_policy, tmp_path / "mu", 2, "grpo.iterations=2"))
+    run = load_config(
+        ROOT / "configs/vlm/grpo.yaml", _grpo_overrides(tiny_policy, tmp_path / "mu", 2, "grpo.iterations=2")
+    )
     method = GRPO(run)
     accelerator = type("Acc", (), {"device": torch.device("cpu"), "num_processes": 1, "process_index": 0})()
     method.setup(accelerator)
@@ -164,8 +174,11 @@ def test_ratio_is_exactly_one_at_the_first_inner_step_and_moves_after(tiny_polic
     assert metrics["ratio_mean"].item() != 1.0
     assert method.next_batch(2, 0) is not batch
     with pytest.raises(ConfigError, match="multiple of grpo.iterations"):
-        GRPO(load_config(ROOT / "configs/vlm/grpo.yaml", _grpo_overrides(
-            tiny_policy, tmp_path / "bad", 2, "grpo.iterations=3"))).setup(accelerator)
+        GRPO(
+            load_config(
+                ROOT / "configs/vlm/grpo.yaml", _grpo_overrides(tiny_policy, tmp_path / "bad", 2, "grpo.iterations=3")
+            )
+        ).setup(accelerator)
 
 
 def test_the_shipped_warm_start_reads_the_image():
@@ -175,6 +188,7 @@ def test_the_shipped_warm_start_reads_the_image():
     from mmalign.vlm.rewards import accuracy_reward
 
     vlm = VisionLanguageModel.from_pretrained(resolve_model_path("embedded:vlm-shapes"))
+
     def accuracy(kind: str, blind: bool) -> float:
         questions = world.question_set([kind], 40)
         prompts = vlm.encode([q.conversation(blind=blind) for q in questions])

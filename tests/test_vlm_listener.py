@@ -74,8 +74,9 @@ def test_listener_probabilities_are_the_next_token_decision_after_the_forced_pre
         inputs["input_ids"] = torch.cat([prompts.input_ids, prefix], 1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(prefix)], 1)
-        out = vlm.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
+        out = vlm.model.generate(
+            **inputs, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
         scores = out.scores[0][0, listener.decision_ids]
         torch.testing.assert_close(probs[i], torch.softmax(scores, -1), atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # equal decision logits → exactly one half each
@@ -85,11 +86,23 @@ def test_listener_probabilities_are_the_next_token_decision_after_the_forced_pre
 
 
 def _run(policy: Path, out: Path, *extra: str):
-    return load_config(ROOT / "configs/vlm/listener_grpo.yaml", [
-        f"model.path={policy}", f"listener_grpo.listener={policy}", f"output_dir={out}", "train.max_steps=2",
-        "train.batch_size=2", "train.checkpoint_every=2", "train.log_every=1", "eval.every=0",
-        "listener_grpo.num_generations=3", "listener_grpo.max_new_tokens=8", "listener_grpo.eval_per_kind=4",
-        *extra])
+    return load_config(
+        ROOT / "configs/vlm/listener_grpo.yaml",
+        [
+            f"model.path={policy}",
+            f"listener_grpo.listener={policy}",
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "eval.every=0",
+            "listener_grpo.num_generations=3",
+            "listener_grpo.max_new_tokens=8",
+            "data.embedded.eval_per_kind=4",
+            *extra,
+        ],
+    )
 
 
 class _CPU:
@@ -101,10 +114,12 @@ def test_shaped_reward_bounds_flip_and_densification(tiny_listener, tmp_path):
     method.setup(_CPU())
     q = world.question_set(["prefer"], 1)[0]
     conversation, wrong = q.conversation(), "2" if q.answer == "1" else "1"
-    responses = [f"<think>{q.thinking}</think><answer>{q.answer}</answer>",  # well-formed, correct
-                 f"<think>image 1 and image 2</think><answer>{q.answer}</answer>",  # correct, other reasoning
-                 f"<answer>{q.answer}</answer>",  # ill-formed but a parsable correct answer
-                 "no idea"]
+    responses = [
+        f"<think>{q.thinking}</think><answer>{q.answer}</answer>",  # well-formed, correct
+        f"<think>image 1 and image 2</think><answer>{q.answer}</answer>",  # correct, other reasoning
+        f"<answer>{q.answer}</answer>",  # ill-formed but a parsable correct answer
+        "no idea",
+    ]
     r_list, contradiction = method.listener_rewards([conversation] * 4, responses, [q.answer] * 4)
     flipped, _ = method.listener_rewards([conversation] * 4, responses, [wrong] * 4)
     assert ((r_list >= 0) & (r_list <= 1)).all()

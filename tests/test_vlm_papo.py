@@ -77,8 +77,15 @@ def test_masked_entropy_term_has_no_gradient_when_masked_logprobs_are_detached()
 
     def grads(eta2: float, detach: bool):
         logp, logp_m = _logp(logits, tokens), _logp(masked_logits, tokens)
-        loss, _ = papo_loss(policy, logp, logp_m.detach() if detach else logp_m, mask, gamma=0.01,
-                            entropy_weight=0.03, masked_entropy_weight=eta2)
+        loss, _ = papo_loss(
+            policy,
+            logp,
+            logp_m.detach() if detach else logp_m,
+            mask,
+            gamma=0.01,
+            entropy_weight=0.03,
+            masked_entropy_weight=eta2,
+        )
         return torch.autograd.grad(loss, [logits, masked_logits], allow_unused=True, materialize_grads=True)
 
     detached_0, detached_5 = grads(0.0, True), grads(0.5, True)
@@ -93,10 +100,23 @@ def tiny_policy(tmp_path_factory) -> Path:
 
 
 def _papo(policy: Path, out: Path, *extra: str) -> PAPO:
-    run = load_config(ROOT / "configs/vlm/papo.yaml", [
-        f"model.path={policy}", f"output_dir={out}", "train.max_steps=2", "train.batch_size=2", "eval.every=0",
-        "train.checkpoint_every=2", "train.log_every=1", "papo.num_generations=3", "papo.max_new_tokens=5",
-        "papo.eval_per_kind=2", "papo.eval_kinds=[count,arith]", *extra])
+    run = load_config(
+        ROOT / "configs/vlm/papo.yaml",
+        [
+            f"model.path={policy}",
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "eval.every=0",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "papo.num_generations=3",
+            "papo.max_new_tokens=5",
+            "data.embedded.eval_per_kind=2",
+            "data.embedded.eval_kinds=[count,arith]",
+            *extra,
+        ],
+    )
     return PAPO(run)
 
 
@@ -133,17 +153,27 @@ def test_an_image_blind_policy_earns_no_perception_bonus(tiny_policy, tmp_path):
 
 
 def test_papo_recipe_runs_from_the_cli_with_its_monitors(tiny_policy, tmp_path):
-    report = mmalign.train(ROOT / "configs/vlm/papo.yaml", f"model.path={tiny_policy}", f"output_dir={tmp_path / 'r'}",
-                           "train.max_steps=2", "train.batch_size=2", "eval.every=0", "train.log_every=1",
-                           "papo.num_generations=3", "papo.max_new_tokens=5", "papo.eval_per_kind=2",
-                           "papo.eval_kinds=[count,arith]")
+    report = mmalign.train(
+        ROOT / "configs/vlm/papo.yaml",
+        f"model.path={tiny_policy}",
+        f"output_dir={tmp_path / 'r'}",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "eval.every=0",
+        "train.log_every=1",
+        "papo.num_generations=3",
+        "papo.max_new_tokens=5",
+        "data.embedded.eval_per_kind=2",
+        "data.embedded.eval_kinds=[count,arith]",
+    )
     assert report["method"] == "papo" and "blind_accuracy/count" in report["metrics"]["after"]
     assert {"perception_kl", "perception_kl_var", "entropy_masked"} <= set(report["train"])
 
 
 def test_mask_ratio_zero_gives_zero_perception_kl_and_grpos_loss(tiny_policy, tmp_path):
-    method = _papo(tiny_policy, tmp_path / "p0", "papo.mask_ratio=0", "papo.entropy_weight=0",
-                   "papo.masked_entropy_weight=0")
+    method = _papo(
+        tiny_policy, tmp_path / "p0", "papo.mask_ratio=0", "papo.entropy_weight=0", "papo.masked_entropy_weight=0"
+    )
     method.setup(_CPU())
     torch.manual_seed(0)
     batch = method.next_batch(0, 0)

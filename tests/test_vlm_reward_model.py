@@ -76,8 +76,16 @@ def _pairs_folder(root: Path, n: int = 12) -> Path:
 
 
 def _overrides(model: Path, data: Path, out: Path) -> list[str]:
-    return [f"model.path={model}", f"data.path={data}", f"output_dir={out}", "train.max_steps=3",
-            "train.batch_size=4", "train.checkpoint_every=3", "eval.every=0", "vlm_reward_model.heldout_fraction=0.3"]
+    return [
+        f"model.path={model}",
+        f"data.path={data}",
+        f"output_dir={out}",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.checkpoint_every=3",
+        "eval.every=0",
+        "vlm_reward_model.heldout_fraction=0.3",
+    ]
 
 
 def test_reward_model_trains_saves_and_scores_like_any_reward(tiny_vlm, tmp_path):
@@ -128,3 +136,41 @@ def test_embedded_pairs_are_gold_labelled_and_split_by_caption():
     labels = [p.label for p in train]
     assert labels.count(1.0) > 4 and labels.count(2.0) > 4  # the better image is not always first
     assert np.array_equal(image_pairs("train", 3, seed=0)[2].image_1, train[2].image_1)
+
+
+def test_reward_model_trains_on_an_rlaif_v_style_datasets_folder(tiny_vlm, tmp_path):
+    """Columns image, question, chosen, rejected (RLAIF-V); a test split held out; the report names both."""
+    import datasets
+
+    def split(seed: int, n: int) -> datasets.Dataset:
+        pairs = image_pairs("train", n, seed=seed)
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(p.image_1) for p in pairs], "question": [f"Describe: {p.prompt}" for p in pairs],
+             "chosen": [p.prompt for p in pairs], "rejected": ["a green cat" for _ in pairs],
+             "origin_dataset": ["toy"] * n},
+            features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                        "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
+                                        "origin_dataset": datasets.Value("string")}),
+        )  # fmt: skip
+
+    folder = tmp_path / "rlaif"
+    datasets.DatasetDict({"train": split(5, 12), "test": split(6, 4)}).save_to_disk(str(folder))
+    out = tmp_path / "run"
+    report = mmalign.train(
+        ROOT / "configs/vlm/reward_model.yaml", *_overrides(tiny_vlm, folder, out), "data.eval_split=test"
+    )
+    assert report["data"] == {
+        "path": str(folder),
+        "train_pairs": 12,
+        "heldout_pairs": 4,
+        "split": "train",
+        "eval_split": "test",
+    }
+    assert report["metrics"]["after"]["heldout_pairs"] == 4
+    assert (out / "final" / "reward").is_dir()
+    with pytest.raises(DataError, match="no column 'instruction'"):
+        mmalign.train(
+            ROOT / "configs/vlm/reward_model.yaml",
+            *_overrides(tiny_vlm, folder, tmp_path / "bad"),
+            "data.columns.prompt=instruction",
+        )

@@ -77,7 +77,8 @@ class PairRecord:
     where: str  # "<file>, row N" for error messages
 
 
-def _decode(image: Any, where: str) -> Image.Image:
+def decode_image(image: Any, where: str) -> Image.Image:
+    """A PIL image, bytes, a `datasets` Image value or a file path → an RGB image (`DataError` naming `where`)."""
     try:
         if isinstance(image, Image.Image):
             return image.convert("RGB")
@@ -129,7 +130,7 @@ def read_jsonl(path: Path, verify_images: bool = True) -> tuple[list[PairRecord]
             if not image_path.is_file():
                 raise DataError(f"{_where(str(path), line_no, name)}: image file not found: {image_path}")
             if verify_images:
-                _decode(image_path, _where(str(path), line_no, name))
+                decode_image(image_path, _where(str(path), line_no, name))
             images.append(image_path)
         first = _winner_first(row["label"], _where(str(path), line_no, "label"), one_means_first=False)
         if first is None:
@@ -162,17 +163,23 @@ def read_pickapic(dataset, source: str) -> tuple[list[PairRecord], int]:
     return records, ties
 
 
-def _open_dataset(path: str, split: str):
+def open_dataset(path: str, split: str):
+    """Split `split` of a `datasets` dataset: a `save_to_disk` folder (one dataset or a `DatasetDict`), or
+    anything `datasets.load_dataset` opens (a Hub name, a folder of parquet/JSON files)."""
     import datasets
 
     local = Path(path)
     try:
-        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
+        if any((local / name).exists() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
             loaded = datasets.load_from_disk(str(local))
-            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            if not isinstance(loaded, datasets.DatasetDict):
+                return loaded
+            if split not in loaded:
+                raise DataError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
+            return loaded[split]
         return datasets.load_dataset(path, split=split)
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"{path}: cannot open as a dataset ({exc})") from None
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise DataError(f"{path}: cannot open split {split!r} as a dataset ({exc})") from None
 
 
 class PreferencePairs(torch.utils.data.Dataset):
@@ -209,10 +216,10 @@ class PreferencePairs(torch.utils.data.Dataset):
             (col_w, row), (col_l, _) = record.image_w, record.image_l
             data = self.dataset[row]
             return (
-                _decode(data[col_w], f"{record.where}, field {col_w!r}"),
-                _decode(data[col_l], f"{record.where}, field {col_l!r}"),
+                decode_image(data[col_w], f"{record.where}, field {col_w!r}"),
+                decode_image(data[col_l], f"{record.where}, field {col_l!r}"),
             )
-        return _decode(record.image_w, record.where), _decode(record.image_l, record.where)
+        return decode_image(record.image_w, record.where), decode_image(record.image_l, record.where)
 
     def _transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         r = self.resolution
@@ -274,7 +281,7 @@ def load_pairs(
     elif local.suffix == ".jsonl":
         raise DataError(f"{path}: no such file")
     else:
-        dataset = _open_dataset(path, split)
+        dataset = open_dataset(path, split)
         records, ties = read_pickapic(dataset, path)
         source = path
     if ties and not drop_ties:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmalign.config import DataConfig
+from mmalign.config import CachedDataSource, DataConfig
 from mmalign.data.shapes_prefs import build_shapes_prefs, fingerprint
 from mmalign.io import cache_lock
 from mmalign.registry import EMBEDDED_PREFIX, unknown_name_error
@@ -13,7 +13,7 @@ from mmalign.registry import EMBEDDED_PREFIX, unknown_name_error
 EMBEDDED_PAIRS = ("shapes-prefs",)
 
 
-def cache_root(config: DataConfig) -> Path:
+def cache_root(config: CachedDataSource) -> Path:
     """`data.cache_dir`, else `$MMALIGN_CACHE`, else `~/.cache/mmalign`."""
     if config.cache_dir:
         return Path(config.cache_dir)

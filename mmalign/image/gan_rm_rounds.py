@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from mmalign.best_of_n import sample_candidates
-from mmalign.config import RunConfig, option
+from mmalign.config import DataConfig, EvalConfig, ModelConfig, RunConfig, option
 from mmalign.data import shapes_world
 from mmalign.data.shapes_prefs import write_self_pairs
 from mmalign.data.sources import cache_root
@@ -44,7 +44,6 @@ from mmalign.train.grids import side_by_side
 
 EMBEDDED_TARGETS = "embedded:shapes-renders"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
 
 
 @dataclass
@@ -87,10 +86,27 @@ def _save_images(images: torch.Tensor, directory: Path, prompts: list[str] | Non
             (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
 
 
+@dataclass
+class GanRMDataConfig:
+    """The `data` section of `gan-rm`: where the embedded renders are cached and how each round's pairs are
+    preprocessed for its DPO/SFT run (the target images are `gan_rm.targets`)."""
+
+    cache_dir: str | None = option(
+        "where generated embedded data is cached; null = $MMALIGN_CACHE or ~/.cache/mmalign", default=None
+    )
+    resolution: int | None = option("training resolution in pixels; null = the model's default", default=None)
+    random_crop: bool = option("random instead of centre crop after resizing", default=False)
+    random_flip: bool = option("horizontal flip with probability 1/2, per image", default=False)
+    max_pairs: int | None = option("train each round on at most this many pairs", default=None)
+
+
 class GanRMRounds:
     """Runs the rounds; `mmalign.train` calls `run()` for recipes that are not a single loop."""
 
     config_class = GanRMRoundsConfig
+    model_config_class = ModelConfig
+    data_config_class = GanRMDataConfig
+    eval_config_class = EvalConfig
 
     def __init__(self, run: RunConfig):
         self.run = run
@@ -163,17 +179,26 @@ class GanRMRounds:
             model = self._generator(generator_path)
             raw_round = k if c.refresh_raw_negatives else 1
             raw = self._samples(
-                model, self._draw(prompts, c.raw_negatives, 100 + raw_round), self.out / f"round-{raw_round}" / "raw",
+                model,
+                self._draw(prompts, c.raw_negatives, 100 + raw_round),
+                self.out / f"round-{raw_round}" / "raw",
                 seed=self.run.seed + 1000 * raw_round,
             )
             pool = None
             if c.bootstrap_pool and c.reward_model.bootstrap_top:
-                pool = sorted(self._samples(model, self._draw(prompts, c.bootstrap_pool, 200 + k), root / "pool",
-                                            seed=self.run.seed + 1000 * k + 500).glob("*.png"))
+                pool = sorted(
+                    self._samples(
+                        model,
+                        self._draw(prompts, c.bootstrap_pool, 200 + k),
+                        root / "pool",
+                        seed=self.run.seed + 1000 * k + 500,
+                    ).glob("*.png")
+                )
             if not (root / "rm").exists():
                 rm_config = dataclasses.replace(c.reward_model, seed=self.run.seed + k)
-                train_gan_rm(targets, sorted(raw.glob("*.png")), root / "rm", rm_config, bootstrap_pool=pool,
-                             device=model.device)
+                train_gan_rm(
+                    targets, sorted(raw.glob("*.png")), root / "rm", rm_config, bootstrap_pool=pool, device=model.device
+                )
             if not (root / "pairs").exists():
                 write_self_pairs(
                     model,
@@ -205,17 +230,19 @@ class GanRMRounds:
     def _train(self, k: int, generator_path: str, root: Path) -> dict:
         import mmalign.train as training
 
-        method, args = ("diffusion-dpo", self.config.dpo) if self.config.update == "dpo" else (
-            "diffusion-sft", DiffusionSFTConfig())
+        method, args = (
+            ("diffusion-dpo", self.config.dpo)
+            if self.config.update == "dpo"
+            else ("diffusion-sft", DiffusionSFTConfig())
+        )
         inner = dataclasses.replace(
             self.run,
             method=method,
             method_args=args,
             recipe=f"{self.run.recipe or 'gan-rm'}/round-{k}",
             output_dir=str(root / "train"),
-            model=dataclasses.replace(self.run.model, path=generator_path),
-            data=dataclasses.replace(self.run.data, path=str(root / "pairs")),
-            train=dataclasses.replace(self.run.train, save_pipeline=True),
+            model=dataclasses.replace(self.run.model, path=generator_path, save_pipeline=True),
+            data=DataConfig(path=str(root / "pairs"), **dataclasses.asdict(self.run.data)),
         )
         return training.run(inner)
 
@@ -240,8 +267,10 @@ class GanRMRounds:
             "recipe": self.run.recipe or self.run.method,
             "method": self.run.method,
             "update": self.config.update,
-            "steps": sum(json.loads((self.out / f"round-{r['round']}" / "train" / "report.json").read_text())["steps"]
-                         for r in rounds),
+            "steps": sum(
+                json.loads((self.out / f"round-{r['round']}" / "train" / "report.json").read_text())["steps"]
+                for r in rounds
+            ),
             "gold_metric": first["gold_metric"],
             "before": first["before"],
             "after": last["after"],
@@ -267,8 +296,10 @@ class GanRMRounds:
             "",
             "| round | RM held-out AUC | pairs | gold before | gold after |",
             "|---|---|---|---|---|",
-            *[f"| {r['round']} | {r['rm_heldout_auc']:.3f} | {r['pairs']} | {r['before']:.4f} | {r['after']:.4f} |"
-              for r in rounds],
+            *[
+                f"| {r['round']} | {r['rm_heldout_auc']:.3f} | {r['pairs']} | {r['before']:.4f} | {r['after']:.4f} |"
+                for r in rounds
+            ],
             "",
             "Each round's RM (`round-k/rm`), pairs (`round-k/pairs`) and training run (`round-k/train`, with its",
             "own report, TensorBoard logs and sample grids) are kept; `samples/before_after.png` compares round 1's",

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from mmalign.config import ConfigError, DataConfig, option
+from mmalign.config import CachedDataSource, ConfigError, option
 from mmalign.data.pairs import DataError, jsonl_rows
 from mmalign.data.sources import cache_root
 from mmalign.io import atomic_write_bytes, cache_lock
@@ -54,6 +54,17 @@ CLASS_FOLDERS = ("preferred", "dispreferred")
 SPLITS = ("train", "heldout")
 MAX_SCORE = 5.0
 CACHE_BLOCK = 256  # rows per cached block of surface samples (`sample_rows`)
+
+
+@dataclass
+class MeshDataConfig(CachedDataSource):
+    """The `data` section of the mesh reward methods."""
+
+    path: str = option(
+        "a folder with meshes.jsonl (or the file), a folder with preferred/, dispreferred/ and "
+        "prompts.jsonl, or embedded:meshes",
+        default="embedded:meshes",
+    )
 
 
 @dataclass
@@ -223,8 +234,10 @@ def read_mesh_rows(source: Path, config: MeshSetConfig) -> list[MeshRow]:
             f"{' and '.join(f'{name}/' for name in CLASS_FOLDERS)} and {PROMPTS_JSONL}"
         )
     if not rows:
-        raise DataError(f"{source}: no meshes outside the dropped score band ({config.dispreferred_max:g}, "
-                        f"{config.preferred_min:g})")
+        raise DataError(
+            f"{source}: no meshes outside the dropped score band ({config.dispreferred_max:g}, "
+            f"{config.preferred_min:g})"
+        )
     return rows
 
 
@@ -236,8 +249,9 @@ def split_rows(rows: list[MeshRow], config: MeshSetConfig, source: str) -> tuple
     with_split = [r for r in rows if r.split is not None]
     if with_split and len(with_split) != len(rows):
         missing = next(r for r in rows if r.split is None)
-        raise DataError(f"{missing.where}, field 'split': missing, but other rows have one; give all rows a split "
-                        "or none")
+        raise DataError(
+            f"{missing.where}, field 'split': missing, but other rows have one; give all rows a split or none"
+        )
     if with_split:
         held = {i for i, r in enumerate(rows) if r.split == "heldout"}
     else:
@@ -296,7 +310,7 @@ def _sample_block(rows: list[MeshRow], n: int, seed: int, cache: Path | None, pa
     return points
 
 
-def resolve_mesh_source(data: DataConfig, config: MeshSetConfig) -> Path:
+def resolve_mesh_source(data: CachedDataSource, config: MeshSetConfig) -> Path:
     """`data.path` as a path; `embedded:meshes` is generated into the data cache on first use."""
     if not data.path.startswith(EMBEDDED_PREFIX):
         return Path(data.path)
@@ -311,7 +325,7 @@ def resolve_mesh_source(data: DataConfig, config: MeshSetConfig) -> Path:
 
 
 def load_mesh_sets(
-    data: DataConfig, config: MeshSetConfig, points: int, seed: int, train_draws: int = 1, parts: bool = False
+    data: CachedDataSource, config: MeshSetConfig, points: int, seed: int, train_draws: int = 1, parts: bool = False
 ) -> tuple[MeshSet, MeshSet]:
     """`(train, heldout)` sets of `data.path` with `points` surface samples per mesh drawn with `seed`.
 

@@ -66,7 +66,13 @@ from mmalign.mesh.parts import face_parts, vertex_adjacency, vertex_components
 from mmalign.mesh.render import render_views
 from mmalign.mesh.reward import MeshReward
 from mmalign.mesh.sampling import SurfaceDraw
-from mmalign.mesh.templates import TEMPLATES_JSONL, EmbeddedTemplatesConfig, Template, load_templates
+from mmalign.mesh.templates import (
+    TEMPLATES_JSONL,
+    EmbeddedTemplatesConfig,
+    Template,
+    TemplateDataConfig,
+    load_templates,
+)
 from mmalign.rewards import load_reward
 from mmalign.train.grids import image_grid
 from mmalign.train.method import Evaluation, Method
@@ -213,6 +219,7 @@ def unit_box(vertices: torch.Tensor) -> torch.Tensor:
 
 class MeshGuided(Method):
     config_class = MeshGuidedConfig
+    data_config_class = TemplateDataConfig
     config: MeshGuidedConfig
 
     def setup(self, accelerator) -> None:

@@ -36,14 +36,22 @@ from typing import Any
 import numpy as np
 import trimesh
 
-from mmalign.config import ConfigError, RunConfig, option
+from mmalign.config import ConfigError, EvalSchedule, RunConfig, option
 from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from mmalign.mesh import world
-from mmalign.mesh.data import MAX_SCORE, MESHES_JSONL, MeshRow, read_mesh_rows, resolve_mesh_source, split_rows
+from mmalign.mesh.data import (
+    MAX_SCORE,
+    MESHES_JSONL,
+    MeshDataConfig,
+    MeshRow,
+    read_mesh_rows,
+    resolve_mesh_source,
+    split_rows,
+)
 from mmalign.mesh.guided import MeshGuidedConfig
 from mmalign.mesh.io import load_mesh
 from mmalign.mesh.reward_cs import RewardCSConfig
-from mmalign.mesh.templates import TEMPLATES_JSONL, EmbeddedTemplatesConfig, load_templates
+from mmalign.mesh.templates import TEMPLATES_JSONL, EmbeddedTemplatesConfig, TemplateDataConfig, load_templates
 from mmalign.registry import EMBEDDED_PREFIX, import_string
 
 WORLD_RATER = "embedded:mesh-gold"
@@ -111,6 +119,9 @@ class RewardRounds:
     """Runs the rounds; `mmalign.train` calls `run_all()` for recipes that are not a single loop."""
 
     config_class = RewardRoundsConfig
+    model_config_class = None
+    data_config_class = MeshDataConfig
+    eval_config_class = EvalSchedule
 
     def __init__(self, run: RunConfig):
         self.run = run
@@ -151,8 +162,10 @@ class RewardRounds:
         leaked = sorted({t.prompt for t in load_templates(self.config.templates, self.templates_config(1))}
                         & heldout_prompts)  # fmt: skip
         if leaked:
-            raise ConfigError(f"reward_cs_rounds.templates: prompts {leaked} are held out of reward training; "
-                              "guiding on them would leak the held-out prompts into the training set")
+            raise ConfigError(
+                f"reward_cs_rounds.templates: prompts {leaked} are held out of reward training; "
+                "guiding on them would leak the held-out prompts into the training set"
+            )
 
     def guide(self, k: int, reward: str) -> Path:
         """Round k's guidance with `reward` into `round-k/guide`; returns that run directory."""
@@ -169,7 +182,7 @@ class RewardRounds:
             training.run(dataclasses.replace(
                 self.run, method="mesh-guided", method_args=guidance, output_dir=str(directory),
                 recipe=f"{self.run.recipe or 'reward-cs-rounds'}/round-{k}/guide", train=train,
-                data=dataclasses.replace(self.run.data, path=c.templates),
+                data=TemplateDataConfig(path=c.templates),
                 eval=dataclasses.replace(self.run.eval, every=c.export_every),
             ))  # fmt: skip
         return directory
@@ -185,8 +198,10 @@ class RewardRounds:
                     path = (step / item["mesh"]).resolve()
                     score = float(rater(load_mesh(path), item["prompt"]))
                     if not 0.0 <= score <= MAX_SCORE:
-                        raise ConfigError(f"reward_cs_rounds.rater {self.config.rater!r} scored {path} {score!r}; "
-                                          f"scores must lie in [0, {MAX_SCORE:g}]")
+                        raise ConfigError(
+                            f"reward_cs_rounds.rater {self.config.rater!r} scored {path} {score!r}; "
+                            f"scores must lie in [0, {MAX_SCORE:g}]"
+                        )
                     rows.append({"prompt": item["prompt"], "mesh": str(path), "score": round(score, 4),
                                  "split": "train", "kind": f"guided-round-{k}"})  # fmt: skip
             atomic_write_text(file, "".join(json.dumps(r) + "\n" for r in rows))
@@ -256,8 +271,11 @@ class RewardRounds:
             "| round | meshes rated | rating of the meshes guided by the previous reward (÷ 5) | their reward "
             "| held-out pairwise acc. | held-out AUROC |",
             "|---|---|---|---|---|---|",
-            *[f"| {r['round']} | {r['rated_meshes']} | {r['guided_rating']:.3f} | {r['guided_reward']:.3f} "
-              f"| {r['heldout_pairwise_accuracy']:.3f} | {r['heldout_auroc']:.3f} |" for r in table],
+            *[
+                f"| {r['round']} | {r['rated_meshes']} | {r['guided_rating']:.3f} | {r['guided_reward']:.3f} "
+                f"| {r['heldout_pairwise_accuracy']:.3f} | {r['heldout_auroc']:.3f} |"
+                for r in table
+            ],
             "",
             f"Rater: `{self.config.rater}`. A rating that stays low while the guided reward is high is a hack the "
             "next round learns to refuse. Each round keeps its guidance run (`round-k/guide`, with renders in its "

@@ -27,7 +27,7 @@ import torch
 
 from mmalign.config import ConfigError, option
 from mmalign.losses import cs_divergence
-from mmalign.mesh.data import MeshSet, MeshSetConfig, load_mesh_sets, same_prompt_pairs
+from mmalign.mesh.data import MeshDataConfig, MeshSet, MeshSetConfig, load_mesh_sets, same_prompt_pairs
 from mmalign.mesh.encoder import MeshEncoderConfig, MeshRewardNet, TextTower, knn_indices
 from mmalign.mesh.reward import save_mesh_reward
 from mmalign.rewards.metrics import pairwise_accuracy, roc_auc
@@ -76,6 +76,8 @@ def reward_metrics(
 
 class MeshRewardMethod(Method):
     """Trains a `MeshRewardNet` on a mesh set; subclasses give `train_dataset` and `objective`."""
+
+    data_config_class = MeshDataConfig
 
     config: MeshRewardConfig
     reward_name: ClassVar[str]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from mmalign.config import ConfigError, option
+from mmalign.config import ConfigError, DataSource, option
 from mmalign.data.pairs import DataError, jsonl_rows
 from mmalign.mesh import world
 from mmalign.mesh.io import SUFFIXES, load_mesh
@@ -99,6 +99,15 @@ def read_templates(path: Path) -> list[Template]:
     if not out:
         raise DataError(f"{file}: no templates")
     return out
+
+
+@dataclass
+class TemplateDataConfig(DataSource):
+    """The `data` section of `mesh-guided`: the starting meshes."""
+
+    path: str = option(
+        "a folder with templates.jsonl (or the file), or embedded:mesh-templates", default="embedded:mesh-templates"
+    )
 
 
 def load_templates(source: str, embedded: EmbeddedTemplatesConfig) -> list[Template]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mmalign.config import DataConfig, EvalConfig, ModelConfig
 from mmalign.data.pairs import collate_pairs, load_pairs
 from mmalign.data.sources import resolve_pairs_path
 from mmalign.models.diffusion import DiffusionModel
@@ -27,6 +28,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class DiffusionPairMethod(Method):
     """Loads a `DiffusionModel` and a pair dataset; subclasses write `compute_loss`."""
 
+    model_config_class = ModelConfig
+    data_config_class = DataConfig
+    eval_config_class = EvalConfig
     needs_reference: bool = True
 
     def setup(self, accelerator) -> None:
@@ -91,12 +95,20 @@ class DiffusionPairMethod(Method):
     def gold_metric(self) -> str:
         return self.evaluator.gold_name
 
+    def report_description(self) -> str:
+        e = self.run.eval
+        return (
+            f"Model `{self.run.model.path}`, data `{self.run.data.path}`. Evaluated on `{e.prompts}` prompts "
+            f"({e.samples_per_prompt} sample(s) each, the same noise before and after) with "
+            f"{self.evaluator.roles()}."
+        )
+
     def save_final(self, directory: Path) -> list[str]:
         saved = []
         if self.model.lora_rank is not None:
             self.model.save_lora(directory / "lora")
             saved.append("lora")
-        if self.model.lora_rank is None or self.run.train.save_pipeline:
+        if self.model.lora_rank is None or self.run.model.save_pipeline:
             self.model.save_pretrained(directory / "pipeline")
             saved.append("pipeline")
         return saved

@@ -51,6 +51,18 @@ class DiffusionEvaluator:
             name: load_reward(name, **{"device": device, **config.reward_args.get(name, {})}) for name in names
         }
 
+    def roles(self) -> str:
+        """Which reward plays which role in the report (markdown)."""
+        others = [f"`{name}`" for name in self.rewards if name != self.gold_name]
+        if self.config.gold:
+            head = f"the gold metric `{self.gold_name}` (never trained on)"
+        else:
+            head = (
+                f"no gold metric (`eval.gold: null`): `{self.gold_name}`, the first of `eval.rewards`, "
+                "is reported as gold"
+            )
+        return head + (f"; also reported: {', '.join(others)}" if others else "")
+
     def sample(self, model: DiffusionModel, use_reference: bool = False, show_progress: bool = False) -> torch.Tensor:
         """Images `(N, 3, H, W)` in [0, 1] for every evaluation prompt, with the fixed eval noise."""
         c = self.config
@@ -103,9 +115,7 @@ class VideoEvaluator(DiffusionEvaluator):
 
     world = balls_world
 
-    def __init__(
-        self, config: EvalConfig, resolution: tuple[int, int], num_frames: int, fps: float, device="cpu"
-    ):
+    def __init__(self, config: EvalConfig, resolution: tuple[int, int], num_frames: int, fps: float, device="cpu"):
         super().__init__(config, device)
         self.resolution, self.num_frames, self.fps = resolution, num_frames, fps
 

@@ -4,6 +4,17 @@ A method turns a batch into a loss and metrics, evaluates its model, and saves i
 Everything else (devices, accumulation, clipping, mixed precision, checkpoints, resume, logs,
 progress bars, reports) is the trainer's job. Offline methods return a dataset; online methods
 may instead override `next_batch` to produce batches from the current policy.
+
+A new method sets:
+
+- `config_class`: the dataclass of its own section (named after the method, `grpo:` for `grpo`);
+- `model_config_class`, `data_config_class`, `eval_config_class`: the dataclass of each shared
+  section it reads, or None for a section it does not have. Keys outside these classes are
+  config errors naming the key, and `mmalign train --help METHOD` lists exactly these options;
+
+and overrides `setup`, `trainable_module`, `compute_loss`, `evaluate` and `save_final`, plus
+`train_dataset`/`collate` (offline) or `next_batch` (online). `data_used` and
+`report_description` say in the report what the run really read.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from mmalign.config import RunConfig
+from mmalign.config import EvalSchedule, RunConfig
 
 
 @dataclass
@@ -35,6 +46,9 @@ class Method(ABC):
     """Base class of every training method. `config_class` is the method's config dataclass."""
 
     config_class: ClassVar[type]
+    model_config_class: ClassVar[type | None] = None
+    data_config_class: ClassVar[type | None] = None
+    eval_config_class: ClassVar[type | None] = EvalSchedule
 
     def __init__(self, run: RunConfig):
         self.run = run
@@ -91,10 +105,13 @@ class Method(ABC):
         """Name of the metric reported as `gold_metric`."""
         return "gold"
 
+    def data_used(self) -> dict[str, Any]:
+        """What the run trained and evaluated on, for `report.json` (`{"path": …}` and whatever else
+        identifies it: splits, row counts)."""
+        return {"path": self.run.data.path} if self.run.data is not None else {}
+
     def report_description(self) -> str:
         """What the run report says was trained and how it was evaluated (markdown, one paragraph)."""
-        e = self.run.eval
-        return (
-            f"Model `{self.run.model.path}`, data `{self.run.data.path}`. Evaluated on `{e.prompts}` prompts "
-            f"({e.samples_per_prompt} sample(s) each, the same noise before and after)."
-        )
+        model = f"Model `{self.run.model.path}`. " if self.run.model is not None else ""
+        data = f"Data `{self.run.data.path}`." if self.run.data is not None else ""
+        return model + data

@@ -23,13 +23,15 @@ def write_report(
     state,
     saved: list[str],
     num_processes: int = 1,
-    description: str | None = None,
+    description: str = "",
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write both report files (atomically) and return the JSON object.
 
     `gold` names the metric reported as `gold_metric`; `state` is the trainer's state with the
     evaluation history (the first entry is "before", the last "after"); `description` says what
-    was trained and how it was evaluated (`Method.report_description`).
+    was trained and how it was evaluated (`Method.report_description`); `data` what it really read
+    (`Method.data_used`).
     """
     evaluations = state.evaluations
     before, after = evaluations[0], evaluations[-1]
@@ -55,9 +57,9 @@ def write_report(
         "train": {k: v for k, v in last_train.items() if k != "step"},
         "train_seconds": round(state.seconds, 1),
         "num_processes": num_processes,
-        "model": run.model.path,
-        "data": run.data.path,
-        "eval_prompts": run.eval.prompts,
+        "model": run.model.path if run.model is not None else None,
+        "data": data if data is not None else ({"path": run.data.path} if run.data is not None else None),
+        "eval_prompts": getattr(run.eval, "prompts", None),
         "samples": samples,
         "saved": saved,
         "evaluations": evaluations,
@@ -80,7 +82,7 @@ def write_report(
     md = f"""# Run report: {report["recipe"]}
 
 Method `{run.method}`; {state.step} optimizer steps, {report["train_seconds"]} s of training.
-{description or f"Data `{run.data.path}`."}
+{description}
 
 **Gold metric `{gold}`: {_fmt(report["before"])} → {_fmt(report["after"])} ({report["delta"]:+.4f}).**
 

@@ -332,6 +332,7 @@ class Trainer:
                 saved=[f"final/{p}" for p in saved],
                 num_processes=acc.num_processes,
                 description=self.method.report_description(),
+                data=self.method.data_used(),
             )
             if self.writer is not None:
                 self.writer.close()

@@ -1,8 +1,11 @@
 """Ground-truth clips and stored preference pairs of videos.
 
-- `load_clips(path, …)`: real clips with captions, from `embedded:balls-world` (the simulator renders
-  train captions) or a folder holding `videos.jsonl` rows `{"video": file, "prompt": text, "fps": …}`
-  (fps optional when the file records it).
+- `load_clips(data, …)`: real clips with captions, from `embedded:balls-world` (the simulator renders
+  train captions) or a folder of MP4/GIF clips indexed by `captions.jsonl` (or `videos.jsonl`) rows
+  `{"video": file, "prompt": text, "fps": …}` (`file` and `caption` are accepted for `video` and
+  `prompt`; fps optional when the file records it). A user's clips are conformed to one shape
+  (`conform`): resampled to one frame rate, cut to one length, resized and centre-cropped to one
+  size, as the model trains on batches of equal clips.
 - `load_video_pairs(folder)`: a folder with `pairs.jsonl` rows `{"prompt", "video_0", "video_1",
   "seg_labels": [+1|0|-1 per segment], "fps"?, "segment_len_s"?}` (+1: video_0 better on that
   segment). Errors name the file, the row and the field: unreadable video, fps missing, pairs whose
@@ -20,11 +23,36 @@ from typing import Any
 
 import numpy as np
 
+from mmalign.config import ConfigError, DataSource, option
 from mmalign.data import balls_world
 from mmalign.data.pairs import DataError, jsonl_rows
 from mmalign.data.segments import segment_count
 from mmalign.data.video import read_video, write_video
 from mmalign.io import atomic_directory
+
+
+@dataclass
+class ClipDataConfig(DataSource):
+    """The `data` section of the video pair methods: the real clips pairs are built from."""
+
+    path: str = option(
+        "a folder of MP4/GIF clips with captions.jsonl (or videos.jsonl) rows {video, prompt, fps?}, "
+        "or embedded:balls-world",
+        default="embedded:balls-world",
+    )
+    fps: float | None = option("your clips: frame rate they are resampled to; null = the first clip's", default=None)
+    num_frames: int | None = option(
+        "your clips: frames kept from the start of each; null = the shortest clip's", default=None
+    )
+    resolution: list[int] | None = option(
+        "your clips: [height, width] they are resized and centre-cropped to; null = the first clip's size", default=None
+    )
+
+    def __post_init__(self) -> None:
+        if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
+            raise ConfigError(f"data.resolution must be [height, width], got {self.resolution}")
+        if (self.fps is not None and self.fps <= 0) or (self.num_frames is not None and self.num_frames < 1):
+            raise ConfigError("data.fps and data.num_frames must be positive")
 
 
 class VideoDataError(DataError):
@@ -84,22 +112,61 @@ def _fps(row: dict, video_fps: float | None, where: str) -> float:
     return float(fps)
 
 
-def load_clips(path: str, count: int, seed: int) -> list[Clip]:
-    """`count` ground-truth clips: rendered train captions for `embedded:balls-world`, else the rows
-    of `<path>/videos.jsonl` (the first `count`)."""
-    if path == "embedded:balls-world":
+def _either(row: dict, names: tuple[str, str], where: str) -> str:
+    """The first of two accepted field names the row has."""
+    for name in names:
+        if name in row:
+            return name
+    raise VideoDataError(f"{where}: missing field {names[0]!r} (or {names[1]!r})")
+
+
+def conform(clip: Clip, fps: float, num_frames: int, size: tuple[int, int]) -> Clip:
+    """`clip` resampled to `fps` (nearest frame), cut to its first `num_frames` frames and resized
+    (covering, bilinear) then centre-cropped to `size = (height, width)`."""
+    from PIL import Image
+
+    length = int(len(clip.frames) * fps / clip.fps + 1e-6)
+    if length < num_frames:
+        raise VideoDataError(
+            f"{clip.source}: {len(clip.frames)} frames at {clip.fps:g} fps give {length} at "
+            f"{fps:g} fps, fewer than the {num_frames} every clip needs (data.num_frames)"
+        )
+    picks = np.minimum(np.round(np.arange(num_frames) * clip.fps / fps).astype(int), len(clip.frames) - 1)
+    frames = clip.frames[picks]
+    height, width = size
+    if frames.shape[1:3] != (height, width):
+        scale = max(height / frames.shape[1], width / frames.shape[2])
+        resized = (round(frames.shape[2] * scale), round(frames.shape[1] * scale))  # PIL: (width, height)
+        top, left = (resized[1] - height) // 2, (resized[0] - width) // 2
+        frames = np.stack([
+            np.asarray(Image.fromarray(f).resize(resized, Image.BILINEAR))[top : top + height, left : left + width]
+            for f in frames
+        ])  # fmt: skip
+    return Clip(clip.prompt, frames, fps, clip.source)
+
+
+def load_clips(data: ClipDataConfig, count: int, seed: int) -> list[Clip]:
+    """`count` ground-truth clips: rendered train captions for `embedded:balls-world`, else the first
+    `count` rows of the folder's `captions.jsonl` (or `videos.jsonl`), conformed to one shape."""
+    if data.path == "embedded:balls-world":
         rng = np.random.default_rng(seed)
         captions = balls_world.captions("train")
         picks = [captions[i % len(captions)] for i in rng.permutation(max(count, len(captions)))[:count]]
         return [Clip(c, balls_world.render(c, rng), balls_world.FPS, f"balls-world #{i}") for i, c in enumerate(picks)]
-    folder = Path(path)
+    folder = Path(data.path)
+    index = next((folder / n for n in ("captions.jsonl", "videos.jsonl") if (folder / n).is_file()), None)
+    if index is None:
+        raise VideoDataError(f"{folder}: no captions.jsonl (rows {{video, prompt, fps?}}) or videos.jsonl")
     clips = []
-    for number, row in _rows(folder / "videos.jsonl")[:count]:
-        where = f"{folder / 'videos.jsonl'} row {number}"
-        video = _read(folder, row, "video", where)
-        prompt = _field(row, "prompt", where)
+    for number, row in _rows(index)[:count]:
+        where = f"{index} row {number}"
+        video = _read(folder, row, _either(row, ("video", "file"), where), where)
+        prompt = row[_either(row, ("prompt", "caption"), where)]
         clips.append(Clip(str(prompt), video.frames, _fps(row, video.fps, where), where))
-    return clips
+    fps = data.fps or clips[0].fps
+    num_frames = data.num_frames or min(int(len(c.frames) * fps / c.fps + 1e-6) for c in clips)
+    size = tuple(data.resolution) if data.resolution else clips[0].frames.shape[1:3]
+    return [conform(c, fps, num_frames, size) for c in clips]
 
 
 def load_video_pairs(folder: str | Path, default_segment_seconds: float = 1.0) -> list[VideoPair]:

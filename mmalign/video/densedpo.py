@@ -70,6 +70,7 @@ class DenseDPOConfig(VideoPairConfig):
         "video0",
     )
 
+
 class DenseDPO(VideoPairMethod):
     config_class = DenseDPOConfig
     config: DenseDPOConfig
@@ -126,7 +127,7 @@ class DenseDPO(VideoPairMethod):
     def build_pairs(self, folder: Path) -> None:
         """Generate `num_videos` pairs with the starting model, label them and store them in `folder`."""
         c = self.config
-        clips = load_clips(self.run.data.path, c.num_videos, self.run.seed)
+        clips = load_clips(self.run.data, c.num_videos, self.run.seed)
         labeller = self.labeller()
         source = {"reward": c.labeler_reward, "vlm": c.judge_model}.get(c.labeler, c.labeler)
         kept: dict[str, list[torch.Tensor]] = {"latents_0": [], "latents_1": []}

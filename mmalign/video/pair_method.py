@@ -27,7 +27,7 @@ from mmalign.losses import diffusion_dpo_loss, per_segment_mse
 from mmalign.train.diffusion_method import DiffusionPairMethod
 from mmalign.train.evaluation import VideoEvaluator
 from mmalign.train.rng import keyed_generator
-from mmalign.video.clips import VideoPair, load_video_pairs, write_video_pairs
+from mmalign.video.clips import ClipDataConfig, VideoPair, load_video_pairs, write_video_pairs
 
 LATENTS_FILE = "latents.safetensors"
 
@@ -47,6 +47,7 @@ class VideoPairConfig:
 class VideoPairMethod(DiffusionPairMethod):
     """Shared video pair plumbing; its config is a `VideoPairConfig`."""
 
+    data_config_class = ClipDataConfig
     config: VideoPairConfig
 
     def load_video_model(self, accelerator) -> None:

@@ -59,6 +59,7 @@ class RDPOConfig(VideoPairConfig):
     refresh_reference: bool = option("the reference is each stage's starting model (full fine-tuning only)", False)
     inversion_steps: int = option("ReNoise inversion steps (noising: inversion)", 5)
 
+
 class RDPO(VideoPairMethod):
     config_class = RDPOConfig
     config: RDPOConfig
@@ -80,7 +81,7 @@ class RDPO(VideoPairMethod):
         self.accelerator = accelerator
         self.stage: int | None = None
         self.num_processes, self.process_index = accelerator.num_processes, accelerator.process_index
-        self.clips = load_clips(self.run.data.path, c.num_videos, self.run.seed)
+        self.clips = load_clips(self.run.data, c.num_videos, self.run.seed)
         self.enter_stage(0)
 
     def train_dataset(self):
@@ -160,4 +161,3 @@ class RDPO(VideoPairMethod):
         if c.refresh_reference:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.base_denoiser.state_dict().items()}
             save_file(state, str(folder / REFERENCE_FILE))
-

@@ -1,13 +1,14 @@
 """GRPO on a VLM (`method: grpo`): group sampling, group-normalised advantages, clipped ratio, k3 KL.
 
-Every optimizer step (per micro-batch), `train.batch_size` prompts of the world's training
-stream are each sampled `num_generations` times with the current policy at `temperature`,
-scored by the weighted verifiable rewards (`rewards`), and turned into advantages within each
-group (`mmalign.losses.group_advantages`). The loss is `mmalign.losses.grpo_loss`. A rollout is
-reused for `iterations` consecutive optimizer steps (μ); its `logp_old` is computed once, with the
-weights that sampled it, so the ratio is exactly 1 at the first inner step (with μ = 1 no extra
-forward is spent: `logp_old` is the detached policy log-prob, as in TRL). With `beta > 0` the
-reference is the model with its LoRA adapter disabled, or a frozen copy under full fine-tuning.
+Every optimizer step (per micro-batch), `train.batch_size` prompts of the training stream
+(`mmalign.vlm.data`: the embedded world's or the user's set) are each sampled `num_generations`
+times with the current policy at `temperature`, scored by the weighted verifiable rewards
+(`rewards`), and turned into advantages within each group (`mmalign.losses.group_advantages`). The
+loss is `mmalign.losses.grpo_loss`. A rollout is reused for `iterations` consecutive optimizer steps
+(μ); its `logp_old` is computed once, with the weights that sampled it, so the ratio is exactly 1 at
+the first inner step (with μ = 1 no extra forward is spent: `logp_old` is the detached policy
+log-prob, as in TRL). With `beta > 0` the reference is the model with its LoRA adapter disabled, or a
+frozen copy under full fine-tuning.
 
 Resuming is exact when checkpoints fall on rollout boundaries (`checkpoint_every` a multiple of
 `iterations`): sampling draws from the global RNG the trainer checkpoints.
@@ -23,14 +24,12 @@ import torch
 from mmalign.config import ConfigError, option
 from mmalign.losses import AGGREGATIONS, group_advantages, grpo_loss
 from mmalign.models.vlm import Rollout
-from mmalign.vlm import world
-from mmalign.vlm.method import VLMMethod, VLMWorldConfig
-from mmalign.vlm.rewards import RewardTerm, weighted_rewards
-from mmalign.vlm.world import Question
+from mmalign.vlm.method import VLMConfig, VLMMethod
+from mmalign.vlm.rewards import weighted_rewards
 
 
 @dataclass
-class GRPOConfig(VLMWorldConfig):
+class GRPOConfig(VLMConfig):
     """Options of `grpo` (section `grpo`); `train.batch_size` counts prompts per micro-batch."""
 
     num_generations: int = option("completions sampled per prompt (the group size G)", default=8)
@@ -42,10 +41,6 @@ class GRPOConfig(VLMWorldConfig):
     beta: float = option("weight of the k3 KL to the reference (0 = no reference)", default=0.0)
     aggregation: str = option(f"per-token loss reduction: {', '.join(AGGREGATIONS)}", default="token")
     scale_rewards: bool = option("divide advantages by the group's std (False: Dr. GRPO)", default=True)
-    rewards: list[RewardTerm] = option(
-        "weighted reward functions; total r = Σ weight·f",
-        default_factory=lambda: [RewardTerm("accuracy", 0.9), RewardTerm("format", 0.1)],
-    )
 
 
 @dataclass
@@ -53,7 +48,7 @@ class GroupBatch:
     """One micro-batch of rollouts with everything the loss needs."""
 
     rollout: Rollout
-    questions: list[Question]
+    questions: list[Any]  # the prompts' questions (world `Question`s or `VQAItem`s)
     advantages: torch.Tensor  # (B·G,)
     logp_old: torch.Tensor | None  # (B·G, T); None on-policy (μ = 1): the loss uses logp.detach()
     logp_ref: torch.Tensor | None
@@ -78,14 +73,14 @@ class GRPO(VLMMethod):
     def needs_reference_copy(self) -> bool:
         return self.config.beta > 0
 
-    def prompts(self, step: int, micro: int) -> list[Question]:
+    def prompts(self, step: int, micro: int) -> list[Any]:
         """This process's share of the prompts of rollout `step // iterations`, micro-batch `micro`."""
         per_process = self.run.train.batch_size // self.num_processes
         rollout_index = (step // self.config.iterations) * self.run.train.gradient_accumulation_steps + micro
         first = rollout_index * self.run.train.batch_size + self.process_index * per_process
-        return [world.mixed_stream(self.config.kinds, self.config.stream_seed, first + i) for i in range(per_process)]
+        return [self.source.item(first + i) for i in range(per_process)]
 
-    def answers(self, questions: list[Question]) -> list[str]:
+    def answers(self, questions: list[Any]) -> list[str]:
         return [q.answer for q in questions for _ in range(self.config.num_generations)]
 
     def extra_rewards(self, batch: GroupBatch) -> dict[str, torch.Tensor]:
@@ -93,10 +88,15 @@ class GRPO(VLMMethod):
         return {}
 
     @torch.no_grad()
-    def rollout(self, questions: list[Question]) -> GroupBatch:
+    def rollout(self, questions: list[Any]) -> GroupBatch:
         c, vlm = self.config, self.vlm
-        rollout = vlm.sample([q.conversation() for q in questions], c.num_generations,
-                             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
+        rollout = vlm.sample(
+            [q.conversation() for q in questions],
+            c.num_generations,
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+        )
         args = (rollout.prompts, rollout.completion_ids, rollout.completion_mask)
         logp_old = vlm.token_logprobs(*args, temperature=c.temperature)[0] if c.iterations > 1 else None
         logp_ref = vlm.token_logprobs(*args, temperature=c.temperature, reference=True)[0] if c.beta else None
@@ -106,12 +106,14 @@ class GRPO(VLMMethod):
         total = total + sum(extra.values(), torch.zeros_like(total))
         batch.advantages = group_advantages(total, c.num_generations, c.scale_rewards).to(vlm.device)
         groups = total.reshape(-1, c.num_generations)
-        batch.stats.update({
-            "reward": total.mean(),
-            **{f"reward/{k}": v.mean() for k, v in {**parts, **extra}.items()},
-            "frac_reward_zero_std": (groups == groups[:, :1]).all(1).float().mean(),
-            "completion_length": rollout.completion_mask.sum(1).float().mean(),
-        })
+        batch.stats.update(
+            {
+                "reward": total.mean(),
+                **{f"reward/{k}": v.mean() for k, v in {**parts, **extra}.items()},
+                "frac_reward_zero_std": (groups == groups[:, :1]).all(1).float().mean(),
+                "completion_length": rollout.completion_mask.sum(1).float().mean(),
+            }
+        )
         return batch
 
     def next_batch(self, step: int, micro: int) -> GroupBatch:
@@ -122,13 +124,27 @@ class GRPO(VLMMethod):
     def policy_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
         """GRPO's loss, its metrics, and the policy's log-probs `(B·G, T)` (with gradient) it was made from."""
         c, r = self.config, batch.rollout
-        logp, entropy = self.vlm.token_logprobs(r.prompts, r.completion_ids, r.completion_mask,
-                                                temperature=c.temperature, with_entropy=True, model=self.module)
+        logp, entropy = self.vlm.token_logprobs(
+            r.prompts,
+            r.completion_ids,
+            r.completion_mask,
+            temperature=c.temperature,
+            with_entropy=True,
+            model=self.module,
+        )
         mask = r.completion_mask
         logp_old = logp.detach() if batch.logp_old is None else batch.logp_old
-        loss, metrics = grpo_loss(logp, logp_old, batch.advantages, mask, clip_low=c.clip_low,
-                                  clip_high=c.clip_high, beta=c.beta, logp_ref=batch.logp_ref,
-                                  aggregation=c.aggregation)
+        loss, metrics = grpo_loss(
+            logp,
+            logp_old,
+            batch.advantages,
+            mask,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            beta=c.beta,
+            logp_ref=batch.logp_ref,
+            aggregation=c.aggregation,
+        )
         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
         return loss, {**batch.stats, **metrics, "entropy": entropy_mean}, logp
 

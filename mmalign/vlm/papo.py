@@ -22,7 +22,6 @@ from mmalign.config import option
 from mmalign.losses import papo_loss
 from mmalign.models.vlm import PromptBatch
 from mmalign.vlm.grpo import GRPO, GroupBatch, GRPOConfig
-from mmalign.vlm.world import Question
 
 
 def mask_patches(image: Image.Image, patch: int, ratio: float, rng: np.random.Generator) -> Image.Image:
@@ -40,8 +39,9 @@ def mask_patches(image: Image.Image, patch: int, ratio: float, rng: np.random.Ge
 class PAPOConfig(GRPOConfig):
     """Options of `papo` (section `papo`): GRPO's plus the perception and entropy terms."""
 
-    gamma: float = option("weight γ of the perception KL (maximised); the paper: 0.01–0.02, 0.04 collapses",
-                          default=0.01)
+    gamma: float = option(
+        "weight γ of the perception KL (maximised); the paper: 0.01–0.02, 0.04 collapses", default=0.01
+    )
     entropy_weight: float = option("η₁: weight of the policy's NLL under the real image", default=0.03)
     masked_entropy_weight: float = option("η₂: weight of the NLL under the masked image", default=0.03)
     mask_patch: int = option("side P of the masked squares, in pixels of the raw image", default=14)
@@ -58,18 +58,23 @@ class PAPO(GRPO):
         repeated over its group; seeded by the global RNG."""
         c = self.config
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
-        per_prompt = [[mask_patches(im, c.mask_patch, c.mask_ratio, rng) for im in conversation.images]
-                      for conversation in prompts.conversations[:: c.num_generations]]
+        per_prompt = [
+            [mask_patches(im, c.mask_patch, c.mask_ratio, rng) for im in conversation.images]
+            for conversation in prompts.conversations[:: c.num_generations]
+        ]
         return [images for images in per_prompt for _ in range(c.num_generations)]
 
     @torch.no_grad()
-    def rollout(self, questions: list[Question]) -> GroupBatch:
+    def rollout(self, questions: list) -> GroupBatch:
         batch = super().rollout(questions)
         r = batch.rollout
         batch.extras["masked_prompts"] = self.vlm.with_images(r.prompts, self.masked_images(r.prompts))
         logp_masked, entropy_masked = self.vlm.token_logprobs(
-            batch.extras["masked_prompts"], r.completion_ids, r.completion_mask,
-            temperature=self.config.temperature, with_entropy=True,
+            batch.extras["masked_prompts"],
+            r.completion_ids,
+            r.completion_mask,
+            temperature=self.config.temperature,
+            with_entropy=True,
         )
         batch.extras["logp_masked"] = logp_masked
         mask = r.completion_mask
@@ -82,9 +87,20 @@ class PAPO(GRPO):
         logp_masked = batch.extras["logp_masked"]
         if c.recompute_masked:
             r = batch.rollout
-            logp_masked, _ = self.vlm.token_logprobs(batch.extras["masked_prompts"], r.completion_ids,
-                                                     r.completion_mask, temperature=c.temperature, model=self.module)
-        loss, papo_metrics = papo_loss(policy_loss, logp, logp_masked, batch.rollout.completion_mask, gamma=c.gamma,
-                                       entropy_weight=c.entropy_weight,
-                                       masked_entropy_weight=c.masked_entropy_weight)
+            logp_masked, _ = self.vlm.token_logprobs(
+                batch.extras["masked_prompts"],
+                r.completion_ids,
+                r.completion_mask,
+                temperature=c.temperature,
+                model=self.module,
+            )
+        loss, papo_metrics = papo_loss(
+            policy_loss,
+            logp,
+            logp_masked,
+            batch.rollout.completion_mask,
+            gamma=c.gamma,
+            entropy_weight=c.entropy_weight,
+            masked_entropy_weight=c.masked_entropy_weight,
+        )
         return loss, {**metrics, **papo_metrics}

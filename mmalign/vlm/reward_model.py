@@ -6,7 +6,11 @@ Data (`data.path`):
 - a folder with `pairs.jsonl`, each row either an image pair
   `{"prompt", "image_1", "image_2", "label": 1 | 2 | 0.5}` (paths relative to the folder; each image is
   scored with the prompt) or a response pair `{"prompt", "images": [...], "chosen", "rejected"}`
-  (the conversation with each response is scored). The last `heldout_fraction` of rows is held out.
+  (the conversation with each response is scored). The last `heldout_fraction` of rows is held out;
+- a `datasets` name or folder of response pairs in the layout RLAIF-V and VLFeedback-style sets use:
+  an image column (`image`, one image, or `images`, a list), the question (`question`, else
+  `prompt`), `chosen` and `rejected` (`data.columns` renames them). Rows are decoded when used.
+  Held out: `data.eval_split` when given, else the last `heldout_fraction` of the training split.
 
 Each pair becomes two conversations scored in one batch; the loss is
 `mmalign.losses.soft_bradley_terry_loss` (ties: dropped, or soft ½ labels with `ties: soft`) with
@@ -19,11 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mmalign.config import ConfigError, option
-from mmalign.data.pairs import DataError, jsonl_rows
+from mmalign.config import ConfigError, DataSource, VLMModelConfig, option
+from mmalign.data.pairs import DataError, decode_image, jsonl_rows, open_dataset
 from mmalign.losses import soft_bradley_terry_loss
 from mmalign.models.vlm import Conversation
 from mmalign.train.method import Evaluation, Method
@@ -35,6 +40,31 @@ EMBEDDED_PAIRS = "embedded:vlm-image-prefs"
 
 
 @dataclass
+class PrefsColumns:
+    """Column names of a `datasets` preference set; null image/prompt: the first of the usual names present."""
+
+    image: str | None = option("image column; null = image, else images", default=None)
+    prompt: str | None = option("question column; null = question, else prompt", default=None)
+    chosen: str = option("the preferred response", default="chosen")
+    rejected: str = option("the other response", default="rejected")
+
+
+@dataclass
+class PrefsDataConfig(DataSource):
+    """The `data` section of `vlm-reward-model`: the preference pairs."""
+
+    path: str = option(
+        "a folder with pairs.jsonl, a datasets name or folder of response pairs, or embedded:vlm-image-prefs",
+        default=EMBEDDED_PAIRS,
+    )
+    split: str = option("datasets: split to train on", default="train")
+    eval_split: str | None = option(
+        "datasets: split to evaluate on; null = the last heldout_fraction of split", default=None
+    )
+    columns: PrefsColumns = option("datasets: column names", default_factory=PrefsColumns)
+
+
+@dataclass
 class VLMRewardModelConfig:
     """Options of `vlm-reward-model` (section `vlm_reward_model`)."""
 
@@ -42,7 +72,9 @@ class VLMRewardModelConfig:
     centring: float = option("weight η_c of the reward-centring term (r₁ + r₂)²", default=0.01)
     train_pairs: int = option("embedded data: training pairs (train captions)", default=2000)
     heldout_pairs: int = option("embedded data: held-out pairs (held-out captions)", default=200)
-    heldout_fraction: float = option("a pairs.jsonl folder: share of rows (from the end) held out", default=0.1)
+    heldout_fraction: float = option(
+        "your pairs without an eval split: share of rows (from the end) held out", default=0.1
+    )
     eval_batch_size: int = option("pairs scored at once in evaluation", default=32)
 
 
@@ -57,8 +89,14 @@ class PairItem:
 
 def _embedded_items(config: VLMRewardModelConfig, seed: int) -> tuple[list[PairItem], list[PairItem]]:
     def items(split: str, n: int) -> list[PairItem]:
-        return [PairItem(p.scoring_conversation(1), p.scoring_conversation(2), 1.0 if p.label == 1 else
-                         0.0 if p.label == 2 else 0.5) for p in image_pairs(split, n, seed)]
+        return [
+            PairItem(
+                p.scoring_conversation(1),
+                p.scoring_conversation(2),
+                1.0 if p.label == 1 else 0.0 if p.label == 2 else 0.5,
+            )
+            for p in image_pairs(split, n, seed)
+        ]
 
     return items("train", config.train_pairs), items("heldout", config.heldout_pairs)
 
@@ -67,8 +105,9 @@ def read_pair_rows(folder: Path) -> list[PairItem]:
     """The rows of `folder/pairs.jsonl` as `PairItem`s; errors name the file, row and field."""
     path = folder / "pairs.jsonl"
     if not path.is_file():
-        raise DataError(f"{folder}: no pairs.jsonl (rows of prompt, image_1, image_2, label or prompt, images, "
-                        "chosen, rejected)")
+        raise DataError(
+            f"{folder}: no pairs.jsonl (rows of prompt, image_1, image_2, label or prompt, images, chosen, rejected)"
+        )
     out = []
     for row_no, row in jsonl_rows(path, ("prompt",)):
         where = f"{path}, row {row_no}"
@@ -80,8 +119,9 @@ def read_pair_rows(folder: Path) -> list[PairItem]:
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": row["prompt"]}]
 
             def chat(response: str, images=images, content=content, where=where) -> Conversation:
-                return Conversation([{"role": "user", "content": content},
-                                     {"role": "assistant", "content": response}], images, where)
+                return Conversation(
+                    [{"role": "user", "content": content}, {"role": "assistant", "content": response}], images, where
+                )
 
             out.append(PairItem(chat(row["chosen"]), chat(row["rejected"]), 1.0))
             continue
@@ -95,8 +135,66 @@ def read_pair_rows(folder: Path) -> list[PairItem]:
     return out
 
 
+def _pick(available: list[str], given: str | None, usual: tuple[str, ...], source: str) -> str:
+    if given is not None:
+        if given not in available:
+            raise DataError(f"{source}: no column {given!r} (it has {', '.join(available)})")
+        return given
+    for name in usual:
+        if name in available:
+            return name
+    raise DataError(
+        f"{source}: none of the columns {', '.join(usual)} (it has {', '.join(available)}); set data.columns"
+    )
+
+
+class DatasetPairs(torch.utils.data.Dataset):
+    """Response pairs of a `datasets` split as `PairItem`s (preferred first), built when indexed."""
+
+    def __init__(self, dataset, columns: PrefsColumns, source: str, rows: range | None = None):
+        available = list(dataset.column_names)
+        self.image = _pick(available, columns.image, ("image", "images"), source)
+        self.prompt = _pick(available, columns.prompt, ("question", "prompt"), source)
+        self.chosen = _pick(available, columns.chosen, (), source)
+        self.rejected = _pick(available, columns.rejected, (), source)
+        self.dataset, self.columns, self.source = dataset, columns, source
+        self.rows = rows if rows is not None else range(len(dataset))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int | slice) -> PairItem | list[PairItem]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self.rows[index]
+        data, where = self.dataset[row], f"{self.source}, row {row}"
+        images = data[self.image] if isinstance(data[self.image], list) else [data[self.image]]
+        images = [decode_image(image, f"{where}, field {self.image!r}") for image in images]
+        for name in (self.prompt, self.chosen, self.rejected):
+            if not isinstance(data[name], str) or not data[name].strip():
+                raise DataError(f"{where}, field {name!r}: expected non-empty text, got {data[name]!r}")
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": data[self.prompt]}]
+
+        def chat(response: str) -> Conversation:
+            return Conversation(
+                [{"role": "user", "content": content}, {"role": "assistant", "content": response}], images, where
+            )
+
+        return PairItem(chat(data[self.chosen]), chat(data[self.rejected]), 1.0)
+
+    def split(self, fraction: float) -> tuple[DatasetPairs, DatasetPairs]:
+        """`(first rows, last `fraction` of rows)`."""
+        cut = len(self.rows) - max(1, round(len(self.rows) * fraction))
+        return tuple(
+            DatasetPairs(self.dataset, self.columns, self.source, rows)  # type: ignore[return-value]
+            for rows in (self.rows[:cut], self.rows[cut:])
+        )
+
+
 class VLMRewardModel(Method):
     config_class = VLMRewardModelConfig
+    model_config_class = VLMModelConfig
+    data_config_class = PrefsDataConfig
     config: VLMRewardModelConfig
 
     def setup(self, accelerator) -> None:
@@ -106,12 +204,23 @@ class VLMRewardModel(Method):
         self.vlm = load_vlm(self.run.model, accelerator.device)
         self.net = VLMRewardNet(self.vlm.model, text_hidden_size(self.vlm.model)).to(accelerator.device)
         self.module: torch.nn.Module = self.net
-        if self.run.data.path == EMBEDDED_PAIRS:
+        d = self.run.data
+        if d.path == EMBEDDED_PAIRS:
             train, heldout = _embedded_items(c, self.run.seed)
-        else:
-            rows = read_pair_rows(Path(self.run.data.path))
+        elif (Path(d.path) / "pairs.jsonl").is_file():
+            rows = read_pair_rows(Path(d.path))
             cut = len(rows) - max(1, round(len(rows) * c.heldout_fraction))
             train, heldout = rows[:cut], rows[cut:]
+        else:  # response pairs carry no ties
+            pairs = DatasetPairs(open_dataset(d.path, d.split), d.columns, f"{d.path} ({d.split})")
+            if d.eval_split is None:
+                self.train_items, self.heldout_items = pairs.split(c.heldout_fraction)
+            else:
+                eval_source = f"{d.path} ({d.eval_split})"
+                self.train_items = pairs
+                self.heldout_items = DatasetPairs(open_dataset(d.path, d.eval_split), d.columns, eval_source)
+            self.heldout_items = self.heldout_items[:]  # scored at every evaluation: decoded once
+            return
         self.train_items = [p for p in train if c.ties == "soft" or p.target != 0.5]
         self.heldout_items = [p for p in heldout if p.target != 0.5]
 
@@ -152,19 +261,40 @@ class VLMRewardModel(Method):
         first, second = self._all_scores(self.heldout_items)
         target = torch.tensor([p.target for p in self.heldout_items])
         accuracy = ((first > second) == (target > 0.5)).float().mean().item()
-        return Evaluation({"heldout_pairwise_accuracy": accuracy, "heldout_pairs": float(len(target)),
-                           "heldout_score_gap": (first - second).mul(2 * target - 1).mean().item()})
+        return Evaluation(
+            {
+                "heldout_pairwise_accuracy": accuracy,
+                "heldout_pairs": float(len(target)),
+                "heldout_score_gap": (first - second).mul(2 * target - 1).mean().item(),
+            }
+        )
+
+    def data_used(self) -> dict[str, Any]:
+        d = self.run.data
+        used: dict[str, Any] = {
+            "path": d.path,
+            "train_pairs": len(self.train_items),
+            "heldout_pairs": len(self.heldout_items),
+        }
+        if isinstance(self.train_items, DatasetPairs):
+            used.update(split=d.split, eval_split=d.eval_split or f"last {self.config.heldout_fraction:g} of {d.split}")
+        return used
 
     def report_description(self) -> str:
-        return (f"Bradley–Terry head on `{self.run.model.path}`, trained on `{self.run.data.path}` "
-                f"({len(self.train_items)} pairs, ties {self.config.ties}); pairwise accuracy on "
-                f"{len(self.heldout_items)} held-out untied pairs.")
+        return (
+            f"Bradley–Terry head on `{self.run.model.path}`, trained on `{self.run.data.path}` "
+            f"({len(self.train_items)} pairs, ties {self.config.ties}); pairwise accuracy on "
+            f"{len(self.heldout_items)} held-out untied pairs."
+        )
 
     def save_final(self, directory: Path) -> list[str]:
         sample = self.train_items[: 4 * self.config.eval_batch_size]
         first, second = self._all_scores(sample)
         scores = torch.cat([first, second])
-        stats = {"mean": scores.mean().item(), "std": max(scores.std().item(), 1e-6),
-                 "metrics": self.evaluate(-1).metrics}
+        stats = {
+            "mean": scores.mean().item(),
+            "std": max(scores.std().item(), 1e-6),
+            "metrics": self.evaluate(-1).metrics,
+        }
         save_vlm_reward(directory / "reward", self.vlm, self.net, stats)
         return ["reward"]
