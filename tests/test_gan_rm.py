@@ -154,23 +154,35 @@ def test_embedded_targets_depict_the_training_prompts(tiny_pipelines, tmp_path):
     assert len(files) == len(drawn) == 40 and set(drawn) == set(prompts)
 
 
-def test_rounds_resume_mid_round(tiny_pipelines, tmp_path):
+def test_rounds_resume_mid_round_exactly_and_refuse_a_changed_config(tiny_pipelines, tmp_path):
     import shutil
 
     import mmalign
+    from mmalign.train.rundir import ConfigMismatchError
 
     out = tmp_path / "run"
     overrides = [*_round_overrides(tiny_pipelines["sd"], out), "gan_rm.rounds=1"]
     first = mmalign.train(_rounds_config(overrides))
-    # simulate a kill during round 1's training: its result and report are gone, the checkpoints remain
+    weights = out / "round-1/train/checkpoints/step-000002/trainable.safetensors"
+    trained = weights.read_bytes()
+    # a kill during round 1's training: its result, report, last checkpoint and stage record are gone
     rm_before = (out / "round-1/rm/head.safetensors").read_bytes()
     for name in ("final", "report.json", "report.md"):
         path = out / "round-1/train" / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     shutil.rmtree(out / "round-1/train/checkpoints/step-000002")
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == ["round-1/raw", "round-1/rm", "round-1/pairs", "round-1/train"]
+    (out / "stages.json").write_text(json.dumps({k: v for k, v in stages.items() if k != "round-1/train"}))
+    (out / "report.json").unlink()
     again = mmalign.train(_rounds_config(overrides))
     assert (out / "round-1/rm/head.safetensors").read_bytes() == rm_before  # finished stages are not redone
+    assert weights.read_bytes() == trained  # the resumed training ends with the same weights
     assert again["after"] == pytest.approx(first["after"], abs=1e-6)
+    with pytest.raises(ConfigMismatchError, match="different config"):
+        mmalign.train(_rounds_config([*overrides, "gan_rm.min_margin=0.001"]))
+    fresh = mmalign.train(_rounds_config([*overrides, "gan_rm.min_margin=0.001", "train.resume=false"]))
+    assert fresh["rounds"][0]["pairs"] <= first["rounds"][0]["pairs"]
 
 
 def test_rounds_reject_bad_targets(tiny_pipelines, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
+import yaml
 
 from mmalign.cli import main
 from mmalign.config import ConfigError
@@ -91,7 +92,7 @@ def test_a_round_adds_the_rated_guided_meshes_to_training_and_the_reward_learns_
 def test_a_finished_run_is_reused_stage_by_stage(rounds_run):
     out, report = rounds_run
     stamps = {p: p.stat().st_mtime_ns for p in (out / "round-1/rated.jsonl", out / "round-1/reward/report.json")}
-    config = json.loads((out / "config.json").read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text())
     overrides = [f"output_dir={out}", *SMALL, f"{R}.templates={config[R]['templates']}",
                  f"{R}.rater=tests.test_mesh_reward_rounds:rater"]  # fmt: skip
     assert main(["train", str(ROOT / "configs/mesh/reward_cs_rounds.yaml"), *overrides]) == 0

@@ -18,7 +18,7 @@ import mmalign
 from mmalign.cli import main as cli_main
 from mmalign.config import load_config
 from mmalign.train.checkpoint import checkpoint_dirs
-from mmalign.train.trainer import ConfigMismatchError
+from mmalign.train.rundir import ConfigMismatchError
 from tests.conftest import tiny_run_overrides
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "image" / "diffusion_dpo.yaml"

@@ -1,7 +1,8 @@
 """GAN-RM post-training rounds as one recipe (`method: gan-rm`).
 
-Round k (1…K), each stage kept in `output_dir/round-k/` and skipped when already complete, so a
-killed run resumes where it stopped (the training stage resumes from its own checkpoints):
+Round k (1…K), each stage kept in `output_dir/round-k/` and recorded when complete
+(`mmalign.train.stages`), so a killed run resumes where it stopped (the training stage resumes from
+its own checkpoints) and a changed config is refused:
 
 1. `raw/`: the current generator's samples for random prompts, the RM's negatives (round 1's
    are reused later unless `refresh_raw_negatives`); `pool/`: fresh samples for bootstrapping.
@@ -36,11 +37,12 @@ from mmalign.errors import UserInputError
 from mmalign.image.diffusion_dpo import DiffusionDPOConfig
 from mmalign.image.diffusion_sft import DiffusionSFTConfig
 from mmalign.image.gan_rm import GanRM, GanRMConfig, train_gan_rm
-from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text, cache_lock
+from mmalign.io import atomic_directory, cache_lock
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.registry import resolve_model_path
 from mmalign.rewards.base import load_image
 from mmalign.train.grids import side_by_side
+from mmalign.train.stages import StagedRecipe
 
 EMBEDDED_TARGETS = "embedded:shapes-renders"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -100,24 +102,23 @@ class GanRMDataConfig:
     max_pairs: int | None = option("train each round on at most this many pairs", default=None)
 
 
-class GanRMRounds:
-    """Runs the rounds; `mmalign.train` calls `run()` for recipes that are not a single loop."""
+class GanRMRounds(StagedRecipe):
+    """The rounds as stages of one run (`mmalign.train.stages`)."""
 
     config_class = GanRMRoundsConfig
     model_config_class = ModelConfig
     data_config_class = GanRMDataConfig
     eval_config_class = EvalConfig
+    config: GanRMRoundsConfig
 
     def __init__(self, run: RunConfig):
-        self.run = run
-        self.config: GanRMRoundsConfig = run.method_args
+        super().__init__(run)
         if self.config.rounds < 1:
             raise ValueError(f"gan_rm.rounds must be at least 1, got {self.config.rounds}")
         if self.config.update not in ("dpo", "sft"):
             raise ValueError(f"gan_rm.update must be dpo or sft, got {self.config.update!r}")
         if self.config.candidates < 2:
             raise ValueError(f"gan_rm.candidates must be at least 2 (best vs worst), got {self.config.candidates}")
-        self.out = Path(run.output_dir)
 
     # ------------------------------------------------------------------ inputs
     def target_images(self, prompts: list[str]) -> list[Path]:
@@ -171,71 +172,57 @@ class GanRMRounds:
         return directory
 
     # ------------------------------------------------------------------ one round
+    def _model(self, path: str) -> DiffusionModel:
+        """The generator at `path`, loaded once for the stages of a round that sample from it."""
+        if getattr(self, "_loaded", (None,))[0] != path:
+            self._loaded = (path, self._generator(path))
+        return self._loaded[1]
+
     def round(self, k: int, generator_path: str, targets: list[Path], prompts: list[str]) -> tuple[str, dict]:
         c, root = self.config, self.out / f"round-{k}"
         root.mkdir(parents=True, exist_ok=True)
-        done = root / "train" / "report.json"
-        if not done.exists():
-            model = self._generator(generator_path)
-            raw_round = k if c.refresh_raw_negatives else 1
-            raw = self._samples(
-                model,
-                self._draw(prompts, c.raw_negatives, 100 + raw_round),
-                self.out / f"round-{raw_round}" / "raw",
-                seed=self.run.seed + 1000 * raw_round,
-            )
-            pool = None
-            if c.bootstrap_pool and c.reward_model.bootstrap_top:
-                pool = sorted(
-                    self._samples(
-                        model,
-                        self._draw(prompts, c.bootstrap_pool, 200 + k),
-                        root / "pool",
-                        seed=self.run.seed + 1000 * k + 500,
-                    ).glob("*.png")
-                )
-            if not (root / "rm").exists():
-                rm_config = dataclasses.replace(c.reward_model, seed=self.run.seed + k)
-                train_gan_rm(
-                    targets, sorted(raw.glob("*.png")), root / "rm", rm_config, bootstrap_pool=pool, device=model.device
-                )
-            if not (root / "pairs").exists():
-                write_self_pairs(
-                    model,
-                    self._draw(prompts, c.num_prompts, 300 + k),
-                    GanRM(str(root / "rm"), device=model.device),
-                    root / "pairs",
-                    candidates=c.candidates,
-                    min_margin=c.min_margin,
-                    num_steps=c.num_steps,
-                    guidance_scale=c.guidance_scale,
-                    seed=self.run.seed + 1000 * k + 700,
-                    use_reference=False,
-                    meta={"round": k, "generator": generator_path},
-                )
-            del model
-            self._train(k, generator_path, root)
-        report = json.loads(done.read_text())
-        rm = json.loads((root / "rm" / "mmalign_reward.json").read_text())["metrics"]
-        pairs = json.loads((root / "pairs" / "meta.json").read_text())
-        summary = {
-            "round": k,
-            "rm_heldout_auc": rm["heldout_auc"],
-            "pairs": pairs["pairs"],
-            "before": report["before"],
-            "after": report["after"],
-        }
+        raw_round = k if c.refresh_raw_negatives else 1
+        raw = Path(self.stage(f"round-{raw_round}/raw", lambda: str(self._samples(
+            self._model(generator_path), self._draw(prompts, c.raw_negatives, 100 + raw_round),
+            self.out / f"round-{raw_round}" / "raw", seed=self.run.seed + 1000 * raw_round))))  # fmt: skip
+        pool = None
+        if c.bootstrap_pool and c.reward_model.bootstrap_top:
+            pool = sorted(Path(self.stage(f"round-{k}/pool", lambda: str(self._samples(
+                self._model(generator_path), self._draw(prompts, c.bootstrap_pool, 200 + k), root / "pool",
+                seed=self.run.seed + 1000 * k + 500)))).glob("*.png"))  # fmt: skip
+
+        def reward_model() -> dict[str, float]:
+            rm_config = dataclasses.replace(c.reward_model, seed=self.run.seed + k)
+            device = self._model(generator_path).device
+            train_gan_rm(targets, sorted(raw.glob("*.png")), root / "rm", rm_config, bootstrap_pool=pool, device=device)
+            return json.loads((root / "rm" / "mmalign_reward.json").read_text())["metrics"]
+
+        def pairs() -> dict[str, Any]:
+            model = self._model(generator_path)
+            write_self_pairs(
+                model, self._draw(prompts, c.num_prompts, 300 + k), GanRM(str(root / "rm"), device=model.device),
+                root / "pairs", candidates=c.candidates, min_margin=c.min_margin, num_steps=c.num_steps,
+                guidance_scale=c.guidance_scale, seed=self.run.seed + 1000 * k + 700, use_reference=False,
+                meta={"round": k, "generator": generator_path},
+            )  # fmt: skip
+            return json.loads((root / "pairs" / "meta.json").read_text())
+
+        rm = self.stage(f"round-{k}/rm", reward_model)
+        made = self.stage(f"round-{k}/pairs", pairs)
+        self._loaded = (None, None)  # the round's sampling is done: free the generator before training
+        report = self.train_stage(self._train_config(k, generator_path, root))
+        summary = {"round": k, "rm_heldout_auc": rm["heldout_auc"], "pairs": made["pairs"],
+                   "before": report["before"], "after": report["after"]}  # fmt: skip
         return str(root / "train" / "final" / "pipeline"), summary
 
-    def _train(self, k: int, generator_path: str, root: Path) -> dict:
-        import mmalign.train as training
-
+    def _train_config(self, k: int, generator_path: str, root: Path) -> RunConfig:
+        """Round k's DPO (or SFT) run on its pairs, from the current generator."""
         method, args = (
             ("diffusion-dpo", self.config.dpo)
             if self.config.update == "dpo"
             else ("diffusion-sft", DiffusionSFTConfig())
         )
-        inner = dataclasses.replace(
+        return dataclasses.replace(
             self.run,
             method=method,
             method_args=args,
@@ -244,12 +231,9 @@ class GanRMRounds:
             model=dataclasses.replace(self.run.model, path=generator_path, save_pipeline=True),
             data=DataConfig(path=str(root / "pairs"), **dataclasses.asdict(self.run.data)),
         )
-        return training.run(inner)
 
     # ------------------------------------------------------------------ all rounds
-    def run_all(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "config.json", self.run.to_dict())
+    def run_stages(self) -> dict[str, Any]:
         prompts = self.prompt_list()
         targets = self.target_images(prompts)
         generator = resolve_model_path(self.run.model.path)
@@ -257,53 +241,32 @@ class GanRMRounds:
         for k in range(1, self.config.rounds + 1):
             generator, summary = self.round(k, generator, targets, prompts)
             rounds.append(summary)
-        return self._report(rounds)
-
-    def _report(self, rounds: list[dict]) -> dict[str, Any]:
-        first = json.loads((self.out / "round-1" / "train" / "report.json").read_text())
-        last_dir = self.out / f"round-{len(rounds)}" / "train"
-        last = json.loads((last_dir / "report.json").read_text())
-        report = {
-            "recipe": self.run.recipe or self.run.method,
-            "method": self.run.method,
-            "update": self.config.update,
-            "steps": sum(
-                json.loads((self.out / f"round-{r['round']}" / "train" / "report.json").read_text())["steps"]
-                for r in rounds
-            ),
-            "gold_metric": first["gold_metric"],
-            "before": first["before"],
-            "after": last["after"],
-            "delta": last["after"] - first["before"],
-            "metrics": {"before": first["metrics"]["before"], "after": last["metrics"]["after"]},
-            "rounds": rounds,
-            "eval_prompts": self.run.eval.prompts,
-            "model": self.run.model.path,
-        }
+        first, last = (self.result(f"round-{k}/train") for k in (1, len(rounds)))
+        extra: dict[str, Any] = {"update": self.config.update, "eval_prompts": self.run.eval.prompts,
+                                 "model": self.run.model.path}  # fmt: skip
         before_png = self.out / "round-1" / "train" / first["samples"]["before"]
-        after_png = last_dir / last["samples"]["after"]
+        after_png = self.out / f"round-{len(rounds)}" / "train" / last["samples"]["after"]
         if before_png.exists() and after_png.exists():
             (self.out / "samples").mkdir(exist_ok=True)
             with Image.open(before_png) as b, Image.open(after_png) as a:
                 side_by_side(b.convert("RGB"), a.convert("RGB")).save(self.out / "samples" / "before_after.png")
-            report["samples"] = {"comparison": "samples/before_after.png"}
-        atomic_write_json(self.out / "report.json", report)
-        lines = [
-            f"# {report['recipe']}: GAN-RM + {self.config.update.upper()}, {len(rounds)} rounds",
-            "",
-            f"Gold metric `{report['gold_metric']}` on held-out prompts: **{report['before']:.4f} → "
-            f"{report['after']:.4f}** ({report['delta']:+.4f}).",
-            "",
-            "| round | RM held-out AUC | pairs | gold before | gold after |",
-            "|---|---|---|---|---|",
-            *[
-                f"| {r['round']} | {r['rm_heldout_auc']:.3f} | {r['pairs']} | {r['before']:.4f} | {r['after']:.4f} |"
-                for r in rounds
-            ],
-            "",
-            "Each round's RM (`round-k/rm`), pairs (`round-k/pairs`) and training run (`round-k/train`, with its",
-            "own report, TensorBoard logs and sample grids) are kept; `samples/before_after.png` compares round 1's",
-            "starting model with the last round's result.",
-        ]
-        atomic_write_text(self.out / "report.md", "\n".join(lines) + "\n")
-        return report
+            extra["samples"] = {"comparison": "samples/before_after.png"}
+        return self.write_report(
+            title=f"GAN-RM + {self.config.update.upper()}, {len(rounds)} rounds",
+            gold=first["gold_metric"],
+            before=first["metrics"]["before"],
+            after=last["metrics"]["after"],
+            steps=sum(self.result(f"round-{r['round']}/train")["steps"] for r in rounds),
+            rows=rounds,
+            columns={
+                "round": "round",
+                "rm_heldout_auc": "RM held-out AUC",
+                "pairs": "pairs",
+                "before": "gold before",
+                "after": "gold after",
+            },  # fmt: skip
+            description="Each round's RM (`round-k/rm`), pairs (`round-k/pairs`) and training run (`round-k/train`, "
+            "with its own report, TensorBoard logs and sample grids) are kept; `samples/before_after.png` compares "
+            "round 1's starting model with the last round's result.",
+            extra=extra,
+        )

@@ -16,8 +16,9 @@ k. (k = 1…K)
       rows so far, all in the training split;
    4. `round-k/reward/`: RewardCS retrained from scratch on that set.
 
-Every stage is skipped when its output is complete, and the training stages resume from their own
-checkpoints, so a killed run goes on where it stopped. `final/reward` is the last round's reward.
+Every stage is recorded when complete (`mmalign.train.stages`) and the training stages resume from
+their own checkpoints, so a killed run goes on where it stopped; a changed config is refused.
+`final/reward` is the last round's reward.
 `report.json` holds the held-out pairwise accuracy of round 0's reward (`before`) and of the last
 round's (`after`), and per round the reward's held-out metrics and the rater's mean score of the
 meshes its predecessor guided towards (how far guidance could hack it, ÷ 5 to [0, 1]).
@@ -36,8 +37,8 @@ from typing import Any
 import numpy as np
 import trimesh
 
-from mmalign.config import ConfigError, EvalSchedule, RunConfig, option
-from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
+from mmalign.config import ConfigError, RunConfig, option
+from mmalign.io import atomic_directory, atomic_write_text
 from mmalign.mesh import world
 from mmalign.mesh.data import (
     MAX_SCORE,
@@ -53,6 +54,7 @@ from mmalign.mesh.io import load_mesh
 from mmalign.mesh.reward_cs import RewardCSConfig
 from mmalign.mesh.templates import TEMPLATES_JSONL, EmbeddedTemplatesConfig, TemplateDataConfig, load_templates
 from mmalign.registry import EMBEDDED_PREFIX, import_string
+from mmalign.train.stages import StagedRecipe
 
 WORLD_RATER = "embedded:mesh-gold"
 Rater = Callable[[trimesh.Trimesh, str], float]
@@ -115,22 +117,19 @@ def _row(row: MeshRow, split: str) -> dict[str, Any]:
             "kind": row.kind}  # fmt: skip
 
 
-class RewardRounds:
-    """Runs the rounds; `mmalign.train` calls `run_all()` for recipes that are not a single loop."""
+class RewardRounds(StagedRecipe):
+    """The rounds as stages of one run (`mmalign.train.stages`)."""
 
     config_class = RewardRoundsConfig
-    model_config_class = None
     data_config_class = MeshDataConfig
-    eval_config_class = EvalSchedule
+    config: RewardRoundsConfig
 
     def __init__(self, run: RunConfig):
-        self.run = run
-        self.config: RewardRoundsConfig = run.method_args
+        super().__init__(run)
         if self.config.rounds < 1:
             raise ConfigError(f"reward_cs_rounds.rounds must be at least 1, got {self.config.rounds}")
         if self.config.export_every < 1 or self.config.guidance_steps < 1:
             raise ConfigError("reward_cs_rounds.export_every and guidance_steps must be at least 1")
-        self.out = Path(run.output_dir)
 
     # ------------------------------------------------------------------ stages
     def base_rows(self) -> list[dict[str, Any]]:
@@ -141,16 +140,13 @@ class RewardRounds:
         return [_row(r, "train") for r in train] + [_row(r, "heldout") for r in heldout]
 
     def train_reward(self, root: Path, data_path: str) -> str:
-        """RewardCS on `data_path` into `root/reward`; returns its reward folder."""
-        import mmalign.train as training
-
+        """Stage `root/reward`: RewardCS on `data_path`; returns its reward folder."""
         directory = root / "reward"
-        if not (directory / "report.json").is_file():
-            training.run(dataclasses.replace(
-                self.run, method="reward-cs", method_args=self.config.reward, output_dir=str(directory),
-                recipe=f"{self.run.recipe or 'reward-cs-rounds'}/{root.name}",
-                data=dataclasses.replace(self.run.data, path=data_path),
-            ))  # fmt: skip
+        self.train_stage(dataclasses.replace(
+            self.run, method="reward-cs", method_args=self.config.reward, output_dir=str(directory),
+            recipe=f"{self.run.recipe or 'reward-cs-rounds'}/{root.name}",
+            data=dataclasses.replace(self.run.data, path=data_path),
+        ))  # fmt: skip
         return str(directory / "final" / "reward")
 
     def templates_config(self, k: int) -> EmbeddedTemplatesConfig:
@@ -168,23 +164,20 @@ class RewardRounds:
             )
 
     def guide(self, k: int, reward: str) -> Path:
-        """Round k's guidance with `reward` into `round-k/guide`; returns that run directory."""
-        import mmalign.train as training
-
+        """Stage `round-k/guide`: guidance with `reward`; returns that run directory."""
         c, directory = self.config, self.out / f"round-{k}" / "guide"
         guidance = dataclasses.replace(c.guidance, rewards=[reward], templates=self.templates_config(k))
-        if not (directory / "report.json").is_file():
-            train = dataclasses.replace(
-                self.run.train, max_steps=c.guidance_steps, learning_rate=c.guidance_learning_rate,
-                lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=None,
-                checkpoint_every=c.export_every, gradient_accumulation_steps=1,
-            )  # fmt: skip
-            training.run(dataclasses.replace(
-                self.run, method="mesh-guided", method_args=guidance, output_dir=str(directory),
-                recipe=f"{self.run.recipe or 'reward-cs-rounds'}/round-{k}/guide", train=train,
-                data=TemplateDataConfig(path=c.templates),
-                eval=dataclasses.replace(self.run.eval, every=c.export_every),
-            ))  # fmt: skip
+        train = dataclasses.replace(
+            self.run.train, max_steps=c.guidance_steps, learning_rate=c.guidance_learning_rate,
+            lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=None,
+            checkpoint_every=c.export_every, gradient_accumulation_steps=1,
+        )  # fmt: skip
+        self.train_stage(dataclasses.replace(
+            self.run, method="mesh-guided", method_args=guidance, output_dir=str(directory),
+            recipe=f"{self.run.recipe or 'reward-cs-rounds'}/round-{k}/guide", train=train,
+            data=TemplateDataConfig(path=c.templates),
+            eval=dataclasses.replace(self.run.eval, every=c.export_every),
+        ))  # fmt: skip
         return directory
 
     def rate(self, k: int, guide: Path, rater: Rater) -> list[dict[str, Any]]:
@@ -215,9 +208,7 @@ class RewardRounds:
         return str(directory)
 
     # ------------------------------------------------------------------ all rounds
-    def run_all(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "config.json", self.run.to_dict())
+    def run_stages(self) -> dict[str, Any]:
         rater = load_rater(self.config.rater)
         rows = self.base_rows()
         self.check_templates({r["prompt"] for r in rows if r["split"] == "heldout"})
@@ -225,22 +216,27 @@ class RewardRounds:
         rounds = []
         for k in range(1, self.config.rounds + 1):
             guide = self.guide(k, reward)
-            rated = self.rate(k, guide, rater)
+            rated = self.stage(f"round-{k}/rated.jsonl", lambda k=k, guide=guide: self.rate(k, guide, rater))
             rows = rows + rated
-            reward = self.train_reward(self.out / f"round-{k}", self.write_set(k, rows))
+            data = self.stage(f"round-{k}/set", lambda k=k, rows=rows: self.write_set(k, rows))
+            reward = self.train_reward(self.out / f"round-{k}", data)
             rounds.append({"round": k, "rated": rated, "guide": guide})
-        with atomic_directory(self.out / "final") as tmp:
-            shutil.copytree(reward, tmp / "reward")
+
+        def final() -> list[str]:
+            with atomic_directory(self.out / "final") as tmp:
+                shutil.copytree(reward, tmp / "reward")
+            return ["final/reward"]
+
+        self.stage("final", final)
         return self._report(rounds)
 
     def _report(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-        rewards = [json.loads((self.out / f"round-{k}" / "reward" / "report.json").read_text())
-                   for k in range(len(rounds) + 1)]  # fmt: skip
+        rewards = [self.result(f"round-{k}/reward") for k in range(len(rounds) + 1)]
         first, last = rewards[0], rewards[-1]
         table = []
         for r in rounds:
             metrics = rewards[r["round"]]["metrics"]["after"]
-            guide = json.loads((r["guide"] / "report.json").read_text())
+            guide = self.result(f"round-{r['round']}/guide")
             table.append({
                 "round": r["round"],
                 "rated_meshes": len(r["rated"]),
@@ -249,38 +245,25 @@ class RewardRounds:
                 "heldout_pairwise_accuracy": metrics["heldout_pairwise_accuracy"],
                 "heldout_auroc": metrics["heldout_auroc"],
             })  # fmt: skip
-        report = {
-            "recipe": self.run.recipe or self.run.method,
-            "method": self.run.method,
-            "steps": sum(reward["steps"] for reward in rewards),
-            "gold_metric": first["gold_metric"],
-            "before": first["after"],
-            "after": last["after"],
-            "delta": last["after"] - first["after"],
-            "metrics": {"before": first["metrics"]["after"], "after": last["metrics"]["after"]},
-            "rounds": table,
-            "saved": ["final/reward"],
-        }
-        atomic_write_json(self.out / "report.json", report)
-        lines = [
-            f"# {report['recipe']}: RewardCS with {len(rounds)} rounds of on-policy negatives",
-            "",
-            f"Held-out pairwise accuracy (prompts no round trained on): **{report['before']:.4f} → "
-            f"{report['after']:.4f}** ({report['delta']:+.4f}); round 0 is RewardCS on `{self.run.data.path}`.",
-            "",
-            "| round | meshes rated | rating of the meshes guided by the previous reward (÷ 5) | their reward "
-            "| held-out pairwise acc. | held-out AUROC |",
-            "|---|---|---|---|---|---|",
-            *[
-                f"| {r['round']} | {r['rated_meshes']} | {r['guided_rating']:.3f} | {r['guided_reward']:.3f} "
-                f"| {r['heldout_pairwise_accuracy']:.3f} | {r['heldout_auroc']:.3f} |"
-                for r in table
-            ],
-            "",
+        return self.write_report(
+            title=f"RewardCS with {len(rounds)} rounds of on-policy negatives",
+            gold=first["gold_metric"],
+            before=first["metrics"]["after"],  # round 0's trained reward
+            after=last["metrics"]["after"],
+            steps=sum(reward["steps"] for reward in rewards),
+            rows=table,
+            columns={
+                "round": "round",
+                "rated_meshes": "meshes rated",
+                "guided_rating": "rating of the meshes guided by the previous reward (÷ 5)",
+                "guided_reward": "their reward",
+                "heldout_pairwise_accuracy": "held-out pairwise acc.",
+                "heldout_auroc": "held-out AUROC",
+            },  # fmt: skip
+            description=f"Before: round 0, RewardCS on `{self.run.data.path}`; held-out prompts no round trained on. "
             f"Rater: `{self.config.rater}`. A rating that stays low while the guided reward is high is a hack the "
             "next round learns to refuse. Each round keeps its guidance run (`round-k/guide`, with renders in its "
             "sample grids), its rated rows (`round-k/rated.jsonl`), its mesh set and its reward; `final/reward` is "
             "the last one: `mesh_guided.rewards=[<this run>/final/reward]`.",
-        ]
-        atomic_write_text(self.out / "report.md", "\n".join(lines) + "\n")
-        return report
+            extra={"saved": ["final/reward"]},
+        )

@@ -16,12 +16,13 @@ def run(config: Any, *overrides: str) -> dict[str, Any]:
     """Train a recipe: `config` is a YAML path or a `RunConfig`; overrides look like `train.max_steps=10`."""
     from mmalign.config import RunConfig, load_config
     from mmalign.registry import METHODS, load
+    from mmalign.train.stages import StagedRecipe
     from mmalign.train.trainer import Trainer
 
     run_config = config if isinstance(config, RunConfig) else load_config(Path(config), overrides)
     method = load(METHODS, "method", run_config.method)(run_config)
-    if hasattr(method, "run_all"):  # a multi-stage recipe (e.g. GAN-RM rounds) that runs its own loops
-        return method.run_all()
+    if isinstance(method, StagedRecipe):  # rounds: stages of Trainer runs in one run directory
+        return method.train()
     return Trainer(run_config, method).train()
 
 

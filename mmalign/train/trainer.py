@@ -36,26 +36,16 @@ from tqdm.auto import tqdm
 
 from mmalign.config import RunConfig, dump_config
 from mmalign.data.video import write_video
-from mmalign.errors import UserInputError
 from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.method import Evaluation, Method
 from mmalign.train.report import write_report
+from mmalign.train.rundir import check_config
 
 
 def _has_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
-
-
-class ConfigMismatchError(UserInputError):
-    """The output directory holds a run with a different configuration."""
-
-
-def _holds_outputs(run_dir: Path) -> bool:
-    """Whether a run directory holds more than its config and logs: a run that failed before writing anything
-    else (a bad option, an unreadable file) may start over with a corrected config."""
-    return any(path.name not in ("config.yaml", "logs") for path in run_dir.iterdir())
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -121,13 +111,7 @@ class Trainer:
         config_file = self.out / "config.yaml"
         root = self.out / "checkpoints"
         resume_from = None
-        if self.run.train.resume and config_file.exists():
-            saved = config_file.read_text()
-            if saved != config_text and _holds_outputs(self.out):
-                raise ConfigMismatchError(
-                    f"{self.out} holds a run with a different config ({config_file}); use another output_dir "
-                    "or set train.resume=false to start over"
-                )
+        if check_config(self.out, self.run):
             found = ckpt.checkpoint_dirs(root)
             resume_from = found[-1] if found else None
         if self.is_main:
