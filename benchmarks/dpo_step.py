@@ -35,8 +35,14 @@ def build_method(name: str, model: str, data: str, lora_rank: int):
     from mmalign.config import load_config
     from mmalign.registry import METHODS, load
 
-    overrides = [f"method={name}", f"model={model}", f"data={data}", f"model.lora_rank={lora_rank}",
-                 "eval.rewards=[]", "eval.num_prompts=1"]
+    overrides = [
+        f"method={name}",
+        f"model={model}",
+        f"data={data}",
+        f"model.lora_rank={lora_rank}",
+        "eval.rewards=[]",
+        "eval.num_prompts=1",
+    ]
     if name == "diffusion-sft":
         overrides.append("diffusion_sft.both_images=true")
     run = load_config(None, overrides)
@@ -121,8 +127,20 @@ def main() -> None:
         if torch.cuda.is_available():
             memory[name] = peak_memory(name, args.model, data, args.pairs, args.lora_rank)
         else:
-            cmd = [sys.executable, __file__, "--model", args.model, "--data", data, "--pairs", str(args.pairs),
-                   "--lora-rank", str(args.lora_rank), "--memory-child", name]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--data",
+                data,
+                "--pairs",
+                str(args.pairs),
+                "--lora-rank",
+                str(args.lora_rank),
+                "--memory-child",
+                name,
+            ]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -140,8 +158,10 @@ def main() -> None:
         "peak_mib": {"dpo": round(d["peak_bytes"] / 2**20, 1), "sft": round(s["peak_bytes"] / 2**20, 1)},
     }
     print(json.dumps(result, indent=2))
-    print(f"DPO/SFT step time {result['time_ratio']} (target <= 1.35); peak memory {result['peak_ratio']} "
-          f"(target <= 1.10); memory above the loaded model {result['step_memory_ratio']}")
+    print(
+        f"DPO/SFT step time {result['time_ratio']} (target <= 1.35); peak memory {result['peak_ratio']} "
+        f"(target <= 1.10); memory above the loaded model {result['step_memory_ratio']}"
+    )
 
 
 def _render_pairs(root: Path, n: int) -> Path:

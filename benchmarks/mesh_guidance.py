@@ -44,13 +44,21 @@ def run_arm(seed: int, guided: bool, args: argparse.Namespace, work: Path) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rewards", nargs="+", default=None,
-                        help="reward folders (several: an ensemble); default: the recipe's")
+    parser.add_argument(
+        "--rewards", nargs="+", default=None, help="reward folders (several: an ensemble); default: the recipe's"
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="recipe overrides for both arms")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for both arms",
+    )
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="mesh-guidance-"))
     rows = []

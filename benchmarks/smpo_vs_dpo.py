@@ -105,8 +105,9 @@ def main() -> None:
 
     keys = [k for k in rows[0] if k != "seed"]
     summary = {k: summarise([r[k] for r in rows]) for k in keys}
-    (out / "smpo_vs_dpo.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "seeds": rows,
-                                                      "summary": summary}, indent=2))
+    (out / "smpo_vs_dpo.json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(out)}, "seeds": rows, "summary": summary}, indent=2)
+    )
     steps = f"DPO {args.dpo_steps} / SmPO {args.smpo_steps} steps"
     print(f"\n| quantity | mean | sd | seeds |   ({len(rows)} seeds, {steps}; results in {out})")
     print("|---|---|---|---|")

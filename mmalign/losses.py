@@ -118,8 +118,10 @@ def weighted_soft_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torc
     `class_balance_weights`).
     """
     if not logits.shape == targets.shape == weights.shape:
-        raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and weights "
-                         f"{tuple(weights.shape)} must have the same shape")
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and weights "
+            f"{tuple(weights.shape)} must have the same shape"
+        )
     if ((targets < 0) | (targets > 1)).any():
         raise ValueError("targets must lie in [0, 1]")
     per_row = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -176,9 +178,7 @@ def cs_divergence(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = No
     def log_mean_kernel(block: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(block.reshape(-1), dim=0) - math.log(block.numel())
 
-    return (
-        log_mean_kernel(logits[:n, :n]) + log_mean_kernel(logits[n:, n:]) - 2 * log_mean_kernel(logits[:n, n:])
-    )
+    return log_mean_kernel(logits[:n, :n]) + log_mean_kernel(logits[n:, n:]) - 2 * log_mean_kernel(logits[:n, n:])
 
 
 def _balanced_median_distance(sq_dist: torch.Tensor, n: int) -> torch.Tensor:
@@ -415,8 +415,12 @@ def papo_loss(
     loss = policy_loss - gamma * kl + entropy_weight * nll + masked_entropy_weight * nll_masked
     with torch.no_grad():
         variance = aggregate_tokens((kappa - kl).pow(2), mask, "token")
-    return loss, {"perception_kl": kl.detach(), "perception_kl_var": variance, "nll": nll.detach(),
-                  "nll_masked": nll_masked.detach()}
+    return loss, {
+        "perception_kl": kl.detach(),
+        "perception_kl_var": variance,
+        "nll": nll.detach(),
+        "nll_masked": nll_masked.detach(),
+    }
 
 
 def soft_bradley_terry_loss(
@@ -430,8 +434,10 @@ def soft_bradley_terry_loss(
     Equal scores with a hard label give log 2.
     """
     if not reward_1.shape == reward_2.shape == target_1.shape or reward_1.ndim != 1:
-        raise ValueError(f"expected three (B,) tensors, got {tuple(reward_1.shape)}, {tuple(reward_2.shape)}, "
-                         f"{tuple(target_1.shape)}")
+        raise ValueError(
+            f"expected three (B,) tensors, got {tuple(reward_1.shape)}, {tuple(reward_2.shape)}, "
+            f"{tuple(target_1.shape)}"
+        )
     y = target_1.to(reward_1.dtype)
     bce = F.binary_cross_entropy_with_logits(reward_1 - reward_2, y, reduction="none")
     entropy = -(torch.xlogy(y, y) + torch.xlogy(1 - y, 1 - y))

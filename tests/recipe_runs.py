@@ -23,8 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GAN_RM_SMALL = [  # the shipped GAN-RM recipe, scaled down; everything else as shipped
-    "gan_rm.num_targets=80", "gan_rm.raw_negatives=80", "gan_rm.num_prompts=48", "train.max_steps=20",
-    "eval.num_prompts=32", "eval.num_steps=10", "eval.rewards=[]",
+    "gan_rm.num_targets=80",
+    "gan_rm.raw_negatives=80",
+    "gan_rm.num_prompts=48",
+    "train.max_steps=20",
+    "eval.num_prompts=32",
+    "eval.num_steps=10",
+    "eval.rewards=[]",
 ]
 DPO_STEPS = 100  # a third of the shipped 300: the held-out gain peaks by step 100 (benchmarks/smpo_vs_dpo.py);
 # the DPO run is the suite's critical path (100 steps here: +0.052 gold, clip-score up)
@@ -58,8 +63,15 @@ class RecipeRuns:
     def _launch(self, name: str) -> None:
         recipe, overrides = RECIPES[name]
         out = self.root / name
-        cmd = [sys.executable, "-m", "mmalign.cli", "train", str(ROOT / "configs" / recipe), f"output_dir={out}",
-               *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mmalign.cli",
+            "train",
+            str(ROOT / "configs" / recipe),
+            f"output_dir={out}",
+            *overrides,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with open(self.root / f"{name}.log", "w") as log:  # a file, not a pipe: nobody reads while it runs
             self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -44,7 +44,7 @@ def _reference(x: list[list[float]], y: list[list[float]], sigma: float | None =
         s = 0.0
         for a in a_set:
             for b in b_set:
-                s += math.exp(-dist(a, b) ** 2 / (2 * sigma**2))
+                s += math.exp(-(dist(a, b) ** 2) / (2 * sigma**2))
         return s / (len(a_set) * len(b_set))
 
     return -math.log(mean_kernel(x, y) ** 2 / (mean_kernel(x, x) * mean_kernel(y, y)))

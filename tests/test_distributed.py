@@ -29,11 +29,28 @@ def test_two_processes_match_one(tiny_pipelines, pair_folder, tmp_path):
     assert main(["train", str(RECIPE), *tiny_run_overrides(tiny_pipelines["sd"], pair_folder, one, steps), *extra]) == 0
     # accelerate's `--cpu` launcher is single-process without MPI; its torchrun launcher spawns the
     # processes, and the trainer puts them on the CPU (gloo) when no accelerator is present.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29517"]
-    result = subprocess.run([*launch, *train, *tiny_run_overrides(tiny_pipelines["sd"], pair_folder, two, steps),
-                             *extra], capture_output=True, text=True, env=env)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
+    result = subprocess.run(
+        [*launch, *train, *tiny_run_overrides(tiny_pipelines["sd"], pair_folder, two, steps), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     report_one = json.loads((one / "report.json").read_text())

@@ -37,8 +37,10 @@ def test_soft_bce_matches_a_hand_computation_and_balances_classes():
     groups = torch.tensor([0, 1, 1])
     w = class_balance_weights(groups)
     assert torch.allclose(w, torch.tensor([0.5, 0.25, 0.25]))
-    manual = [-(t * math.log(1 / (1 + math.exp(-v))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-v))))
-              for v, t in zip(logits.tolist(), y.tolist())]
+    manual = [
+        -(t * math.log(1 / (1 + math.exp(-v))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-v))))
+        for v, t in zip(logits.tolist(), y.tolist())
+    ]
     expected = sum(wi * m for wi, m in zip(w.tolist(), manual)) / w.sum().item()
     assert weighted_soft_bce(logits, y, w).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="targets"):
@@ -116,10 +118,23 @@ def _rounds_config(overrides: list[str]):
 
 def _round_overrides(model, out) -> list[str]:
     return [
-        f"model={model}", f"output_dir={out}", "train.max_steps=2", "train.batch_size=4", "train.checkpoint_every=1",
-        "eval.num_prompts=4", "eval.num_steps=2", "eval.rewards=[]", "eval.grid_size=4", "gan_rm.num_targets=12",
-        "gan_rm.raw_negatives=12", "gan_rm.num_prompts=6", "gan_rm.num_steps=2", "gan_rm.min_margin=0",
-        "gan_rm.candidates=3", "gan_rm.reward_model.hidden=8", "gan_rm.reward_model.epochs=3",
+        f"model={model}",
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.checkpoint_every=1",
+        "eval.num_prompts=4",
+        "eval.num_steps=2",
+        "eval.rewards=[]",
+        "eval.grid_size=4",
+        "gan_rm.num_targets=12",
+        "gan_rm.raw_negatives=12",
+        "gan_rm.num_prompts=6",
+        "gan_rm.num_steps=2",
+        "gan_rm.min_margin=0",
+        "gan_rm.candidates=3",
+        "gan_rm.reward_model.hidden=8",
+        "gan_rm.reward_model.epochs=3",
         "data.resolution=32",
     ]
 
@@ -200,4 +215,3 @@ def test_rounds_reject_bad_targets(tiny_pipelines, tmp_path):
         mmalign.train(_rounds_config([*_round_overrides(model, tmp_path / "b"), f"gan_rm.targets={bad}"]))
     with pytest.raises(ValueError, match="candidates"):
         mmalign.train(_rounds_config([*_round_overrides(model, tmp_path / "c"), "gan_rm.candidates=1"]))
-

@@ -51,6 +51,13 @@ def test_levels_end_at_each_samples_t_and_t_zero_is_the_clean_latent():
     assert torch.equal(x_t[0], x0[0])
     assert seen[-1].tolist() == [0, 400, 999]
     official = []
-    renoise_invert(lambda z, level: official.append(level.clone()) or eps, VP, x0, torch.tensor([0, 450, 999]),
-                   steps=5, renoise_iterations=0, official_grid=True)
+    renoise_invert(
+        lambda z, level: official.append(level.clone()) or eps,
+        VP,
+        x0,
+        torch.tensor([0, 450, 999]),
+        steps=5,
+        renoise_iterations=0,
+        official_grid=True,
+    )
     assert official[-1].tolist() == [0, 401, 801]  # SmPO's grid {1, 201, …, 801}: the last point below t

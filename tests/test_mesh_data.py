@@ -130,7 +130,9 @@ def test_class_folders_with_a_prompts_file(tmp_path):
     (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     rows = read_mesh_rows(tmp_path, MeshSetConfig())
     assert [(r.mesh.name, r.prompt, r.score, r.preferred) for r in rows] == [
-        ("a.obj", "a sphere", 5.0, True), ("b.obj", "a sphere", 5.0, True), ("c.obj", "a cube", 0.0, False)
+        ("a.obj", "a sphere", 5.0, True),
+        ("b.obj", "a sphere", 5.0, True),
+        ("c.obj", "a cube", 0.0, False),
     ]
     (tmp_path / "prompts.jsonl").write_text("\n".join([*lines, json.dumps({"mesh": "c.obj", "prompt": "x"})]) + "\n")
     (tmp_path / "c.obj").write_bytes((tmp_path / "dispreferred/c.obj").read_bytes())
@@ -233,8 +235,9 @@ def test_same_prompt_pairs():
 
 
 def test_embedded_set_scores_by_the_gold_judge_and_splits_by_heldout_prompts(tmp_path):
-    config = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=2, bad_kinds=["noisy", "wrong"], seed=5,
-                                  min_strength=1.0)  # full-strength corruptions only: all clearly dispreferred
+    config = EmbeddedMeshesConfig(
+        good_per_prompt=1, bad_per_prompt=2, bad_kinds=["noisy", "wrong"], seed=5, min_strength=1.0
+    )  # full-strength corruptions only: all clearly dispreferred
     directory = embedded_meshes_directory(config, tmp_path)
     assert directory == embedded_meshes_directory(EmbeddedMeshesConfig(**vars(config)), tmp_path)
     assert directory != embedded_meshes_directory(EmbeddedMeshesConfig(seed=6), tmp_path)

@@ -70,7 +70,7 @@ def test_a_round_adds_the_rated_guided_meshes_to_training_and_the_reward_learns_
         assert Path(row["mesh"]).is_absolute() and Path(row["mesh"]).is_file()
         assert row["score"] == pytest.approx(rater(trimesh.load(row["mesh"], force="mesh"), row["prompt"]), abs=1e-3)
     merged = [json.loads(line) for line in (out / "round-1" / "set" / "meshes.jsonl").read_text().splitlines()]
-    assert merged[-len(rated):] == rated and {r["split"] for r in merged} == {"train", "heldout"}
+    assert merged[-len(rated) :] == rated and {r["split"] for r in merged} == {"train", "heldout"}
     assert not {r["prompt"] for r in merged if r["split"] == "heldout"} & {r["prompt"] for r in rated}
     # the effect a round is for: the retrained reward agrees better with the rater on the meshes guidance
     # pushed its predecessor's reward towards (its own hacks) than that predecessor did

@@ -95,13 +95,17 @@ def test_every_bad_kind_scores_clearly_lower(good, kind):
 
 
 def test_deformed_meshes_keep_a_clean_surface_but_lose_the_prompts_shape(good):
-    checks = [world.gold_checks(world.bad_mesh(p, np.random.default_rng(7 + i), "deformed"), p)
-              for i, p in enumerate(world.PROMPTS)]
+    checks = [
+        world.gold_checks(world.bad_mesh(p, np.random.default_rng(7 + i), "deformed"), p)
+        for i, p in enumerate(world.PROMPTS)
+    ]
     assert all(c["geometry"] > 0.9 for c in checks)  # no roughness, folds or holes: only the shape is wrong
     assert np.mean([c["score"] for c in checks]) < 0.4
     assert np.mean([min(c["shape"], c["proportion"]) for c in checks]) < 0.4
-    mild = [world.gold_score(world.bad_mesh(p, np.random.default_rng(7 + i), "deformed", strength=0.2), p)
-            for i, p in enumerate(world.PROMPTS)]
+    mild = [
+        world.gold_score(world.bad_mesh(p, np.random.default_rng(7 + i), "deformed", strength=0.2), p)
+        for i, p in enumerate(world.PROMPTS)
+    ]
     assert np.mean(mild) > np.mean([c["score"] for c in checks]) + 0.2
 
 

@@ -31,10 +31,20 @@ from mmalign.mesh.reward_cs import RewardCS
 from mmalign.rewards import load_reward
 
 ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = ["meshes.embedded.prompts=core", "meshes.embedded.good_per_prompt=6", "meshes.embedded.bad_per_prompt=8",
-            "meshes.embedded.bad_kinds=[noisy,crumpled,flipped]"]  # the 16 core prompts: 224 meshes, not 1288
-ENCODER = ["encoder.points=128", "encoder.neighbours=8", "encoder.local_width=16", "encoder.width=32",
-           "encoder.embed_dim=32", "encoder.head_hidden=32"]
+EMBEDDED = [
+    "meshes.embedded.prompts=core",
+    "meshes.embedded.good_per_prompt=6",
+    "meshes.embedded.bad_per_prompt=8",
+    "meshes.embedded.bad_kinds=[noisy,crumpled,flipped]",
+]  # the 16 core prompts: 224 meshes, not 1288
+ENCODER = [
+    "encoder.points=128",
+    "encoder.neighbours=8",
+    "encoder.local_width=16",
+    "encoder.width=32",
+    "encoder.embed_dim=32",
+    "encoder.head_hidden=32",
+]
 FAST = ["train.max_steps=120", "train.threads=1", "eval.every=0", "train.checkpoint_every=0", "train.log_every=40"]
 
 
@@ -153,8 +163,18 @@ def test_cli_scores_a_folder_of_meshes(cs_run, tmp_path, capsys):
     world.bad_mesh("a torus", rng, "crumpled").export(meshes / "crumpled.ply")
     (meshes / "notes.txt").write_text("not a mesh")
     folder = cs_run[0] / "final/reward"
-    args = ["score", "--reward", "reward-cs", "--reward-arg", f"path={folder}", str(meshes), "--prompt", "a torus",
-            "--json", str(tmp_path / "s.json")]
+    args = [
+        "score",
+        "--reward",
+        "reward-cs",
+        "--reward-arg",
+        f"path={folder}",
+        str(meshes),
+        "--prompt",
+        "a torus",
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[-1] == "reward-cs" and len(lines) == 4
@@ -182,8 +202,12 @@ def test_python_scores_a_folder_of_meshes_like_its_files(cs_run, tmp_path):
     reward = load_reward(str(cs_run[0] / "final/reward"))
     files = [str(meshes / "a_good.obj"), str(meshes / "sub" / "b_noisy.ply")]
     torch.testing.assert_close(reward(meshes, "a cone"), reward(files, "a cone"), atol=0, rtol=0)
-    torch.testing.assert_close(mmalign.score(str(meshes), "a cone", reward=str(cs_run[0] / "final/reward")),
-                               reward(files, "a cone"), atol=0, rtol=0)
+    torch.testing.assert_close(
+        mmalign.score(str(meshes), "a cone", reward=str(cs_run[0] / "final/reward")),
+        reward(files, "a cone"),
+        atol=0,
+        rtol=0,
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no mesh files inside"):
         reward(tmp_path / "empty", "a cone")

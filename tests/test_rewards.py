@@ -51,8 +51,9 @@ def test_batching_and_input_kinds_agree(tiny_clip_dir, tmp_path):
         paths.append(tmp_path / f"{i}.png")
     for samples in (arrays, [Image.fromarray(a) for a in arrays], [str(p) for p in paths]):
         assert torch.allclose(reward(samples, "a red circle"), reference, atol=0.5)  # uint8 rounding only
-    assert torch.allclose(load_reward("clip-score", path=str(tiny_clip_dir), batch_size=64)(images, "a red circle"),
-                          reference, atol=1e-4)
+    assert torch.allclose(
+        load_reward("clip-score", path=str(tiny_clip_dir), batch_size=64)(images, "a red circle"), reference, atol=1e-4
+    )
 
 
 def test_clip_score_is_differentiable_in_the_pixels(tiny_clip_dir):

@@ -74,8 +74,14 @@ def _method(cls, model_dir, pair_folder, *extra: str):
     method_name = "smpo" if cls is SmPO else "diffusion-dpo"
     run = load_config(
         None,
-        [f"method={method_name}", f"model={model_dir}", f"data={pair_folder}", "eval.rewards=[]",
-         "model.lora_rank=4", *extra],
+        [
+            f"method={method_name}",
+            f"model={model_dir}",
+            f"data={pair_folder}",
+            "eval.rewards=[]",
+            "model.lora_rank=4",
+            *extra,
+        ],
     )
     method = cls(run)
     method.setup(Accelerator(cpu=True))

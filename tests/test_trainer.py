@@ -33,8 +33,9 @@ def test_resume_after_sigkill_ends_bit_identical(tiny_pipelines, pair_folder, tm
 
     killed = tmp_path / "killed"
     args = ["train", str(RECIPE), *tiny_run_overrides(tiny_pipelines["sd"], pair_folder, killed, steps), *common]
-    child = subprocess.Popen([sys.executable, "-m", "mmalign.cli", *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mmalign.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-000002").exists():
         assert child.poll() is None, "the run ended before it could be killed"
@@ -63,8 +64,16 @@ def test_resume_after_sigkill_ends_bit_identical(tiny_pipelines, pair_folder, tm
 def test_run_directory_and_report(tiny_pipelines, pair_folder, tmp_path):
     out = tmp_path / "run"
     report = mmalign.train(load_config(RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, 4)))
-    for name in ("config.yaml", "report.md", "report.json", "evaluations.json", "samples/step-000000.png",
-                 "samples/step-000004.png", "samples/before_after.png", "final/lora/pytorch_lora_weights.safetensors"):
+    for name in (
+        "config.yaml",
+        "report.md",
+        "report.json",
+        "evaluations.json",
+        "samples/step-000000.png",
+        "samples/step-000004.png",
+        "samples/before_after.png",
+        "final/lora/pytorch_lora_weights.safetensors",
+    ):
         assert (out / name).exists(), name
     assert any((out / "logs").iterdir())
     assert [p.name for p in checkpoint_dirs(out / "checkpoints")] == ["step-000002", "step-000004"]
@@ -79,8 +88,11 @@ def test_run_directory_and_report(tiny_pipelines, pair_folder, tmp_path):
     assert again["after"] == report["after"]
 
     with pytest.raises(ConfigMismatchError, match="different config"):
-        mmalign.train(load_config(RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, 4)
-                                  + ["train.learning_rate=0.5"]))
+        mmalign.train(
+            load_config(
+                RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, 4) + ["train.learning_rate=0.5"]
+            )
+        )
 
 
 def test_failed_run_leaves_no_report_or_final(tiny_pipelines, pair_folder, tmp_path, capsys):

@@ -188,8 +188,9 @@ def train_gan_rm(
     embed = _embedder(encoder)
     emb_pos, emb_neg = embed(targets), embed(generated)
     rng = np.random.default_rng(config.seed)
-    (pos_train, pos_held), (neg_train, neg_held) = _split(len(emb_pos), config.holdout_fraction, rng), _split(
-        len(emb_neg), config.holdout_fraction, rng
+    (pos_train, pos_held), (neg_train, neg_held) = (
+        _split(len(emb_pos), config.holdout_fraction, rng),
+        _split(len(emb_neg), config.holdout_fraction, rng),
     )
     rows = torch.cat([emb_pos[pos_train], emb_neg[neg_train]])
     labels = torch.cat([torch.ones(len(pos_train)), torch.zeros(len(neg_train))])
@@ -208,14 +209,18 @@ def train_gan_rm(
         labels = torch.cat([labels, top_labels, torch.zeros(len(bottom))])
         is_target = torch.cat([is_target, torch.zeros(len(top) + len(bottom), dtype=torch.bool)])
         head = RewardHead(rows.shape[1], config.hidden, config.dropout).to(device)
-        metrics["train_loss"] = _fit_head(head, rows.to(device), labels.to(device), is_target.to(device), config,
-                                          generator)
+        metrics["train_loss"] = _fit_head(
+            head, rows.to(device), labels.to(device), is_target.to(device), config, generator
+        )
         metrics["bootstrap"] = {"pool": len(emb_pool), "top": len(top), "bottom": len(bottom)}
     with torch.no_grad():
         held_pos, held_neg = head(emb_pos[pos_held].to(device)).cpu(), head(emb_neg[neg_held].to(device)).cpu()
         train_pos, train_neg = head(emb_pos[pos_train].to(device)).cpu(), head(emb_neg[neg_train].to(device)).cpu()
-    metrics.update(heldout_auc=roc_auc(held_pos, held_neg), train_auc=roc_auc(train_pos, train_neg),
-                   heldout=[len(pos_held), len(neg_held)])
+    metrics.update(
+        heldout_auc=roc_auc(held_pos, held_neg),
+        train_auc=roc_auc(train_pos, train_neg),
+        heldout=[len(pos_held), len(neg_held)],
+    )
     save_gan_rm(Path(directory), head.cpu(), config, rows.shape[1], metrics)
     return GanRM(str(directory), device=device)
 

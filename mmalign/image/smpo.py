@@ -32,7 +32,6 @@ from mmalign.rewards import load_reward
 INVERSIONS = ("renoise", "ddim", "forward")
 
 
-
 @dataclass
 class SmPOConfig(DiffusionDPOConfig):
     gamma: float = option("sensitivity γ: the margin is scaled by γ(2p − 1) (10 in the paper)", 10.0)

@@ -25,8 +25,9 @@ import torch
 from mmalign.models.noise import NoiseProcess
 
 
-def _levels(t: torch.Tensor, steps: int, num_train_timesteps: int, official_grid: bool,
-            integer: bool) -> list[torch.Tensor]:
+def _levels(
+    t: torch.Tensor, steps: int, num_train_timesteps: int, official_grid: bool, integer: bool
+) -> list[torch.Tensor]:
     """Per-sample levels `[l_0 = 0, l_1, …, l_n]` as a list of `(B,)` tensors (n = `steps`)."""
     t = t.double()
     if not official_grid:

@@ -29,10 +29,18 @@ FAMILIES = ("qwen2-vl", "qwen2.5-vl", "llava", "idefics3")
 
 _CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-_SPECIAL = {"qwen2-vl": _CHATML + _QWEN_VISION, "qwen2.5-vl": _CHATML + _QWEN_VISION, "llava": _CHATML + ["<image>"],
-            "idefics3": _CHATML + ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]}
-_PLACEHOLDER = {"qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>", "qwen2.5-vl":
-                "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>", "idefics3": "<image>"}
+_SPECIAL = {
+    "qwen2-vl": _CHATML + _QWEN_VISION,
+    "qwen2.5-vl": _CHATML + _QWEN_VISION,
+    "llava": _CHATML + ["<image>"],
+    "idefics3": _CHATML + ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"],
+}
+_PLACEHOLDER = {
+    "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2.5-vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "llava": "<image>",
+    "idefics3": "<image>",
+}
 
 #: Text the default tokenizer is trained on: chat scaffolding, reasoning tags, digits and the
 #: vocabulary of the embedded worlds' questions.
@@ -62,8 +70,12 @@ def vlm_tokenizer(
     """A byte-level BPE with the family's special tokens, end of turn `<|im_end|>`, pad `<|endoftext|>`."""
     bpe = byte_level_bpe(corpus, _SPECIAL[family], vocab_size, add_prefix_space=False, repeats=20)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>",
-        chat_template=chat_template(_PLACEHOLDER[family]), padding_side="left",
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        chat_template=chat_template(_PLACEHOLDER[family]),
+        padding_side="left",
     )
 
 
@@ -86,10 +98,17 @@ TINY_VLM = VLMSize()
 def _text_config(tokenizer: PreTrainedTokenizerFast, size: VLMSize, **extra) -> dict:
     ids = tokenizer.convert_tokens_to_ids
     return dict(
-        vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=2 * size.hidden,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-        max_position_embeddings=2048, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"), **extra,
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=2 * size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        **extra,
     )
 
 
@@ -110,22 +129,45 @@ def _qwen(family: str, tokenizer: PreTrainedTokenizerFast, size: VLMSize):
     spatial = half * 3 // 8
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [half - 2 * spatial, spatial, spatial]}
     text = _text_config(tokenizer, size, rope_parameters=rope)
-    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    tokens = dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
     if family == "qwen2-vl":
-        vision = dict(depth=size.vision_layers, embed_dim=size.vision_width, hidden_size=size.hidden, num_heads=4,
-                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(
+            depth=size.vision_layers,
+            embed_dim=size.vision_width,
+            hidden_size=size.hidden,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         config, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     else:
-        vision = dict(depth=size.vision_layers, hidden_size=size.vision_width, intermediate_size=2 * size.vision_width,
-                      out_hidden_size=size.hidden, num_heads=4, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[size.vision_layers - 1])
+        vision = dict(
+            depth=size.vision_layers,
+            hidden_size=size.vision_width,
+            intermediate_size=2 * size.vision_width,
+            out_hidden_size=size.hidden,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[size.vision_layers - 1],
+        )
         config, model_class, processor_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     model = model_class(config(text_config=text, vision_config=vision, **tokens))
     pixels = size.image_size**2
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2),
-        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=tokenizer.chat_template,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=tokenizer.chat_template,
     )
     return model, processor
 
@@ -134,19 +176,33 @@ def _llava(tokenizer: PreTrainedTokenizerFast, size: VLMSize):
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     patch = size.image_size // 4  # 16 patches → 16 image tokens
-    vision = dict(model_type="clip_vision_model", hidden_size=size.vision_width,
-                  intermediate_size=2 * size.vision_width, num_hidden_layers=size.vision_layers,
-                  num_attention_heads=4, image_size=size.image_size, patch_size=patch)
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=size.vision_width,
+        intermediate_size=2 * size.vision_width,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=4,
+        image_size=size.image_size,
+        patch_size=patch,
+    )
     text = dict(model_type="llama", **_text_config(tokenizer, size))
-    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default")
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-1,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+    )
     model = LlavaForConditionalGeneration(config)
     side = size.image_size
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default", image_token="<image>",
-        num_additional_image_tokens=1, chat_template=tokenizer.chat_template,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
     )
     return model, processor
 
@@ -155,26 +211,47 @@ def _idefics3(tokenizer: PreTrainedTokenizerFast, size: VLMSize):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
 
     side, patch, shuffle = size.image_size, 14, 2  # (56/14)² patches ÷ 2² pixel shuffle = 4 image tokens
-    vision = dict(hidden_size=size.vision_width, intermediate_size=2 * size.vision_width,
-                  num_hidden_layers=size.vision_layers, num_attention_heads=4, image_size=side, patch_size=patch)
+    vision = dict(
+        hidden_size=size.vision_width,
+        intermediate_size=2 * size.vision_width,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=4,
+        image_size=side,
+        patch_size=patch,
+    )
     text = dict(model_type="llama", **_text_config(tokenizer, size))
-    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=shuffle,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        scale_factor=shuffle,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
     model = Idefics3ForConditionalGeneration(config)
     processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessor(size={"longest_edge": side}, max_image_size={"longest_edge": side},
-                                               do_image_splitting=False),
-        tokenizer=tokenizer, image_seq_len=(side // patch) ** 2 // shuffle**2, chat_template=tokenizer.chat_template,
+        image_processor=Idefics3ImageProcessor(
+            size={"longest_edge": side}, max_image_size={"longest_edge": side}, do_image_splitting=False
+        ),
+        tokenizer=tokenizer,
+        image_seq_len=(side // patch) ** 2 // shuffle**2,
+        chat_template=tokenizer.chat_template,
     )
     return model, processor
 
 
-_BUILDERS = {"qwen2-vl": lambda t, s: _qwen("qwen2-vl", t, s), "qwen2.5-vl": lambda t, s: _qwen("qwen2.5-vl", t, s),
-             "llava": _llava, "idefics3": _idefics3}
+_BUILDERS = {
+    "qwen2-vl": lambda t, s: _qwen("qwen2-vl", t, s),
+    "qwen2.5-vl": lambda t, s: _qwen("qwen2.5-vl", t, s),
+    "llava": _llava,
+    "idefics3": _idefics3,
+}
 
 
 def build_tiny_vlm(
-    family: str, directory: str | Path, *, corpus: Iterable[str] = (DEFAULT_CORPUS,), size: VLMSize = TINY_VLM,
+    family: str,
+    directory: str | Path,
+    *,
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    size: VLMSize = TINY_VLM,
     seed: int = 0,
 ) -> Path:
     """Build a randomly initialised tiny VLM of `family` and save model + processor into `directory`."""
@@ -185,8 +262,9 @@ def build_tiny_vlm(
     model, processor = _BUILDERS[family](tokenizer, size)
     model.eval()
     ids = tokenizer.convert_tokens_to_ids
-    model.generation_config.update(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-                                   pad_token_id=ids("<|endoftext|>"))
+    model.generation_config.update(
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")
+    )
     directory = Path(directory)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -257,15 +257,24 @@ class VisionLanguageModel:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(
-        self, prompts: PromptBatch, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+        self,
+        prompts: PromptBatch,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
         do_sample: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample one completion per prompt: `completion_ids (B, T)` (padded), `completion_mask (B, T)`."""
         self.model.eval()
         out = self.model.generate(
-            **prompts.inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-            pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos_token_ids),
+            **prompts.inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=sorted(self.eos_token_ids),
             suppress_tokens=self.placeholder_ids or None,
         )
         completion = out[:, prompts.input_ids.shape[1] :]
@@ -280,8 +289,13 @@ class VisionLanguageModel:
         return (ended_before == 0).long()
 
     def sample(
-        self, conversations: Sequence[Conversation], num_generations: int, *, max_new_tokens: int,
-        temperature: float = 1.0, top_p: float = 1.0,
+        self,
+        conversations: Sequence[Conversation],
+        num_generations: int,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
     ) -> Rollout:
         """`num_generations` completions per conversation, each group consecutive."""
         prompts = self.encode(self.repeat(conversations, num_generations))
@@ -291,8 +305,9 @@ class VisionLanguageModel:
     def completion_tokens(self, texts: Sequence[str], end_of_turn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids of `texts` (+ the end-of-turn token) and their mask: `(B, T)` each."""
         eos = self.tokenizer.eos_token if end_of_turn else ""
-        encoded = self.tokenizer([t + eos for t in texts], add_special_tokens=False, padding=True,
-                                 padding_side="right", return_tensors="pt")
+        encoded = self.tokenizer(
+            [t + eos for t in texts], add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt"
+        )
         return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
 
     def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
@@ -316,8 +331,12 @@ class VisionLanguageModel:
             raise ValueError("no reference: load with lora=... or reference_copy=True")
 
     def forward(
-        self, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-        model: torch.nn.Module | None = None, **kwargs,
+        self,
+        prompts: PromptBatch,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        model: torch.nn.Module | None = None,
+        **kwargs,
     ):
         """The model's output over `[prompt ; completion]` with the prompts' vision inputs."""
         if self.placeholder_ids and torch.isin(completion_ids, torch.tensor(self.placeholder_ids)).any():
@@ -331,8 +350,14 @@ class VisionLanguageModel:
         return (model or self.model)(**inputs, **kwargs)
 
     def token_logprobs(
-        self, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor, *,
-        temperature: float = 1.0, with_entropy: bool = False, reference: bool = False,
+        self,
+        prompts: PromptBatch,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        reference: bool = False,
         model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs `(B, T)` of `completion_ids` (logits divided by the sampling `temperature`) and,

@@ -43,8 +43,11 @@ class ImagePair:
 
     def comparison_conversation(self, system: str | None = None) -> Conversation:
         """Both images and the question which one matches the prompt better."""
-        content = [{"type": "image"}, {"type": "image"},
-                   {"type": "text", "text": PAIR_QUESTION.format(prompt=self.prompt)}]
+        content = [
+            {"type": "image"},
+            {"type": "image"},
+            {"type": "text", "text": PAIR_QUESTION.format(prompt=self.prompt)},
+        ]
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         return Conversation(messages, [Image.fromarray(self.image_1), Image.fromarray(self.image_2)], "image pair")
 

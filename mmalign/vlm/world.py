@@ -35,12 +35,15 @@ IMAGE_SIZE = 56
 HELDOUT_SEED = 7
 QUESTION_COLOURS = ("red", "green", "blue", "yellow")
 #: kind → whether answering needs the image
-KINDS: dict[str, bool] = {"count": True, "largest": True, "leftof": True, "match": True, "prefer": True,
-                          "arith": False}
+KINDS: dict[str, bool] = {"count": True, "largest": True, "leftof": True, "match": True, "prefer": True, "arith": False}
 INSTRUCTION = "Think in <think></think>, then answer in <answer></answer>."
 _THINKING = {
-    "count": "count the {colour} shapes", "largest": "compare the sizes", "leftof": "compare the positions",
-    "match": "compare both images", "arith": "add {a} and {b}", "prefer": "image 1: {first}. image 2: {second}",
+    "count": "count the {colour} shapes",
+    "largest": "compare the sizes",
+    "leftof": "compare the positions",
+    "match": "compare both images",
+    "arith": "add {a} and {b}",
+    "prefer": "image 1: {first}. image 2: {second}",
 }
 
 
@@ -101,8 +104,9 @@ def _count(rng: np.random.Generator, size: int) -> Question:
     colours = [colour] * k + [str(rng.choice(others)) for _ in range(n - k)]
     shapes = [Shape(c, str(rng.choice(SHAPES))) for c in colours]
     image, _ = _scene(rng, shapes, [_radius(rng, size) for _ in shapes], size)
-    return Question("count", f"How many {colour} shapes are there?", (image,), str(k),
-                    _THINKING["count"].format(colour=colour))
+    return Question(
+        "count", f"How many {colour} shapes are there?", (image,), str(k), _THINKING["count"].format(colour=colour)
+    )
 
 
 def _largest(rng: np.random.Generator, size: int) -> Question:
@@ -124,8 +128,9 @@ def _leftof(rng: np.random.Generator, size: int) -> Question:
         dx = placed[1][1] - placed[0][1]
         if abs(dx) >= 0.2 * size:
             break
-    return Question("leftof", "Is the circle left of the square?", (image,), "yes" if dx > 0 else "no",
-                    _THINKING["leftof"])
+    return Question(
+        "leftof", "Is the circle left of the square?", (image,), "yes" if dx > 0 else "no", _THINKING["leftof"]
+    )
 
 
 def _match(rng: np.random.Generator, size: int) -> Question:
@@ -137,8 +142,9 @@ def _match(rng: np.random.Generator, size: int) -> Question:
     images = [_scene(rng, [s], [float(rng.uniform(0.18, 0.28)) * size], size)[0] for s in (target, other)]
     first = bool(rng.random() < 0.5)
     pair = (images[0], images[1]) if first else (images[1], images[0])
-    return Question("match", f"Which image shows a {target.text}? Answer 1 or 2.", pair, "1" if first else "2",
-                    _THINKING["match"])
+    return Question(
+        "match", f"Which image shows a {target.text}? Answer 1 or 2.", pair, "1" if first else "2", _THINKING["match"]
+    )
 
 
 def _prefer(rng: np.random.Generator, size: int) -> Question:
@@ -154,8 +160,9 @@ def _prefer(rng: np.random.Generator, size: int) -> Question:
     order = [0, 1] if rng.random() < 0.5 else [1, 0]
     better = 1 + order.index(int(np.argmax(gold)))
     thinking = _THINKING["prefer"].format(first=scenes[order[0]].caption, second=scenes[order[1]].caption)
-    return Question("prefer", PAIR_QUESTION.format(prompt=caption), (images[order[0]], images[order[1]]), str(better),
-                    thinking)
+    return Question(
+        "prefer", PAIR_QUESTION.format(prompt=caption), (images[order[0]], images[order[1]]), str(better), thinking
+    )
 
 
 def _arith(rng: np.random.Generator, size: int) -> Question:
@@ -169,8 +176,7 @@ def _arith(rng: np.random.Generator, size: int) -> Question:
     return Question("arith", f"What is {a}+{b}?", (image,), str(a + b), _THINKING["arith"].format(a=a, b=b))
 
 
-_MAKERS = {"count": _count, "largest": _largest, "leftof": _leftof, "match": _match, "prefer": _prefer,
-           "arith": _arith}
+_MAKERS = {"count": _count, "largest": _largest, "leftof": _leftof, "match": _match, "prefer": _prefer, "arith": _arith}
 assert set(_MAKERS) == set(KINDS) and set(QUESTION_COLOURS) <= set(COLOURS)
 
 
