@@ -30,7 +30,7 @@ def measure(
 ) -> dict[str, float]:
     from mmalign.best_of_n import sample_candidates
     from mmalign.data import shapes_world
-    from mmalign.image.gan_rm import GanRMConfig, train_gan_rm
+    from mmalign.image.gan_rm import GanRMConfig, save_image_folder, train_gan_rm
     from mmalign.models.diffusion import DiffusionModel
     from mmalign.rewards import load_reward
 
@@ -40,7 +40,11 @@ def measure(
     targets = torch.from_numpy(np.stack([shapes_world.render(c, rng) for c in captions])).permute(0, 3, 1, 2) / 255
     raw_prompts = shapes_world.sample_captions(num_raw, "train", np.random.default_rng([seed, 2]))
     raw = sample_candidates(model, raw_prompts, 1, seed=seed + 10, num_steps=num_steps)[:, 0]
-    rm = train_gan_rm(targets.float(), raw, work / f"rm-seed{seed}", GanRMConfig(seed=seed))
+    save_image_folder(targets.float(), work / f"targets-seed{seed}")
+    save_image_folder(raw, work / f"raw-seed{seed}")
+    rm = train_gan_rm(
+        work / f"targets-seed{seed}", work / f"raw-seed{seed}", work / f"rm-seed{seed}", GanRMConfig(seed=seed)
+    )
     prompts = shapes_world.captions("heldout")[:num_prompts]
     candidates = sample_candidates(model, prompts, n, seed=seed + 20, num_steps=num_steps)  # (P, N, 3, H, W)
     flat, flat_prompts = candidates.flatten(0, 1), [p for p in prompts for _ in range(n)]

@@ -28,6 +28,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.image.gan_rm_rounds:GanRMRounds",
         "GAN-RM rounds: reward from target images vs own samples, then DPO/SFT on its best vs worst, repeated",
     ),
+    "gan-rm-reward": (
+        "mmalign.image.gan_rm:GanRMReward",
+        "GAN-RM reward alone: an MLP head on frozen CLIP embeddings telling target images from generated ones",
+    ),
     "smpo": (
         "mmalign.image.smpo:SmPO",
         "SmPO-Diffusion (Lu et al. 2025): reward-smoothed preferences, ReNoise-inverted training latents",
@@ -132,6 +136,11 @@ DATASETS: dict[str, tuple[str, str]] = {
     "pairs.jsonl folder": (
         "diffusion-dpo, diffusion-sft, smpo",
         "rows {image_0, image_1, prompt, label}: label = index of the preferred image, 0.5 a tie",
+    ),
+    "target + generated image folders": (
+        "gan-rm-reward",
+        "data.path: target images (label 1), data.generated: the generator's images (label 0), data.pool: more "
+        "generated images to bootstrap from",
     ),
     "embedded:balls-world": ("densedpo, rdpo", "simulated clips of balls under gravity with captions"),
     "videos.jsonl folder": ("densedpo, rdpo", "rows {video, prompt, fps?}: MP4 or GIF clips with their captions"),

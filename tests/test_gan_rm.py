@@ -74,17 +74,28 @@ def _blurred(images: torch.Tensor) -> torch.Tensor:
     return 0.6 * blurred + 0.4 * blurred.mean(dim=(1, 2, 3), keepdim=True)
 
 
+def _folder(images: torch.Tensor, folder) -> str:
+    from mmalign.image.gan_rm import save_image_folder
+
+    save_image_folder(images, folder)
+    return str(folder)
+
+
 def test_train_separates_targets_from_generated_and_saves_a_reward(tmp_path):
-    targets, generated = _renders(120, 0), _blurred(_renders(120, 1))
+    targets, generated = _folder(_renders(120, 0), tmp_path / "t"), _folder(_blurred(_renders(120, 1)), tmp_path / "g")
     config = GanRMConfig(hidden=64, bootstrap_top=20)
-    pool = _blurred(_renders(60, 2))
-    model = train_gan_rm(targets, generated, tmp_path / "rm", config, bootstrap_pool=pool)
+    pool = _folder(_blurred(_renders(60, 2)), tmp_path / "pool")
+    model = train_gan_rm(targets, generated, tmp_path / "rm", config, pool=pool)
     assert model.metrics["heldout_auc"] > 0.95 and model.metrics["bootstrap"] == {"pool": 60, "top": 20, "bottom": 20}
+    report = json.loads((tmp_path / "rm" / "report.json").read_text())  # a Trainer run: report, logs, checkpoint
+    assert report["gold_metric"] == "heldout_auc" and report["after"] == model.metrics["heldout_auc"]
+    assert (tmp_path / "rm" / "init" / "final" / "reward").is_dir() and (tmp_path / "rm" / "logs").is_dir()
     fresh_targets, fresh_generated = _renders(30, 3), _blurred(_renders(30, 4))
-    reloaded = load_reward(str(tmp_path / "rm"))
+    folder = str(tmp_path / "rm" / "final" / "reward")
+    reloaded = load_reward(folder)
     assert isinstance(reloaded, GanRM)
     assert roc_auc(reloaded(fresh_targets), reloaded(fresh_generated)) > 0.95
-    assert torch.allclose(load_reward("gan-rm", path=str(tmp_path / "rm"))(fresh_targets), reloaded(fresh_targets))
+    assert torch.allclose(load_reward("gan-rm", path=folder)(fresh_targets), reloaded(fresh_targets))
     # frames of a clip are pooled: a clip of target frames outscores a clip of generated frames
     clips = torch.stack([fresh_targets[:4], fresh_generated[:4]])
     video = reloaded.score_video(clips)
@@ -92,19 +103,45 @@ def test_train_separates_targets_from_generated_and_saves_a_reward(tmp_path):
     assert not any(p.requires_grad for p in reloaded.encoder.backend.model.parameters())
 
 
+def test_the_cli_trains_a_gan_rm_on_folders_of_the_users_images(tmp_path, capsys):
+    from mmalign.cli import main
+
+    targets, generated = (
+        _folder(_renders(60, 5), tmp_path / "ppd"),
+        _folder(_blurred(_renders(60, 6)), tmp_path / "own"),
+    )
+    (tmp_path / "rm.yaml").write_text(
+        "method: gan-rm-reward\ntrain: {max_steps: 60, batch_size: 32, learning_rate: 1.0e-3, checkpoint_every: 30}\n"
+        "gan_rm_reward: {hidden: 32}\n"
+    )
+    out = tmp_path / "run"
+    args = ["train", str(tmp_path / "rm.yaml"), f"data={targets}", f"data.generated={generated}", f"output_dir={out}"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == {"path": targets} and report["gold_metric"] == "heldout_auc" and report["after"] > 0.9
+    assert f"from `{generated}`" in (out / "report.md").read_text()
+    assert isinstance(load_reward(str(out / "final" / "reward")), GanRM)
+    assert main([*args, "data.pool=" + generated, f"output_dir={out}-pool"]) == 2  # a pool without bootstrapping
+    assert "data.pool and gan_rm_reward.bootstrap_from need" in capsys.readouterr().err
+
+
 def test_encoder_stays_frozen_during_training(tmp_path):
     from mmalign.rewards.clip_score import ClipScore
 
     before = {k: v.clone() for k, v in ClipScore().backend.model.state_dict().items()}
-    train_gan_rm(_renders(12, 0), _blurred(_renders(12, 1)), tmp_path / "rm", GanRMConfig(epochs=2, hidden=8))
-    after = GanRM(str(tmp_path / "rm")).encoder.backend.model.state_dict()
+    targets, generated = _folder(_renders(12, 0), tmp_path / "t"), _folder(_blurred(_renders(12, 1)), tmp_path / "g")
+    after = train_gan_rm(targets, generated, tmp_path / "rm", GanRMConfig(epochs=2, hidden=8)).encoder.backend.model
+    after = after.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_too_few_images_is_a_clear_error(tmp_path):
     with pytest.raises(UserInputError, match="at least 2 target"):
-        train_gan_rm(_renders(1, 0), _renders(5, 1), tmp_path / "rm")
-    assert not (tmp_path / "rm").exists()
+        train_gan_rm(_folder(_renders(1, 0), tmp_path / "t"), _folder(_renders(5, 1), tmp_path / "g"), tmp_path / "rm")
+    assert not (tmp_path / "rm" / "final").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="targets: .* holds no images"):
+        train_gan_rm(tmp_path / "empty", tmp_path / "g", tmp_path / "rm2")
     with pytest.raises(UserInputError, match="not a GAN-RM folder"):
         GanRM(str(tmp_path))
 
@@ -146,7 +183,8 @@ def test_rounds_keep_every_stage_and_reuse_the_targets(tiny_pipelines, tmp_path)
     report = mmalign.train(_rounds_config(_round_overrides(tiny_pipelines["sd"], out)))
     assert [r["round"] for r in report["rounds"]] == [1, 2] and report["steps"] == 4
     for k in (1, 2):
-        for stage in ("rm/mmalign_reward.json", "pairs/pairs.jsonl", "train/report.json", "train/final/pipeline"):
+        for stage in ("rm/final/reward/mmalign_reward.json", "pairs/pairs.jsonl", "train/report.json",
+                      "train/final/pipeline"):  # fmt: skip
             assert (out / f"round-{k}" / stage).exists(), (k, stage)
     # D_r comes from round 1's generator and is reused; round 2's pairs come from round 1's result
     assert (out / "round-1/raw").is_dir() and not (out / "round-2/raw").exists()
@@ -164,8 +202,9 @@ def test_embedded_targets_depict_the_training_prompts(tiny_pipelines, tmp_path):
 
     run = _rounds_config([*_round_overrides(tiny_pipelines["sd"], tmp_path / "run"), "gan_rm.num_targets=40"])
     prompts = ["a red circle", "a blue square left of a green circle"]
-    files = GanRMRounds(run).target_images(prompts)
-    drawn = (files[0].parent / "prompts.txt").read_text().splitlines()
+    folder = GanRMRounds(run).target_images(prompts)
+    files = sorted(folder.glob("*.png"))
+    drawn = (folder / "prompts.txt").read_text().splitlines()
     assert len(files) == len(drawn) == 40 and set(drawn) == set(prompts)
 
 
@@ -181,7 +220,7 @@ def test_rounds_resume_mid_round_exactly_and_refuse_a_changed_config(tiny_pipeli
     weights = out / "round-1/train/checkpoints/step-000002/trainable.safetensors"
     trained = weights.read_bytes()
     # a kill during round 1's training: its result, report, last checkpoint and stage record are gone
-    rm_before = (out / "round-1/rm/head.safetensors").read_bytes()
+    rm_before = (out / "round-1/rm/final/reward/head.safetensors").read_bytes()
     for name in ("final", "report.json", "report.md"):
         path = out / "round-1/train" / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -191,7 +230,7 @@ def test_rounds_resume_mid_round_exactly_and_refuse_a_changed_config(tiny_pipeli
     (out / "stages.json").write_text(json.dumps({k: v for k, v in stages.items() if k != "round-1/train"}))
     (out / "report.json").unlink()
     again = mmalign.train(_rounds_config(overrides))
-    assert (out / "round-1/rm/head.safetensors").read_bytes() == rm_before  # finished stages are not redone
+    assert (out / "round-1/rm/final/reward/head.safetensors").read_bytes() == rm_before  # finished: not redone
     assert weights.read_bytes() == trained  # the resumed training ends with the same weights
     assert again["after"] == pytest.approx(first["after"], abs=1e-6)
     with pytest.raises(ConfigMismatchError, match="different config"):

@@ -3,10 +3,11 @@ target images (Preference Proxy Data, PPD) from the generator's own outputs.
 
 `R(x) = σ(h(E(x)))`: `E` is a frozen CLIP image tower (transformers or open_clip folder; the
 embedded toy CLIP by default) giving unit-norm embeddings, `h` a small MLP head, the only part
-trained. Training is binary cross-entropy with soft targets and class-balanced weights on cached
-embeddings; a held-out slice of both classes gives the AUC. Rank-based bootstrapping scores a
-further pool of generated images and adds the top M as soft positives `y = exp(−α·rank)` and the
-bottom M as negatives, then retrains.
+trained. Training (`method: gan-rm-reward`, on the Trainer) is binary cross-entropy with soft
+targets and class-balanced weights on cached embeddings; a held-out slice of both classes gives the
+AUC. Rank-based bootstrapping lets a first model score a further pool of generated images and
+trains a second one with the top M added as soft positives `y = exp(−α·rank)` and the bottom M as
+negatives. `train_gan_rm` runs both from Python on folders of images.
 
 A trained model is a folder (`mmalign_reward.json` + `head.safetensors`) that
 `mmalign.load_reward(folder)` or `load_reward("gan-rm", path=folder)` scores images with; video
@@ -15,17 +16,19 @@ clips `(N, F, 3, H, W)` are scored by averaging the head's logits over frames (`
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmalign.config import option
+from mmalign.config import ConfigError, DataSource, EvalSchedule, RunConfig, TrainConfig, option
 from mmalign.errors import UserInputError
 from mmalign.io import atomic_directory
 from mmalign.losses import class_balance_weights, weighted_soft_bce
@@ -33,24 +36,52 @@ from mmalign.rewards import REWARD_MANIFEST
 from mmalign.rewards.base import Reward, as_image_batch, stack_images
 from mmalign.rewards.clip_score import DEFAULT_CLIP, ClipScore
 from mmalign.rewards.metrics import roc_auc
+from mmalign.train.method import Evaluation, Method
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
-class GanRMConfig:
-    """How the GAN-RM head is trained (the paper's values are unknown; these fit the toy world)."""
+class GanRMHead:
+    """The reward network: the frozen encoder, the head, the held-out split and rank bootstrapping."""
 
     encoder: str = option("frozen CLIP folder or id giving the image embeddings", DEFAULT_CLIP)
     backend: str = option("auto, transformers or open_clip", "auto")
     hidden: int = option("width of the MLP head", 512)
     dropout: float = option("dropout inside the head", 0.1)
+    holdout_fraction: float = option("share of each class kept out of training to measure AUC", 0.1)
+    bootstrap_top: int = option("M: top and bottom generated samples added by rank bootstrapping (0 = off)", 0)
+    bootstrap_alpha: float = option("α of the soft labels exp(−α·rank) of bootstrapped positives", 0.01)
+
+
+@dataclass
+class GanRMConfig(GanRMHead):
+    """How a GAN-RM is trained by `train_gan_rm` and the GAN-RM rounds (the paper's values are unknown;
+    these fit the toy world): the network plus its optimisation."""
+
     learning_rate: float = option("AdamW learning rate of the head", 1e-3)
     weight_decay: float = option("AdamW weight decay", 1e-4)
     batch_size: int = option("embeddings per head update", 64)
     epochs: int = option("passes over the training rows", 100)
-    holdout_fraction: float = option("share of each class kept out of training to measure AUC", 0.1)
-    bootstrap_top: int = option("M: top and bottom generated samples added by rank bootstrapping (0 = off)", 0)
-    bootstrap_alpha: float = option("α of the soft labels exp(−α·rank) of bootstrapped positives", 0.01)
     seed: int = option("seed of the split, the head's init and the batch order", 0)
+
+
+@dataclass
+class GanRMRewardConfig(GanRMHead):
+    """Options of `gan-rm-reward` (section `gan_rm_reward`); the optimisation is the `train` section's."""
+
+    bootstrap_from: str | None = option(
+        "a trained GAN-RM folder whose scores rank data.pool for bootstrapping (needs bootstrap_top > 0)", None
+    )
+
+
+@dataclass
+class GanRMImagesConfig(DataSource):
+    """The `data` section of `gan-rm-reward`: folders of images."""
+
+    path: str = option("folder of target images, the Preference Proxy Data (label 1)", default="")
+    generated: str = option("folder of the generator's images (label 0)", default="")
+    pool: str | None = option("folder of further generated images ranked for bootstrapping", default=None)
 
 
 class RewardHead(nn.Module):
@@ -89,11 +120,11 @@ class GanRM(Reward):
         if not manifest_path.is_file():
             raise UserInputError(f"{folder} is not a GAN-RM folder: {REWARD_MANIFEST} is missing")
         manifest = json.loads(manifest_path.read_text())
-        self.config = GanRMConfig(**manifest["config"])
+        head = manifest["config"]
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.encoder = ClipScore(self.config.encoder, backend=self.config.backend, device=self.device)
-        self.head = RewardHead(manifest["embedding_dim"], self.config.hidden, self.config.dropout)
+        self.encoder = ClipScore(head["encoder"], backend=head["backend"], device=self.device)
+        self.head = RewardHead(manifest["embedding_dim"], head["hidden"], head["dropout"])
         self.head.load_state_dict(load_file(folder / "head.safetensors"))
         self.head.to(self.device).eval().requires_grad_(False)
         self.metrics = manifest.get("metrics", {})
@@ -119,7 +150,7 @@ class GanRM(Reward):
         return torch.sigmoid(logits.view(n, f).mean(1)).cpu()
 
 
-def save_gan_rm(directory: Path, head: RewardHead, config: GanRMConfig, dim: int, metrics: dict) -> Path:
+def save_gan_rm(directory: Path, head: RewardHead, config: GanRMHead, dim: int, metrics: dict) -> Path:
     """Write a loadable GAN-RM folder atomically: manifest, head weights (safetensors), metrics."""
     with atomic_directory(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
@@ -128,101 +159,188 @@ def save_gan_rm(directory: Path, head: RewardHead, config: GanRMConfig, dim: int
     return directory
 
 
+def save_image_folder(images: torch.Tensor, directory: Path, prompts: list[str] | None = None) -> None:
+    """`images (N, 3, H, W)` in [0, 1] → an atomically written folder of PNGs (+ prompts.txt)."""
+    with atomic_directory(directory) as tmp:
+        for i, image in enumerate(images):
+            array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            Image.fromarray(array).save(tmp / f"{i:05d}.png")
+        if prompts is not None:
+            (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
+
+
+def image_files(folder: str | Path, key: str) -> list[Path]:
+    """The images under `folder` (recursively, sorted); errors name the config `key`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserInputError(f"{key}: {folder} is not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserInputError(f"{key}: {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
 def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     order = rng.permutation(n)
-    held = int(round(n * fraction)) if n >= 10 else 0
+    held = n - training_rows(GanRMHead(holdout_fraction=fraction), n, 0)
     return order[held:], order[:held]
 
 
-def _fit_head(
-    head: RewardHead,
-    embeddings: torch.Tensor,
-    targets: torch.Tensor,
-    from_target_set: torch.Tensor,
+class GanRMReward(Method):
+    """Trains a GAN-RM head on frozen CLIP embeddings of `data.path` (targets, label 1) against
+    `data.generated` (label 0), on the Trainer: batches of cached embeddings with soft targets and
+    class-balanced weights (`weighted_soft_bce`); evaluation is the held-out AUC. With
+    `bootstrap_top` and `bootstrap_from`, the given GAN-RM ranks `data.pool` and its top/bottom M
+    join the training rows (soft positives, negatives)."""
+
+    config_class = GanRMRewardConfig
+    data_config_class = GanRMImagesConfig
+    config: GanRMRewardConfig
+
+    def setup(self, accelerator) -> None:
+        c, d = self.config, self.run.data
+        self.device = accelerator.device
+        targets, generated = image_files(d.path, "data.path"), image_files(d.generated, "data.generated")
+        if len(targets) < 2 or len(generated) < 2:
+            raise UserInputError(
+                f"GAN-RM needs at least 2 target and 2 generated images, got {len(targets)} and {len(generated)}"
+            )
+        embed = _embedder(ClipScore(c.encoder, backend=c.backend, device=self.device))
+        emb_pos, emb_neg = embed(as_image_batch(targets)), embed(as_image_batch(generated))
+        rng = np.random.default_rng(self.run.seed)
+        (pos_train, pos_held), (neg_train, neg_held) = (
+            _split(len(emb_pos), c.holdout_fraction, rng),
+            _split(len(emb_neg), c.holdout_fraction, rng),
+        )
+        rows = torch.cat([emb_pos[pos_train], emb_neg[neg_train]])
+        labels = torch.cat([torch.ones(len(pos_train)), torch.zeros(len(neg_train))])
+        is_target = labels.bool()
+        self.facts: dict[str, Any] = {"targets": len(targets), "generated": len(generated),
+                                      "heldout": [len(pos_held), len(neg_held)]}  # fmt: skip
+        if c.bootstrap_top > 0:
+            if d.pool is None or c.bootstrap_from is None:
+                raise ConfigError("gan_rm_reward.bootstrap_top needs data.pool and gan_rm_reward.bootstrap_from")
+            emb_pool = embed(as_image_batch(image_files(d.pool, "data.pool")))
+            first = GanRM(c.bootstrap_from, device=self.device)
+            with torch.no_grad():
+                pool_scores = first.head(emb_pool.to(self.device)).cpu()
+            top, top_labels, bottom = bootstrap_targets(pool_scores, c.bootstrap_top, c.bootstrap_alpha)
+            rows = torch.cat([rows, emb_pool[top], emb_pool[bottom]])
+            labels = torch.cat([labels, top_labels, torch.zeros(len(bottom))])
+            is_target = torch.cat([is_target, torch.zeros(len(top) + len(bottom), dtype=torch.bool)])
+            self.facts["bootstrap"] = {"pool": len(emb_pool), "top": len(top), "bottom": len(bottom)}
+        elif d.pool is not None or c.bootstrap_from is not None:
+            raise ConfigError("data.pool and gan_rm_reward.bootstrap_from need gan_rm_reward.bootstrap_top > 0")
+        weights = class_balance_weights((~is_target).long())
+        self.rows = [{"embedding": e, "target": t, "weight": w} for e, t, w in zip(rows, labels, weights)]
+        self.splits = {
+            "heldout": (emb_pos[pos_held], emb_neg[neg_held]),
+            "train": (emb_pos[pos_train], emb_neg[neg_train]),
+        }
+        self.head = RewardHead(rows.shape[1], c.hidden, c.dropout).to(self.device)
+        self.module = self.head
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.head
+
+    def train_dataset(self) -> list[dict[str, torch.Tensor]]:
+        return self.rows
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], step: int, micro: int):
+        self.module.train()
+        logits = self.module(batch["embedding"])
+        return weighted_soft_bce(logits, batch["target"], batch["weight"]), {}
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> Evaluation:
+        self.head.eval()
+        metrics = {}
+        for name, (pos, neg) in self.splits.items():
+            if len(pos) and len(neg):
+                scores = [self.head(side.to(self.device)).cpu() for side in (pos, neg)]
+                metrics[f"{name}_auc"] = roc_auc(*scores)
+        return Evaluation(metrics)
+
+    def gold_metric(self) -> str:
+        return "heldout_auc"
+
+    def report_description(self) -> str:
+        d = self.run.data
+        return (f"GAN-RM head on `{self.config.encoder}` embeddings: {self.facts['targets']} target images from "
+                f"`{d.path}` against {self.facts['generated']} generated ones from `{d.generated}`; AUC on "
+                f"{self.facts['heldout']} held-out targets / generated images.")  # fmt: skip
+
+    def save_final(self, directory: Path) -> list[str]:
+        metrics = {**self.facts, **self.evaluate(-1).metrics}
+        dim = self.rows[0]["embedding"].shape[0]
+        save_gan_rm(directory / "reward", self.head, GanRMHead(**{k: getattr(self.config, k) for k in HEAD_FIELDS}),
+                    dim, metrics)  # fmt: skip
+        return ["reward"]
+
+
+HEAD_FIELDS = tuple(f.name for f in fields(GanRMHead))
+
+
+def reward_run(
+    targets: str | Path,
+    generated: str | Path,
+    run_dir: str | Path,
     config: GanRMConfig,
-    generator: torch.Generator,
-) -> float:
-    """Train `head` on `(N, D)` embeddings and soft `(N,)` targets, the PPD rows (`from_target_set`,
-    bool) and the generated rows weighing the same in total; returns the last epoch's loss."""
-    weights = class_balance_weights((~from_target_set).long())
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    head.train()
-    last = float("nan")
-    for _ in range(config.epochs):
-        order = torch.randperm(len(targets), generator=generator)
-        total, count = 0.0, 0
-        for batch in order.split(config.batch_size):
-            loss = weighted_soft_bce(head(embeddings[batch]), targets[batch], weights[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count = total + float(loss.detach()) * len(batch), count + len(batch)
-        last = total / count
-    head.eval()
-    return last
+    *,
+    rows: int,
+    pool: str | Path | None = None,
+    bootstrap_from: str | Path | None = None,
+    recipe: str = "gan-rm-reward",
+) -> RunConfig:
+    """The `gan-rm-reward` run that trains `config`'s GAN-RM on about `rows` training rows: its
+    optimisation as a `train` section (`epochs` passes of constant-rate AdamW steps over full batches
+    of at most `batch_size` rows, no clipping, one checkpoint at the end)."""
+    batch = max(1, min(config.batch_size, rows))
+    steps = config.epochs * max(1, rows // batch)
+    head = {k: getattr(config, k) for k in HEAD_FIELDS}
+    return RunConfig(
+        method="gan-rm-reward", recipe=recipe, seed=config.seed, output_dir=str(run_dir), model=None,
+        data=GanRMImagesConfig(path=str(targets), generated=str(generated), pool=None if pool is None else str(pool)),
+        train=TrainConfig(max_steps=steps, batch_size=batch, learning_rate=config.learning_rate,
+                          lr_scheduler="constant", weight_decay=config.weight_decay, max_grad_norm=None,
+                          log_every=max(1, steps // 20), checkpoint_every=steps, keep_checkpoints=1),
+        eval=EvalSchedule(every=0),
+        method_args=GanRMRewardConfig(**head, bootstrap_from=None if bootstrap_from is None else str(bootstrap_from)),
+    )  # fmt: skip
+
+
+def training_rows(config: GanRMHead, targets: int, generated: int) -> int:
+    """How many images of each class `GanRMReward` trains on (the rest is held out), summed."""
+    return sum(n - (int(round(n * config.holdout_fraction)) if n >= 10 else 0) for n in (targets, generated))
 
 
 def train_gan_rm(
-    target_images: Any,
-    generated_images: Any,
-    directory: Path,
+    targets: str | Path,
+    generated: str | Path,
+    run_dir: str | Path,
     config: GanRMConfig | None = None,
-    bootstrap_pool: Any = None,
-    device: str | torch.device = "cpu",
+    pool: str | Path | None = None,
 ) -> GanRM:
-    """Train a GAN-RM on PPD `target_images` (label 1) vs `generated_images` (label 0) and save it.
+    """Train a GAN-RM on the images of folder `targets` (label 1) against folder `generated` (label 0)
+    on the Trainer, into run directory `run_dir`; returns the reward at `run_dir/final/reward`.
 
-    Images are anything `Reward` accepts (tensors in [0, 1], PIL images, paths). With
-    `config.bootstrap_top > 0` and a `bootstrap_pool` of further generated images, the first model
-    scores the pool, its top/bottom M join the training rows (soft labels), and the head is
-    retrained from scratch. Returns the loaded model; `directory/mmalign_reward.json` holds the
-    metrics (held-out AUC, class sizes, bootstrap sizes).
+    With `config.bootstrap_top > 0` and a `pool` folder, a first model (`run_dir/init`) ranks the pool
+    and the final one trains with its top and bottom M added. A rerun resumes like any run.
     """
+    import mmalign.train as training
+
     config = config or GanRMConfig()
-    targets, generated = as_image_batch(target_images), as_image_batch(generated_images)
-    if len(targets) < 2 or len(generated) < 2:
-        raise UserInputError(
-            f"GAN-RM needs at least 2 target and 2 generated images, got {len(targets)} and {len(generated)}"
-        )
-    encoder = ClipScore(config.encoder, backend=config.backend, device=device)
-    embed = _embedder(encoder)
-    emb_pos, emb_neg = embed(targets), embed(generated)
-    rng = np.random.default_rng(config.seed)
-    (pos_train, pos_held), (neg_train, neg_held) = (
-        _split(len(emb_pos), config.holdout_fraction, rng),
-        _split(len(emb_neg), config.holdout_fraction, rng),
-    )
-    rows = torch.cat([emb_pos[pos_train], emb_neg[neg_train]])
-    labels = torch.cat([torch.ones(len(pos_train)), torch.zeros(len(neg_train))])
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    head = RewardHead(rows.shape[1], config.hidden, config.dropout).to(device)
-    is_target = labels.bool()
-    loss = _fit_head(head, rows.to(device), labels.to(device), is_target.to(device), config, generator)
-    metrics: dict[str, Any] = {"targets": len(targets), "generated": len(generated), "train_loss": loss}
-    if config.bootstrap_top > 0 and bootstrap_pool is not None:
-        emb_pool = embed(as_image_batch(bootstrap_pool))
-        with torch.no_grad():
-            pool_scores = head(emb_pool.to(device)).cpu()
-        top, top_labels, bottom = bootstrap_targets(pool_scores, config.bootstrap_top, config.bootstrap_alpha)
-        rows = torch.cat([rows, emb_pool[top], emb_pool[bottom]])
-        labels = torch.cat([labels, top_labels, torch.zeros(len(bottom))])
-        is_target = torch.cat([is_target, torch.zeros(len(top) + len(bottom), dtype=torch.bool)])
-        head = RewardHead(rows.shape[1], config.hidden, config.dropout).to(device)
-        metrics["train_loss"] = _fit_head(
-            head, rows.to(device), labels.to(device), is_target.to(device), config, generator
-        )
-        metrics["bootstrap"] = {"pool": len(emb_pool), "top": len(top), "bottom": len(bottom)}
-    with torch.no_grad():
-        held_pos, held_neg = head(emb_pos[pos_held].to(device)).cpu(), head(emb_neg[neg_held].to(device)).cpu()
-        train_pos, train_neg = head(emb_pos[pos_train].to(device)).cpu(), head(emb_neg[neg_train].to(device)).cpu()
-    metrics.update(
-        heldout_auc=roc_auc(held_pos, held_neg),
-        train_auc=roc_auc(train_pos, train_neg),
-        heldout=[len(pos_held), len(neg_held)],
-    )
-    save_gan_rm(Path(directory), head.cpu(), config, rows.shape[1], metrics)
-    return GanRM(str(directory), device=device)
+    run_dir = Path(run_dir)
+    rows = training_rows(config, len(image_files(targets, "targets")), len(image_files(generated, "generated")))
+    first = None
+    if config.bootstrap_top > 0 and pool is not None:
+        init = dataclasses.replace(config, bootstrap_top=0)
+        training.run(reward_run(targets, generated, run_dir / "init", init, rows=rows))
+        first = run_dir / "init" / "final" / "reward"
+        rows += 2 * min(config.bootstrap_top, len(image_files(pool, "pool")) // 2)
+    training.run(reward_run(targets, generated, run_dir, config, rows=rows, pool=pool if first else None,
+                            bootstrap_from=first))  # fmt: skip
+    return GanRM(str(run_dir / "final" / "reward"))
 
 
 def _embedder(encoder: ClipScore, batch_size: int = 64):

@@ -36,8 +36,8 @@ from mmalign.data.sources import cache_root
 from mmalign.errors import UserInputError
 from mmalign.image.diffusion_dpo import DiffusionDPOConfig
 from mmalign.image.diffusion_sft import DiffusionSFTConfig
-from mmalign.image.gan_rm import GanRM, GanRMConfig, train_gan_rm
-from mmalign.io import atomic_directory, cache_lock
+from mmalign.image.gan_rm import GanRM, GanRMConfig, image_files, reward_run, save_image_folder, training_rows
+from mmalign.io import cache_lock
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.registry import resolve_model_path
 from mmalign.rewards.base import load_image
@@ -45,7 +45,6 @@ from mmalign.train.grids import side_by_side
 from mmalign.train.stages import StagedRecipe
 
 EMBEDDED_TARGETS = "embedded:shapes-renders"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
@@ -67,25 +66,6 @@ class GanRMRoundsConfig:
     guidance_scale: float = option("classifier-free guidance for raw negatives and candidates", 3.0)
     reward_model: GanRMConfig = option("how each round's RM is trained", default_factory=GanRMConfig)
     dpo: DiffusionDPOConfig = option("Diffusion-DPO options (update: dpo)", default_factory=DiffusionDPOConfig)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise UserInputError(f"gan_rm.targets: {folder} is not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserInputError(f"gan_rm.targets: {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files
-
-
-def _save_images(images: torch.Tensor, directory: Path, prompts: list[str] | None = None) -> None:
-    """`images (N, 3, H, W)` in [0, 1] → an atomically written folder of PNGs (+ prompts.txt)."""
-    with atomic_directory(directory) as tmp:
-        for i, image in enumerate(images):
-            array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            Image.fromarray(array).save(tmp / f"{i:05d}.png")
-        if prompts is not None:
-            (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
 
 
 @dataclass
@@ -121,18 +101,17 @@ class GanRMRounds(StagedRecipe):
             raise ValueError(f"gan_rm.candidates must be at least 2 (best vs worst), got {self.config.candidates}")
 
     # ------------------------------------------------------------------ inputs
-    def target_images(self, prompts: list[str]) -> list[Path]:
-        """PPD files; the embedded renders are drawn once into the data cache.
+    def target_images(self, prompts: list[str]) -> Path:
+        """The folder of PPD images; the embedded renders are drawn once into the data cache.
 
         The embedded renders depict captions drawn from the same `prompts` as the generator's
         samples: with another caption mix (say, more single shapes) the RM would separate the two
         classes by content and reward dropping objects instead of clean, faithful images.
         """
         if self.config.targets != EMBEDDED_TARGETS:
-            files = _image_files(Path(self.config.targets))
-            for f in files:
+            for f in image_files(self.config.targets, "gan_rm.targets"):
                 load_image(f)  # an unreadable image fails now, named, not halfway through a round
-            return files
+            return Path(self.config.targets)
         key = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:12]
         folder = cache_root(self.run.data) / f"shapes-renders-{self.config.num_targets}-seed{self.run.seed}-{key}"
         with cache_lock(folder):
@@ -140,8 +119,8 @@ class GanRMRounds(StagedRecipe):
                 rng = np.random.default_rng([self.run.seed, 7])
                 captions = self._draw(prompts, self.config.num_targets, 7)
                 renders = np.stack([shapes_world.render(c, rng) for c in captions])
-                _save_images(torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255, folder, captions)
-        return _image_files(folder)
+                save_image_folder(torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255, folder, captions)
+        return folder
 
     def prompt_list(self) -> list[str]:
         if self.config.prompts == "train":
@@ -168,7 +147,7 @@ class GanRMRounds(StagedRecipe):
             images = sample_candidates(
                 model, prompts, 1, num_steps=self.config.num_steps, guidance_scale=self.config.guidance_scale, seed=seed
             )
-            _save_images(images[:, 0], directory, prompts)
+            save_image_folder(images[:, 0], directory, prompts)
         return directory
 
     # ------------------------------------------------------------------ one round
@@ -178,40 +157,50 @@ class GanRMRounds(StagedRecipe):
             self._loaded = (path, self._generator(path))
         return self._loaded[1]
 
-    def round(self, k: int, generator_path: str, targets: list[Path], prompts: list[str]) -> tuple[str, dict]:
+    def reward_model(self, k: int, targets: Path, raw: Path, generator_path: str) -> str:
+        """Stages `round-k/rm` (and `round-k/rm-init`, `round-k/pool` when bootstrapping): the round's GAN-RM
+        trained on the Trainer (`gan-rm-reward`); returns its reward folder."""
+        c, root = self.config, self.out / f"round-{k}"
+        rm_config = dataclasses.replace(c.reward_model, seed=self.run.seed + k)
+        rows = training_rows(rm_config, len(image_files(targets, "gan_rm.targets")), len(image_files(raw, "raw")))
+        recipe = f"{self.run.recipe or 'gan-rm'}/round-{k}/rm"
+        pool, first = None, None
+        if c.bootstrap_pool and rm_config.bootstrap_top:
+            pool = Path(self.stage(f"round-{k}/pool", lambda: str(self._samples(
+                self._model(generator_path), self._draw(self.prompt_list(), c.bootstrap_pool, 200 + k), root / "pool",
+                seed=self.run.seed + 1000 * k + 500))))  # fmt: skip
+            init = dataclasses.replace(rm_config, bootstrap_top=0)
+            self.train_stage(reward_run(targets, raw, root / "rm-init", init, rows=rows, recipe=f"{recipe}-init"))
+            first = root / "rm-init" / "final" / "reward"
+            rows += 2 * min(rm_config.bootstrap_top, c.bootstrap_pool // 2)
+        self.train_stage(reward_run(targets, raw, root / "rm", rm_config, rows=rows, pool=pool,
+                                    bootstrap_from=first, recipe=recipe))  # fmt: skip
+        return str(root / "rm" / "final" / "reward")
+
+    def round(self, k: int, generator_path: str, targets: Path, prompts: list[str]) -> tuple[str, dict]:
         c, root = self.config, self.out / f"round-{k}"
         root.mkdir(parents=True, exist_ok=True)
         raw_round = k if c.refresh_raw_negatives else 1
         raw = Path(self.stage(f"round-{raw_round}/raw", lambda: str(self._samples(
             self._model(generator_path), self._draw(prompts, c.raw_negatives, 100 + raw_round),
             self.out / f"round-{raw_round}" / "raw", seed=self.run.seed + 1000 * raw_round))))  # fmt: skip
-        pool = None
-        if c.bootstrap_pool and c.reward_model.bootstrap_top:
-            pool = sorted(Path(self.stage(f"round-{k}/pool", lambda: str(self._samples(
-                self._model(generator_path), self._draw(prompts, c.bootstrap_pool, 200 + k), root / "pool",
-                seed=self.run.seed + 1000 * k + 500)))).glob("*.png"))  # fmt: skip
-
-        def reward_model() -> dict[str, float]:
-            rm_config = dataclasses.replace(c.reward_model, seed=self.run.seed + k)
-            device = self._model(generator_path).device
-            train_gan_rm(targets, sorted(raw.glob("*.png")), root / "rm", rm_config, bootstrap_pool=pool, device=device)
-            return json.loads((root / "rm" / "mmalign_reward.json").read_text())["metrics"]
+        rm = self.reward_model(k, targets, raw, generator_path)
 
         def pairs() -> dict[str, Any]:
             model = self._model(generator_path)
             write_self_pairs(
-                model, self._draw(prompts, c.num_prompts, 300 + k), GanRM(str(root / "rm"), device=model.device),
+                model, self._draw(prompts, c.num_prompts, 300 + k), GanRM(rm, device=model.device),
                 root / "pairs", candidates=c.candidates, min_margin=c.min_margin, num_steps=c.num_steps,
                 guidance_scale=c.guidance_scale, seed=self.run.seed + 1000 * k + 700, use_reference=False,
                 meta={"round": k, "generator": generator_path},
             )  # fmt: skip
             return json.loads((root / "pairs" / "meta.json").read_text())
 
-        rm = self.stage(f"round-{k}/rm", reward_model)
         made = self.stage(f"round-{k}/pairs", pairs)
         self._loaded = (None, None)  # the round's sampling is done: free the generator before training
         report = self.train_stage(self._train_config(k, generator_path, root))
-        summary = {"round": k, "rm_heldout_auc": rm["heldout_auc"], "pairs": made["pairs"],
+        rm_report = self.result(f"round-{k}/rm")
+        summary = {"round": k, "rm_heldout_auc": rm_report["after"], "pairs": made["pairs"],
                    "before": report["before"], "after": report["after"]}  # fmt: skip
         return str(root / "train" / "final" / "pipeline"), summary
 
