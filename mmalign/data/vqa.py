@@ -47,6 +47,26 @@ class VQAColumns:
     response: str = option("column with a full target response (vlm-sft on your data only)", default="response")
 
 
+def question_conversation(images: Sequence[Image.Image], text: str, blind: bool, source: str) -> Conversation:
+    """A one-turn chat asking `text` about `images`: each `<image>` in `text` places the next image, and
+    without marks the images come first. `blind` shows all-black images of the same sizes instead."""
+    shown = [Image.new("RGB", im.size) if blind else im for im in images]
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) == 1:
+        content = [{"type": "image"} for _ in shown] + [{"type": "text", "text": text}]
+    elif len(pieces) - 1 == len(shown):
+        content = []
+        for i, piece in enumerate(pieces):
+            if piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+            if i < len(shown):
+                content.append({"type": "image"})
+    else:
+        marks = len(pieces) - 1
+        raise DataError(f"{source}: the question has {marks} {IMAGE_PLACEHOLDER} marks but {len(shown)} image(s)")
+    return Conversation([{"role": "user", "content": content}], shown, source)
+
+
 @dataclass(frozen=True)
 class VQAItem:
     """One question of a user's set: text, images and reference answer; `where` names it in errors."""
@@ -63,25 +83,9 @@ class VQAItem:
     def text(self) -> str:
         return self.problem
 
-    def conversation(self, blind: bool = False, source: str | None = None) -> Conversation:
+    def conversation(self, blind: bool = False) -> Conversation:
         """The chat prompt; `blind` shows all-black images of the same sizes (the blind control)."""
-        images = [Image.new("RGB", im.size) if blind else im for im in self.images]
-        text = self.template.replace("{problem}", self.problem)
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        content: list[dict[str, Any]] = []
-        if len(pieces) == 1:
-            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        elif len(pieces) - 1 == len(images):
-            for i, piece in enumerate(pieces):
-                if piece.strip():
-                    content.append({"type": "text", "text": piece.strip()})
-                if i < len(images):
-                    content.append({"type": "image"})
-        else:
-            raise DataError(
-                f"{self.where}: the problem has {len(pieces) - 1} {IMAGE_PLACEHOLDER} marks but {len(images)} image(s)"
-            )
-        return Conversation([{"role": "user", "content": content}], list(images), source or self.where)
+        return question_conversation(self.images, self.template.replace("{problem}", self.problem), blind, self.where)
 
     def reference_response(self) -> str:
         if self.response is None:

@@ -42,8 +42,9 @@ class Evaluation:
     fps: float = 8.0
 
 
-class Method(ABC):
-    """Base class of every training method. `config_class` is the method's config dataclass."""
+class RunSections:
+    """What the config loader reads off a method's class: `config_class` (its own section) and the
+    dataclass of each shared section it reads (None: it has no such section)."""
 
     config_class: ClassVar[type]
     model_config_class: ClassVar[type | None] = None
@@ -53,6 +54,10 @@ class Method(ABC):
     def __init__(self, run: RunConfig):
         self.run = run
         self.config = run.method_args
+
+
+class Method(RunSections, ABC):
+    """Base class of every training method run by the `Trainer` (see the module doc)."""
 
     @abstractmethod
     def setup(self, accelerator) -> None:

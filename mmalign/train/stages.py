@@ -23,26 +23,21 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from mmalign.config import EvalSchedule, RunConfig, dump_config
+from mmalign.config import RunConfig, dump_config
 from mmalign.io import atomic_write_json, atomic_write_text
+from mmalign.train.method import RunSections
 from mmalign.train.rundir import check_config
 
 STAGES_FILE = "stages.json"
 
 
-class StagedRecipe(ABC):
+class StagedRecipe(RunSections, ABC):
     """Base of the recipes made of stages; see the module doc for what a subclass implements."""
 
-    config_class: ClassVar[type]
-    model_config_class: ClassVar[type | None] = None
-    data_config_class: ClassVar[type | None] = None
-    eval_config_class: ClassVar[type | None] = EvalSchedule
-
     def __init__(self, run: RunConfig):
-        self.run = run
-        self.config = run.method_args
+        super().__init__(run)
         self.out = Path(run.output_dir)
         self._stages: dict[str, Any] = {}
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from mmalign.data import shapes_world
 from mmalign.data.shapes_world import COLOURS, SHAPES, Shape, draw
+from mmalign.data.vqa import question_conversation
 from mmalign.models.vlm import Conversation
 from mmalign.vlm.prefs import PAIR_QUESTION, corrupt
 
@@ -63,9 +64,8 @@ class Question:
 
     def conversation(self, blind: bool = False, source: str = "vlm-world") -> Conversation:
         """The chat prompt; `blind` shows all-black images of the same size instead (the blind control)."""
-        images = [Image.fromarray(np.zeros_like(im) if blind else im) for im in self.images]
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": f"{self.text} {INSTRUCTION}"}]
-        return Conversation([{"role": "user", "content": content}], images, source)
+        images = [Image.fromarray(im) for im in self.images]
+        return question_conversation(images, f"{self.text} {INSTRUCTION}", blind, source)
 
     def reference_response(self) -> str:
         return f"<think>{self.thinking}</think><answer>{self.answer}</answer>"
