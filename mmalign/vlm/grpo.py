@@ -10,8 +10,8 @@ the first inner step (with μ = 1 no extra forward is spent: `logp_old` is the d
 log-prob, as in TRL). With `beta > 0` the reference is the model with its LoRA adapter disabled, or a
 frozen copy under full fine-tuning.
 
-Resuming is exact when checkpoints fall on rollout boundaries (`checkpoint_every` a multiple of
-`iterations`): sampling draws from the global RNG the trainer checkpoints.
+Prompts, rollout reuse and resume follow `mmalign.train.rollouts` (checkpoints must fall on
+rollout boundaries: `checkpoint_every` a multiple of `iterations`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from mmalign.config import ConfigError, option
 from mmalign.losses import AGGREGATIONS, group_advantages, grpo_loss
 from mmalign.models.vlm import Rollout
+from mmalign.train.rollouts import RolloutSchedule, RolloutSource
 from mmalign.vlm.method import VLMConfig, VLMMethod
 from mmalign.vlm.rewards import weighted_rewards
 
@@ -64,21 +65,13 @@ class GRPO(VLMMethod):
         c = self.config
         if c.aggregation not in AGGREGATIONS:
             raise ConfigError(f"grpo.aggregation must be one of {AGGREGATIONS}, got {c.aggregation!r}")
-        every = self.run.train.checkpoint_every
-        if c.iterations > 1 and every % c.iterations:
-            raise ConfigError(f"train.checkpoint_every={every} must be a multiple of grpo.iterations={c.iterations}")
+        schedule = RolloutSchedule.of_run(self.run.train, c.iterations, accelerator.num_processes,
+                                          accelerator.process_index, self.run.method_section)  # fmt: skip
         super().setup(accelerator)
-        self._rollouts: dict[int, GroupBatch] = {}
+        self.rollouts = RolloutSource(schedule, self.source.item, self.rollout)
 
     def needs_reference_copy(self) -> bool:
         return self.config.beta > 0
-
-    def prompts(self, step: int, micro: int) -> list[Any]:
-        """This process's share of the prompts of rollout `step // iterations`, micro-batch `micro`."""
-        per_process = self.run.train.batch_size // self.num_processes
-        rollout_index = (step // self.config.iterations) * self.run.train.gradient_accumulation_steps + micro
-        first = rollout_index * self.run.train.batch_size + self.process_index * per_process
-        return [self.source.item(first + i) for i in range(per_process)]
 
     def answers(self, questions: list[Any]) -> list[str]:
         return [q.answer for q in questions for _ in range(self.config.num_generations)]
@@ -117,9 +110,7 @@ class GRPO(VLMMethod):
         return batch
 
     def next_batch(self, step: int, micro: int) -> GroupBatch:
-        if step % self.config.iterations == 0 or micro not in self._rollouts:
-            self._rollouts[micro] = self.rollout(self.prompts(step, micro))
-        return self._rollouts[micro]
+        return self.rollouts.batch(step, micro)
 
     def policy_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
         """GRPO's loss, its metrics, and the policy's log-probs `(B·G, T)` (with gradient) it was made from."""

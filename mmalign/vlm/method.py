@@ -86,7 +86,6 @@ class VLMMethod(Method):
 
     def setup(self, accelerator) -> None:
         self.device = accelerator.device
-        self.num_processes, self.process_index = accelerator.num_processes, accelerator.process_index
         self.source = load_prompt_source(self.run.data, self.run.seed)
         self.heldout = self.source.heldout
         self.vlm = load_vlm(self.run.model, accelerator.device, self.needs_reference_copy())
