@@ -262,9 +262,6 @@ class MeshGuided(Method):
     def trainable_module(self) -> nn.Module:
         return self.deformation
 
-    def set_trainable_module(self, module: nn.Module) -> None:
-        self.module = module
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.deformation.state_dict().items()}
 

@@ -113,9 +113,6 @@ class MeshRewardMethod(Method):
     def trainable_module(self) -> torch.nn.Module:
         return self.net
 
-    def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self.module = module
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
 

@@ -34,6 +34,7 @@ from mmalign.data.segments import latent_frame_segments
 from mmalign.models.families import Conditioning, Family, family_of
 from mmalign.models.inversion import renoise_invert
 from mmalign.models.noise import noise_process
+from mmalign.models.state import load_trainable_state, trainable_state
 from mmalign.registry import resolve_model_path
 
 
@@ -202,17 +203,10 @@ class DiffusionModel:
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable weights by name (LoRA matrices, or the whole denoiser), detached on CPU."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.base_denoiser.named_parameters() if p.requires_grad}
+        return trainable_state(self.base_denoiser)
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.base_denoiser.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        unexpected = [n for n in state if n not in params]
-        if missing or unexpected:
-            raise KeyError(f"trainable state mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable_state(self.base_denoiser, state)
 
     def latent_frame_segments(
         self, pixel_frames: int, fps: float | None, segment_seconds: float, where: str = "video"
@@ -436,6 +430,22 @@ class DiffusionModel:
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.base_denoiser))
         kwargs = {f"{self.family.denoiser_attr}_lora_layers": state}
         type(self.pipe).save_lora_weights(str(directory), safe_serialization=True, **kwargs)
+
+    def save(self, directory: str | Path, pipeline: bool = False) -> list[str]:
+        """The trained result into `directory`: `lora/` (with LoRA) and `pipeline/` (full fine-tuning, or
+        `pipeline=True`: the whole pipeline with the LoRA merged); returns the sub-folders written."""
+        directory, saved = Path(directory), []
+        if self.lora_rank is not None:
+            self.save_lora(directory / "lora")
+            saved.append("lora")
+        if self.lora_rank is None or pipeline:
+            self.save_pretrained(directory / "pipeline")
+            saved.append("pipeline")
+        return saved
+
+    # ------------------------------------------------------------------ the Policy part (mmalign.train.method)
+    def trainable_module(self) -> torch.nn.Module:
+        return self.base_denoiser
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the whole pipeline with the trained denoiser (LoRA merged into the weights)."""

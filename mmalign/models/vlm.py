@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from mmalign.errors import UserInputError
+from mmalign.models.state import load_trainable_state, trainable_state
 
 ROLES = ("system", "user", "assistant")
 #: LoRA on the language model's projections only (the vision tower's own q/k/v stay frozen).
@@ -205,6 +206,21 @@ class VisionLanguageModel:
         from peft import PeftModel
 
         return isinstance(self.model, PeftModel)
+
+    # ------------------------------------------------------------------ the Policy part (mmalign.train.method)
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable weights by name (LoRA matrices, or every weight), detached on CPU."""
+        return trainable_state(self.model)
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state)
+
+    def save(self, directory: str | Path, merged: bool = False) -> list[str]:
+        """The trained model into `directory/model` (see `save_pretrained`); returns the paths written."""
+        return [f"model/{name}" for name in self.save_pretrained(Path(directory) / "model", merged=merged)]
 
     def save_pretrained(self, directory: str | Path, merged: bool = False) -> list[str]:
         """Write the processor and either the LoRA adapter (`merged=False`) or full weights; return file names.

@@ -69,19 +69,11 @@ class DiffusionPairMethod(Method):
             flow_sampling=m.flow_sampling,
             gradient_checkpointing=m.gradient_checkpointing,
         ).to(self.device)
+        self.policy = self.model
 
     # ------------------------------------------------------------------ Method plumbing
-    def trainable_module(self) -> torch.nn.Module:
-        return self.model.base_denoiser
-
     def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self.model.denoiser = module
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.trainable_state_dict()
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_trainable_state_dict(state)
+        self.model.denoiser = module  # the prepared (possibly DDP-wrapped) denoiser that training calls
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         return self.dataset
@@ -104,14 +96,7 @@ class DiffusionPairMethod(Method):
         )
 
     def save_final(self, directory: Path) -> list[str]:
-        saved = []
-        if self.model.lora_rank is not None:
-            self.model.save_lora(directory / "lora")
-            saved.append("lora")
-        if self.model.lora_rank is None or self.run.model.save_pipeline:
-            self.model.save_pretrained(directory / "pipeline")
-            saved.append("pipeline")
-        return saved
+        return self.model.save(directory, pipeline=self.run.model.save_pipeline)
 
     # ------------------------------------------------------------------ shared maths inputs
     def sample_generators(self, index: torch.Tensor, step: int, stream: str) -> list[torch.Generator]:

@@ -12,8 +12,10 @@ A new method sets:
   section it reads, or None for a section it does not have. Keys outside these classes are
   config errors naming the key, and `mmalign train --help METHOD` lists exactly these options;
 
-and overrides `setup`, `trainable_module`, `compute_loss`, `evaluate` and `save_final`, plus
-`train_dataset`/`collate` (offline) or `next_batch` (online). `data_used` and
+and overrides `setup`, `compute_loss`, `evaluate` and `save_final`, plus `train_dataset`/`collate`
+(offline) or `next_batch` (online; `mmalign.train.rollouts` schedules rollouts). The trainable model
+is the `policy` that `setup` sets (a `Policy`: `DiffusionModel`, `VisionLanguageModel`), or, for
+a method that trains its own network, an override of `trainable_module`. `data_used` and
 `report_description` say in the report what the run really read.
 """
 
@@ -22,12 +24,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from PIL import Image
 
 from mmalign.config import EvalSchedule, RunConfig
+from mmalign.models.state import load_trainable_state, trainable_state
 
 
 @dataclass
@@ -56,32 +59,54 @@ class RunSections:
         self.config = run.method_args
 
 
+class Policy(Protocol):
+    """The trainable model of a run, shared by every method on that kind of model (`DiffusionModel`,
+    `VisionLanguageModel`): what it trains, its trainable state for checkpoints. A method that sets
+    `self.policy` in `setup` gets `trainable_module` and the checkpoint state from it."""
+
+    def trainable_module(self) -> torch.nn.Module:
+        """The module holding the trainable parameters (unwrapped)."""
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable weights by name (LoRA matrices, or every trained weight), detached on CPU."""
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore weights written by `trainable_state_dict`; a mismatch of names is an error."""
+
+
 class Method(RunSections, ABC):
     """Base class of every training method run by the `Trainer` (see the module doc)."""
+
+    policy: Policy | None = None
 
     @abstractmethod
     def setup(self, accelerator) -> None:
         """Load models and data onto `accelerator.device`."""
 
-    @abstractmethod
     def trainable_module(self) -> torch.nn.Module:
-        """The module holding the trainable parameters (the trainer prepares it with accelerate)."""
+        """The module holding the trainable parameters (the trainer prepares it with accelerate); the
+        policy's by default."""
+        if self.policy is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no policy and does not override trainable_module")
+        return self.policy.trainable_module()
 
     def set_trainable_module(self, module: torch.nn.Module) -> None:
         """Receive the prepared (possibly DDP-wrapped) module to call in `compute_loss` (kept as `self.module`)."""
         self.module = module
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable weights by name, for checkpoints (default: the parameters of `trainable_module()` that
-        require grad)."""
-        return {n: p.detach().clone() for n, p in self.trainable_module().named_parameters() if p.requires_grad}
+        """Trainable weights by name, for checkpoints: the policy's, else the parameters of
+        `trainable_module()` that require grad."""
+        if self.policy is not None:
+            return self.policy.trainable_state_dict()
+        return trainable_state(self.trainable_module())
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore weights written by `trainable_state_dict`."""
-        params = dict(self.trainable_module().named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        if self.policy is not None:
+            self.policy.load_trainable_state_dict(state)
+        else:
+            load_trainable_state(self.trainable_module(), state)
 
     def train_dataset(self) -> torch.utils.data.Dataset | None:
         """The dataset offline methods train on; None for online methods."""

@@ -89,15 +89,12 @@ class VLMMethod(Method):
         self.source = load_prompt_source(self.run.data, self.run.seed)
         self.heldout = self.source.heldout
         self.vlm = load_vlm(self.run.model, accelerator.device, self.needs_reference_copy())
+        self.policy = self.vlm
         self.module: torch.nn.Module = self.vlm.model
 
     @property
     def on_world(self) -> bool:
         return isinstance(self.source, WorldPrompts)
-
-    # ------------------------------------------------------------------ trainable state
-    def trainable_module(self) -> torch.nn.Module:
-        return self.vlm.model
 
     # ------------------------------------------------------------------ evaluation
     def answer(self, questions: list[Any], blind: bool = False) -> AnswerStats:
@@ -188,5 +185,4 @@ class VLMMethod(Method):
         )
 
     def save_final(self, directory: Path) -> list[str]:
-        files = self.vlm.save_pretrained(directory / "model", merged=self.config.merge_lora)
-        return [f"model/{name}" for name in files]
+        return self.vlm.save(directory, merged=self.config.merge_lora)
