@@ -39,10 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pretraining import optimizer_step
 
 from mmalign.data import balls_world
 from mmalign.io import atomic_directory
 from mmalign.models.tiny_video import EMBEDDED_WAN, wan_pipeline
+from mmalign.train.ema import EMA
 
 ASSETS = Path(__file__).resolve().parents[1] / "mmalign" / "assets"
 
@@ -99,11 +101,7 @@ def train_vae(work: Path, steps: int, seed: int, batch: int = 8) -> None:
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         loss = (weight * (recon - x) ** 2).mean() + 1e-6 * dist.kl().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+        optimizer_step(loss, vae.parameters(), opt, sched)
         if step % 50 == 0 or step == steps:
             log(work, {"phase": "vae", "step": step, "loss": loss.item(), "minutes": (time.time() - start) / 60})
     vae.eval()
@@ -165,7 +163,7 @@ def train_t2v(work: Path, steps: int, eval_every: int, seed: int, lr: float = 1e
     transformer, text_encoder = pipe.transformer, pipe.text_encoder
     text_encoder.requires_grad_(True).train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
-    ema = [p.detach().clone() for p in params]
+    ema = EMA(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     mean, std, caps = encode_dataset(pipe, 8192, seed + 100)
@@ -186,31 +184,18 @@ def train_t2v(work: Path, steps: int, eval_every: int, seed: int, lr: float = 1e
         pred = transformer(hidden_states=model.noise.add_noise(x0, noise, t), timestep=t,
                            encoder_hidden_states=cond, return_dict=False)[0]  # fmt: skip
         loss = F.mse_loss(pred, model.noise.target(x0, noise, t))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        optimizer_step(loss, params, opt, sched)
+        ema.update(step)
         if step % 100 == 0:
             log(work, {"phase": "t2v", "step": step, "loss": loss.item(), "minutes": (time.time() - start) / 60})
         if step % eval_every == 0 or step == steps:
-            live = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    p.copy_(e)
             transformer.eval()
             text_encoder.eval()
-            record = {"phase": "t2v", "step": step, "eval": True, "heldout": evaluate_t2v(model, heldout, seed)}
-            with atomic_directory(out / f"step-{step:06d}") as tmp:
-                pipe.save_pretrained(tmp)
+            with ema.applied():
+                record = {"phase": "t2v", "step": step, "eval": True, "heldout": evaluate_t2v(model, heldout, seed)}
+                with atomic_directory(out / f"step-{step:06d}") as tmp:
+                    pipe.save_pretrained(tmp)
             log(work, record)
-            with torch.no_grad():
-                for v, p in zip(live, params):
-                    p.copy_(v)
             transformer.train()
             text_encoder.train()
 

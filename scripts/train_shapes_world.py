@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pretraining import optimizer_step
 from transformers import CLIPConfig, CLIPModel
 
 from mmalign.data import shapes_world
 from mmalign.models.tiny import EMBEDDED_SD, sd_pipeline
+from mmalign.train.ema import EMA
 
 ASSETS = Path(__file__).resolve().parents[1] / "mmalign" / "assets"
 
@@ -77,11 +79,7 @@ def train_vae(work: Path, steps: int, seed: int) -> None:
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         loss = F.mse_loss(recon, x) + 1e-6 * dist.kl().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+        optimizer_step(loss, vae.parameters(), opt, sched)
         if step % 100 == 0 or step == steps:
             log(work, {"phase": "vae", "step": step, "loss": loss.item(), "minutes": (time.time() - start) / 60})
     vae.eval()
@@ -196,11 +194,7 @@ def train_clip(work: Path, steps: int, seed: int, negatives: int = 4) -> None:
         hard_logits = scale * torch.cat([(img * pos).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", img, neg)], 1)
         hard = F.cross_entropy(hard_logits, torch.zeros(batch, dtype=torch.long))
         loss = contrastive + hard
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+        optimizer_step(loss, model.parameters(), opt, sched)
         if step % 100 == 0 or step == steps:
             acc = (hard_logits.argmax(-1) == 0).float().mean().item()
             log(
@@ -286,7 +280,7 @@ def train_t2i(
     unet, text_encoder = pipe.unet, pipe.text_encoder
     text_encoder.requires_grad_(True).train()
     params = [p for p in unet.parameters()] + [p for p in text_encoder.parameters()]
-    ema = [p.detach().clone() for p in params]
+    ema = EMA(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = 200
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -308,37 +302,24 @@ def train_t2i(
         t = noise_process.sample_timesteps(batch)
         pred = unet(noise_process.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        optimizer_step(loss, params, opt, sched)
+        ema.update(step)
         if step % 100 == 0:
             log(work, {"phase": "t2i", "step": step, "loss": loss.item(), "minutes": (time.time() - start) / 60})
         if step % eval_every == 0 or step == steps:
-            live = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    p.copy_(e)
             unet.eval()
             text_encoder.eval()
-            snap = out / f"step-{step:06d}"
-            pipe.save_pretrained(snap)
-            record = {
-                "phase": "t2i",
-                "step": step,
-                "eval": True,
-                "heldout": evaluate_t2i(model, heldout, seed + 400),
-                "train": evaluate_t2i(model, train_eval, seed + 400),
-            }
+            with ema.applied():
+                snap = out / f"step-{step:06d}"
+                pipe.save_pretrained(snap)
+                record = {
+                    "phase": "t2i",
+                    "step": step,
+                    "eval": True,
+                    "heldout": evaluate_t2i(model, heldout, seed + 400),
+                    "train": evaluate_t2i(model, train_eval, seed + 400),
+                }
             log(work, record)
-            with torch.no_grad():
-                for v, p in zip(live, params):
-                    p.copy_(v)
             unet.train()
             text_encoder.train()
     (out / "done.json").write_text(json.dumps({"steps": steps}))
