@@ -19,7 +19,7 @@ from mmalign.models.diffusion import DiffusionModel
 from mmalign.models.families import Conditioning
 from mmalign.registry import resolve_model_path
 from mmalign.train.evaluation import DiffusionEvaluator
-from mmalign.train.method import Evaluation, Method
+from mmalign.train.method import Method
 from mmalign.train.rng import keyed_generator
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,7 +49,7 @@ class DiffusionPairMethod(Method):
                 random_flip=d.random_flip,
                 seed=self.run.seed,
             )
-        self.evaluator = DiffusionEvaluator(self.run.eval, device=self.device)
+        self.evaluator = DiffusionEvaluator(self.run.eval, device=self.device, model=self.model)
 
     def load_model(self, accelerator) -> None:
         """`self.model`: the `model` section's pipeline on the accelerator's device."""
@@ -80,12 +80,6 @@ class DiffusionPairMethod(Method):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_pairs(items)
-
-    def evaluate(self, step: int) -> Evaluation:
-        return self.evaluator(self.model)
-
-    def gold_metric(self) -> str:
-        return self.evaluator.gold_name
 
     def report_description(self) -> str:
         e = self.run.eval

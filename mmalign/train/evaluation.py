@@ -36,29 +36,35 @@ def eval_prompts(config: EvalConfig, world=shapes_world) -> list[str]:
 
 
 class DiffusionEvaluator:
-    """Samples every prompt `samples_per_prompt` times and scores with the gold and other rewards."""
+    """Samples every prompt `samples_per_prompt` times and scores with the gold and other rewards; an
+    `Evaluator` of `model` (`evaluate`) once a model is given."""
 
     world = shapes_world  #: the embedded world whose caption splits `eval.prompts` may name
 
-    def __init__(self, config: EvalConfig, device: torch.device | str = "cpu"):
-        self.config = config
+    def __init__(self, config: EvalConfig, device: torch.device | str = "cpu", model: DiffusionModel | None = None):
+        self.config, self.model = config, model
         self.prompts = [p for p in eval_prompts(config, self.world) for _ in range(config.samples_per_prompt)]
         names = ([config.gold] if config.gold else []) + [r for r in config.rewards if r != config.gold]
         if not names:
             raise ValueError("eval needs a gold metric or at least one reward")
-        self.gold_name = names[0]
+        self.gold_metric = names[0]
         self.rewards: dict[str, Reward] = {
             name: load_reward(name, **{"device": device, **config.reward_args.get(name, {})}) for name in names
         }
 
+    def evaluate(self, step: int) -> Evaluation:
+        if self.model is None:
+            raise ValueError("this evaluator was built without a model; call it with one")
+        return self(self.model)
+
     def roles(self) -> str:
         """Which reward plays which role in the report (markdown)."""
-        others = [f"`{name}`" for name in self.rewards if name != self.gold_name]
+        others = [f"`{name}`" for name in self.rewards if name != self.gold_metric]
         if self.config.gold:
-            head = f"the gold metric `{self.gold_name}` (never trained on)"
+            head = f"the gold metric `{self.gold_metric}` (never trained on)"
         else:
             head = (
-                f"no gold metric (`eval.gold: null`): `{self.gold_name}`, the first of `eval.rewards`, "
+                f"no gold metric (`eval.gold: null`): `{self.gold_metric}`, the first of `eval.rewards`, "
                 "is reported as gold"
             )
         return head + (f"; also reported: {', '.join(others)}" if others else "")
@@ -115,8 +121,16 @@ class VideoEvaluator(DiffusionEvaluator):
 
     world = balls_world
 
-    def __init__(self, config: EvalConfig, resolution: tuple[int, int], num_frames: int, fps: float, device="cpu"):
-        super().__init__(config, device)
+    def __init__(
+        self,
+        config: EvalConfig,
+        resolution: tuple[int, int],
+        num_frames: int,
+        fps: float,
+        device: torch.device | str = "cpu",
+        model: DiffusionModel | None = None,
+    ):
+        super().__init__(config, device, model)
         self.resolution, self.num_frames, self.fps = resolution, num_frames, fps
 
     def latent_shape(self, model: DiffusionModel) -> tuple[int, ...]:

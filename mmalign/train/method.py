@@ -74,10 +74,24 @@ class Policy(Protocol):
         """Restore weights written by `trainable_state_dict`; a mismatch of names is an error."""
 
 
+class Evaluator(Protocol):
+    """Held-out evaluation of a run's current model: metrics (the gold metric among them), a sample
+    grid and files (`DiffusionEvaluator`, `VideoEvaluator`, `QuestionEvaluator`). A method that sets
+    `self.evaluator` in `setup` gets `evaluate` and `gold_metric` from it."""
+
+    @property
+    def gold_metric(self) -> str:
+        """The metric reported as `gold_metric`."""
+
+    def evaluate(self, step: int) -> Evaluation:
+        """Measure the current model at optimizer step `step`."""
+
+
 class Method(RunSections, ABC):
     """Base class of every training method run by the `Trainer` (see the module doc)."""
 
     policy: Policy | None = None
+    evaluator: Evaluator | None = None
 
     @abstractmethod
     def setup(self, accelerator) -> None:
@@ -123,17 +137,21 @@ class Method(RunSections, ABC):
     def compute_loss(self, batch: Any, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss (a scalar with a graph) and detached scalar metrics for one micro-batch."""
 
-    @abstractmethod
     def evaluate(self, step: int) -> Evaluation:
-        """Measure the current model (held-out gold metric first)."""
+        """Measure the current model: the evaluator's evaluation by default."""
+        if self.evaluator is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no evaluator and does not override evaluate")
+        return self.evaluator.evaluate(step)
 
     @abstractmethod
     def save_final(self, directory: Path) -> list[str]:
         """Write the trained result into `directory`; return the paths written (relative)."""
 
     def gold_metric(self) -> str:
-        """Name of the metric reported as `gold_metric`."""
-        return "gold"
+        """Name of the metric reported as `gold_metric`: the evaluator's by default."""
+        if self.evaluator is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no evaluator and does not override gold_metric")
+        return self.evaluator.gold_metric
 
     def data_used(self) -> dict[str, Any]:
         """What the run trained and evaluated on, for `report.json` (`{"path": …}` and whatever else

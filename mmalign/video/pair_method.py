@@ -78,8 +78,10 @@ class VideoPairMethod(DiffusionPairMethod):
         )
         self.frame_segment = frame_segment.to(self.device)
         self.resolution = tuple(first.frames_0.shape[1:3])
-        if not hasattr(self, "evaluator"):
-            self.evaluator = VideoEvaluator(self.run.eval, self.resolution, len(first.frames_0), first.fps, self.device)
+        if self.evaluator is None:
+            self.evaluator = VideoEvaluator(
+                self.run.eval, self.resolution, len(first.frames_0), first.fps, self.device, self.model
+            )
         if latents is None:
             latents = {f"latents_{k}": self.encode([getattr(p, f"frames_{k}") for p in pairs]) for k in (0, 1)}
         items = []

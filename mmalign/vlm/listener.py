@@ -25,8 +25,8 @@ import torch
 from mmalign.config import option
 from mmalign.models.vlm import Conversation, VisionLanguageModel
 from mmalign.registry import resolve_model_path
+from mmalign.vlm.evaluation import AnswerStats
 from mmalign.vlm.grpo import GRPO, GroupBatch, GRPOConfig
-from mmalign.vlm.method import AnswerStats
 from mmalign.vlm.rewards import RewardTerm, extract_answer, parse_response
 
 DECISIONS = ("1", "2")

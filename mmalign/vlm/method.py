@@ -13,22 +13,20 @@ sees training questions only); on a user's set it is `heldout_reward`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from mmalign.config import VLMModelConfig, option
 from mmalign.models.vlm import LoraSpec, VisionLanguageModel
 from mmalign.registry import resolve_model_path
-from mmalign.train.grids import image_grid
-from mmalign.train.method import Evaluation, Method
+from mmalign.train.method import Method
 from mmalign.vlm import world
 from mmalign.vlm.data import VQADataConfig, WorldPrompts, load_prompt_source
-from mmalign.vlm.rewards import RewardTerm, accuracy_reward, format_reward, weighted_rewards
+from mmalign.vlm.evaluation import AnswerStats, QuestionEvaluator
+from mmalign.vlm.rewards import RewardTerm
 
 
 @dataclass
@@ -62,17 +60,6 @@ def load_vlm(model: VLMModelConfig, device: torch.device, reference_copy: bool =
     )
 
 
-@dataclass
-class AnswerStats:
-    """Greedy responses to a question set and their scores."""
-
-    responses: list[str] = field(repr=False)
-    correct: list[float]  # exact match of the answer block
-    formatted: list[float]
-    reward: torch.Tensor  # (N,) weighted total of the method's reward functions
-    parts: dict[str, torch.Tensor]  # each function's raw values (N,)
-
-
 class VLMMethod(Method):
     """Base of the VLM question methods: subclasses add `config_class`, `compute_loss` and how they train."""
 
@@ -91,72 +78,17 @@ class VLMMethod(Method):
         self.vlm = load_vlm(self.run.model, accelerator.device, self.needs_reference_copy())
         self.policy = self.vlm
         self.module: torch.nn.Module = self.vlm.model
+        c = self.config
+        self.evaluator = QuestionEvaluator(self.vlm, self.source, c.rewards, c.max_new_tokens, c.eval_batch_size,
+                                           self.response_metrics)  # fmt: skip
 
     @property
     def on_world(self) -> bool:
         return isinstance(self.source, WorldPrompts)
 
-    # ------------------------------------------------------------------ evaluation
-    def answer(self, questions: list[Any], blind: bool = False) -> AnswerStats:
-        """Greedy responses of the current policy, scored by exact match, format and the reward functions."""
-        responses: list[str] = []
-        size = self.config.eval_batch_size
-        for start in range(0, len(questions), size):
-            chunk = questions[start : start + size]
-            prompts = self.vlm.encode([q.conversation(blind=blind) for q in chunk])
-            ids, mask = self.vlm.generate(prompts, max_new_tokens=self.config.max_new_tokens, do_sample=False)
-            responses += self.vlm.decode(ids, mask)
-        answers = [q.answer for q in questions]
-        reward, parts = weighted_rewards(self.config.rewards, responses, answers)
-        return AnswerStats(
-            responses, accuracy_reward(responses, answers), format_reward(responses, answers), reward, parts
-        )
-
-    def gold_metric(self) -> str:
-        return "heldout_accuracy" if self.on_world else "heldout_reward"
-
-    def evaluate(self, step: int) -> Evaluation:
-        real, blind = self.answer(self.heldout), self.answer(self.heldout, blind=True)
-        metrics = {"heldout_reward": real.reward.mean().item(), "blind_reward": blind.reward.mean().item()}
-        metrics.update({f"heldout/{name}": values.mean().item() for name, values in real.parts.items()})
-        if self.on_world:
-            metrics.update(self.world_metrics(real, blind))
-        metrics["format_rate"] = float(np.mean(real.formatted))
-        metrics.update(self.response_metrics(real))
-        return Evaluation({k: v for k, v in metrics.items() if v == v}, self._grid(real.responses))
-
-    def world_metrics(self, real: AnswerStats, blind: AnswerStats) -> dict[str, float]:
-        """Exact-match accuracy on the world's held-out questions: overall, vision / text and per kind."""
-        kinds = [q.kind for q in self.heldout]
-
-        def mean(values: list[float], keep) -> float:
-            chosen = [v for v, k in zip(values, kinds) if keep(k)]
-            return float(np.mean(chosen)) if chosen else float("nan")
-
-        metrics = {"heldout_accuracy": mean(real.correct, lambda k: True)}
-        groups = {"vision": lambda k: world.KINDS[k], "text": lambda k: not world.KINDS[k]}
-        groups.update({kind: (lambda k, kind=kind: k == kind) for kind in self.run.data.embedded.eval_kinds})
-        for name, keep in groups.items():
-            metrics[f"accuracy/{name}"] = mean(real.correct, keep)
-            metrics[f"blind_accuracy/{name}"] = mean(blind.correct, keep)
-        metrics["blind_accuracy/all"] = mean(blind.correct, lambda k: True)
-        return metrics
-
     def response_metrics(self, real: AnswerStats) -> dict[str, float]:
         """Further held-out metrics computed from the greedy responses (listener shaping adds some)."""
         return {}
-
-    def _grid(self, responses: list[str], count: int = 10, cell: int = 112) -> Image.Image:
-        """The first held-out questions' first images with question, answer and response."""
-        shown = self.heldout[:count]
-        tiles = []
-        for q in shown:
-            first = q.images[0] if q.images else np.zeros((cell, cell, 3), np.uint8)
-            image = first if isinstance(first, Image.Image) else Image.fromarray(first)
-            tiles.append(torch.from_numpy(np.array(image.convert("RGB").resize((cell, cell)))))
-        images = torch.stack(tiles).permute(0, 3, 1, 2).float() / 255
-        captions = [f"{q.text} [{q.answer}] → {r}" for q, r in zip(shown, responses)]
-        return image_grid(images, captions, columns=5, cell=cell, caption_lines=5)
 
     def data_used(self) -> dict[str, Any]:
         return self.source.describe()
