@@ -12,11 +12,13 @@ A new method sets:
   section it reads, or None for a section it does not have. Keys outside these classes are
   config errors naming the key, and `mmalign train --help METHOD` lists exactly these options;
 
-and overrides `setup`, `compute_loss`, `evaluate` and `save_final`, plus `train_dataset`/`collate`
-(offline) or `next_batch` (online; `mmalign.train.rollouts` schedules rollouts). The trainable model
-is the `policy` that `setup` sets (a `Policy`: `DiffusionModel`, `VisionLanguageModel`), or, for
-a method that trains its own network, an override of `trainable_module`. `data_used` and
-`report_description` say in the report what the run really read.
+and overrides `setup`, `compute_loss` (the objective: the maths of the method) and `save_final`,
+plus `train_dataset`/`collate` (offline) or `next_batch` (online; `mmalign.train.rollouts`
+schedules rollouts). `setup` sets the parts the Trainer reaches through the method: the `policy`
+(a `Policy`: `DiffusionModel`, `VisionLanguageModel`; a method that trains its own network
+overrides `trainable_module` instead) and the `evaluator` (an `Evaluator`; or overrides of
+`evaluate` and `gold_metric`). `data_used` and `report_description` say in the report what the
+run really read.
 """
 
 from __future__ import annotations
