@@ -410,8 +410,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
-def _option_lines(cls: type, prefix: str) -> list[str]:
-    """`key = default` and its help for every field of dataclass `cls`, nested sections flattened."""
+def _option_lines(cls: type, prefix: str, shown: dict[str, Any] | None = None) -> list[str]:
+    """`key = default` and its help for every field of dataclass `cls`, nested sections flattened;
+    `shown` replaces the default shown for some keys."""
     lines: list[str] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -421,6 +422,7 @@ def _option_lines(cls: type, prefix: str) -> list[str]:
             lines += _option_lines(hints[f.name], f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = (shown or {}).get(f.name, default)
         lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return lines
 
@@ -428,7 +430,7 @@ def _option_lines(cls: type, prefix: str) -> list[str]:
 def help_text(method: str | None = None) -> str:
     """Every config key a run of `method` reads, with its type, default and help (`mmalign train --help`);
     without a method, the keys every run shares."""
-    lines = _option_lines(RunConfig, "")
+    lines = _option_lines(RunConfig, "", {"method": method} if method else None)
     if method is None:
         lines += _option_lines(TrainConfig, "train.")
         lines.append(

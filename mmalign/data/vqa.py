@@ -44,7 +44,13 @@ class VQAColumns:
     images: str = option("column with the image(s): one or a list (datasets Image, bytes or paths)", default="images")
     problem: str = option("column with the question text (`<image>` marks where an image goes)", default="problem")
     answer: str = option("column with the reference answer the reward functions compare with", default="answer")
-    response: str = option("column with a full target response (vlm-sft on your data only)", default="response")
+
+
+@dataclass
+class SFTColumns(VQAColumns):
+    """The columns of a set with target responses (supervised fine-tuning)."""
+
+    response: str = option("column with the full target response", default="response")
 
 
 def question_conversation(images: Sequence[Image.Image], text: str, blind: bool, source: str) -> Conversation:
@@ -144,7 +150,7 @@ class VQASet:
         row = self.indices[i]
         data = self.rows[row]
         c = self.columns
-        response = data.get(c.response)
+        response = data.get(c.response) if isinstance(c, SFTColumns) else None
         return VQAItem(
             problem=str(data[c.problem]),
             answer=_text(data[c.answer]),

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mmalign.config import ConfigError, DataSource, option
-from mmalign.data.vqa import DEFAULT_TEMPLATE, VQAColumns, VQAItem, VQASet, heldout_split, open_vqa
+from mmalign.data.vqa import DEFAULT_TEMPLATE, SFTColumns, VQAColumns, VQAItem, VQASet, heldout_split, open_vqa
 from mmalign.vlm import world
 from mmalign.vlm.world import Question
 
@@ -71,7 +71,7 @@ class VQADataConfig(DataSource):
     def __post_init__(self) -> None:
         if self.path == EMBEDDED_WORLD:
             user_keys = {
-                "columns": self.columns != VQAColumns(),
+                "columns": self.columns != type(self.columns)(),
                 "eval_path": self.eval_path is not None,
                 "eval_split": self.eval_split is not None,
                 "max_rows": self.max_rows is not None,
@@ -93,6 +93,13 @@ class VQADataConfig(DataSource):
             )
         if self.eval_size < 1:
             raise ConfigError(f"data.eval_size must be at least 1, got {self.eval_size}")
+
+
+@dataclass
+class SFTDataConfig(VQADataConfig):
+    """The `data` section of `vlm-sft`: questions with target responses."""
+
+    columns: SFTColumns = option("column names of your set", default_factory=SFTColumns)
 
 
 class PromptSource(Protocol):

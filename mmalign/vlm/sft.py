@@ -16,7 +16,7 @@ import torch
 
 from mmalign.losses import aggregate_tokens
 from mmalign.models.vlm import PromptBatch
-from mmalign.vlm.data import WorldPrompts
+from mmalign.vlm.data import SFTDataConfig, WorldPrompts
 from mmalign.vlm.method import VLMConfig, VLMMethod
 
 
@@ -41,6 +41,7 @@ class QuestionStream(torch.utils.data.Dataset):
 
 class VLMSFT(VLMMethod):
     config_class = VLMSFTConfig
+    data_config_class = SFTDataConfig
     config: VLMSFTConfig
 
     def setup(self, accelerator) -> None:
