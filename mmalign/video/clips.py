@@ -31,14 +31,17 @@ from mmalign.data.video import read_video, write_video
 from mmalign.io import atomic_directory
 
 
+EMBEDDED_CLIPS = "embedded:balls-world"
+
+
 @dataclass
 class ClipDataConfig(DataSource):
     """The `data` section of the video pair methods: the real clips pairs are built from."""
 
     path: str = option(
         "a folder of MP4/GIF clips with captions.jsonl (or videos.jsonl) rows {video, prompt, fps?}, "
-        "or embedded:balls-world",
-        default="embedded:balls-world",
+        f"or {EMBEDDED_CLIPS}",
+        default=EMBEDDED_CLIPS,
     )
     fps: float | None = option("your clips: frame rate they are resampled to; null = the first clip's", default=None)
     num_frames: int | None = option(
@@ -53,6 +56,10 @@ class ClipDataConfig(DataSource):
             raise ConfigError(f"data.resolution must be [height, width], got {self.resolution}")
         if (self.fps is not None and self.fps <= 0) or (self.num_frames is not None and self.num_frames < 1):
             raise ConfigError("data.fps and data.num_frames must be positive")
+        if self.path == EMBEDDED_CLIPS:
+            for key in ("fps", "num_frames", "resolution"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"config key 'data.{key}' applies to your clips, not {EMBEDDED_CLIPS}")
 
 
 class VideoDataError(DataError):
@@ -148,7 +155,7 @@ def conform(clip: Clip, fps: float, num_frames: int, size: tuple[int, int]) -> C
 def load_clips(data: ClipDataConfig, count: int, seed: int) -> list[Clip]:
     """`count` ground-truth clips: rendered train captions for `embedded:balls-world`, else the first
     `count` rows of the folder's `captions.jsonl` (or `videos.jsonl`), conformed to one shape."""
-    if data.path == "embedded:balls-world":
+    if data.path == EMBEDDED_CLIPS:
         rng = np.random.default_rng(seed)
         captions = balls_world.captions("train")
         picks = [captions[i % len(captions)] for i in rng.permutation(max(count, len(captions)))[:count]]
