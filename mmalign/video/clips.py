@@ -30,7 +30,6 @@ from mmalign.data.segments import segment_count
 from mmalign.data.video import read_video, write_video
 from mmalign.io import atomic_directory
 
-
 EMBEDDED_CLIPS = "embedded:balls-world"
 
 
