@@ -63,6 +63,15 @@ class PrefsDataConfig(DataSource):
     )
     columns: PrefsColumns = option("datasets: column names", default_factory=PrefsColumns)
 
+    def dataset_keys_set(self) -> list[str]:
+        """The keys that only a `datasets` source reads, where they differ from their defaults."""
+        defaults = {"split": "train", "eval_split": None, "columns": PrefsColumns()}
+        return [f"data.{k}" for k, default in defaults.items() if getattr(self, k) != default]
+
+    def __post_init__(self) -> None:
+        if self.path == EMBEDDED_PAIRS and (keys := self.dataset_keys_set()):
+            raise ConfigError(f"config key {keys[0]!r} applies to a datasets source, not {EMBEDDED_PAIRS}")
+
 
 @dataclass
 class VLMRewardModelConfig:
@@ -208,6 +217,10 @@ class VLMRewardModel(Method):
         if d.path == EMBEDDED_PAIRS:
             train, heldout = _embedded_items(c, self.run.seed)
         elif (Path(d.path) / "pairs.jsonl").is_file():
+            if keys := d.dataset_keys_set():
+                raise ConfigError(
+                    f"config key {keys[0]!r} applies to a datasets source, not the pairs.jsonl in {d.path}"
+                )
             rows = read_pair_rows(Path(d.path))
             cut = len(rows) - max(1, round(len(rows) * c.heldout_fraction))
             train, heldout = rows[:cut], rows[cut:]
