@@ -152,6 +152,10 @@ class DataConfig(CachedDataSource):
         "generation of the embedded preference set", default_factory=EmbeddedPrefsConfig
     )
 
+    def __post_init__(self) -> None:
+        if not self.path.startswith("embedded:") and self.embedded != EmbeddedPrefsConfig():
+            raise ConfigError(f"config key 'data.embedded' applies to embedded:shapes-prefs only, not {self.path}")
+
 
 @dataclass
 class TrainConfig:
@@ -369,6 +373,18 @@ def method_of(path: str | Path | None = None, overrides: list[str] | tuple[str, 
     return str(_read_tree(path, overrides).get("method", RunConfig.method))
 
 
+def _drop_recipe_embedded_data(tree: dict[str, Any], overridden: list[str]) -> None:
+    """A recipe's `data.embedded` describes its embedded set: an override that points `data` at other
+    data drops it (unless the overrides set `data.embedded` themselves, which is then checked)."""
+    data = tree.get("data")
+    if not isinstance(data, dict) or "embedded" not in data:
+        return
+    points_elsewhere = any(key in ("data", "data.path") for key in overridden)
+    sets_embedded = any(key == "data.embedded" or key.startswith("data.embedded.") for key in overridden)
+    if points_elsewhere and not sets_embedded and not str(data.get("path", "")).startswith("embedded:"):
+        del data["embedded"]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a recipe YAML (or start from defaults), apply overrides, and validate.
 
@@ -376,6 +392,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     not read is an error that names it.
     """
     tree = _read_tree(path, overrides)
+    _drop_recipe_embedded_data(tree, [parse_override(item)[0] for item in overrides])
     method = str(tree.get("method", RunConfig.method))
     from mmalign.registry import METHODS, load
 

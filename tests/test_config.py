@@ -138,3 +138,12 @@ def test_every_recipe_refuses_the_keys_its_method_does_not_read(recipe):
 def test_a_section_of_another_method_is_named():
     with pytest.raises(ConfigError, match="section 'diffusion_dpo' configures method diffusion-dpo"):
         load_config(RECIPES[0], ["method=diffusion-sft"])
+
+
+def test_pointing_data_elsewhere_drops_the_recipes_embedded_set_options_but_not_the_users():
+    recipe = RECIPES[0]  # image/diffusion_dpo: it sets data.embedded
+    assert load_config(recipe, ["data=/my/pairs"]).data.embedded == load_config(None, []).data.embedded
+    with pytest.raises(ConfigError, match="'data.embedded' applies to embedded:shapes-prefs only, not /my/pairs"):
+        load_config(recipe, ["data=/my/pairs", "data.embedded.prompts=8"])
+    listener = next(r for r in RECIPES if r.stem == "listener_grpo")
+    assert load_config(listener, ["data=/my/questions.jsonl"]).data.path == "/my/questions.jsonl"

@@ -159,8 +159,6 @@ def test_grpo_and_the_listener_train_on_jsonl_with_renamed_columns_and_user_rewa
             *listener,
             *run_overrides(method, policy, out),
         ]
-        if method == "listener-grpo":  # the recipe's world options do not apply to a user's set
-            args.append("data.embedded={}")
         assert main(args) == 0, method
         report = json.loads((out / "report.json").read_text())
         assert report["data"]["eval"] == {"path": str(file), "split": "train", "held_out_rows": 4, "holdout_seed": 0}

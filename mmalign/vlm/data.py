@@ -87,10 +87,7 @@ class VQADataConfig(DataSource):
             if unknown := sorted(set(self.embedded.kinds + self.embedded.eval_kinds) - set(world.KINDS)):
                 raise ConfigError(f"data.embedded: unknown question kinds {unknown}; choose from {list(world.KINDS)}")
         elif self.embedded != VLMWorldData():
-            raise ConfigError(
-                f"config key 'data.embedded' applies to {EMBEDDED_WORLD} only, not {self.path}; "
-                "drop it from the recipe or override data.embedded={}"
-            )
+            raise ConfigError(f"config key 'data.embedded' applies to {EMBEDDED_WORLD} only, not {self.path}")
         if self.eval_size < 1:
             raise ConfigError(f"data.eval_size must be at least 1, got {self.eval_size}")
 
