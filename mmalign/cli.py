@@ -11,7 +11,7 @@ from pathlib import Path
 from mmalign.config import ConfigError, help_text, load_config, method_of
 from mmalign.errors import UserInputError
 from mmalign.io import expand_files
-from mmalign.registry import DATASETS, METHODS, REWARDS
+from mmalign.registry import DATASETS, EVALUATORS, METHODS, REWARDS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
@@ -139,6 +139,9 @@ def _methods(args: argparse.Namespace) -> int:
         print(f"  {name:<16} {description}")
     print("\nrewards (mmalign score --reward, mmalign.load_reward):")
     for name, (_, description) in REWARDS.items():
+        print(f"  {name:<16} {description}")
+    print("\nevaluators (held-out evaluation of a run):")
+    for name, (_, description) in EVALUATORS.items():
         print(f"  {name:<16} {description}")
     print("\ndata (the data.path a method reads; embedded:<name> sets are built offline):")
     for name, (methods, description) in DATASETS.items():

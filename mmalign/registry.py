@@ -1,7 +1,8 @@
 """Names → implementations, imported lazily by dotted string so the core never imports a modality.
 
-Four tables: training methods, rewards, embedded assets (models shipped in the wheel, addressed as
-`embedded:<name>`) and the data each method reads (`DATASETS`: embedded sets and user formats).
+Five tables: training methods, rewards, evaluators, embedded assets (models shipped in the wheel,
+addressed as `embedded:<name>`) and the data each method reads (`DATASETS`: embedded sets and user
+formats).
 `load(table, name)` imports and returns the object.
 """
 
@@ -119,6 +120,22 @@ REWARDS: dict[str, tuple[str, str]] = {
     "vlm-rm": (
         "mmalign.vlm.reward:VLMReward",
         "VLM reward model (Bradley-Terry head on a VLM) scoring images with prompts (path=folder)",
+    ),
+}
+
+#: evaluator name → "module:Class" and a description. Every class follows `mmalign.train.method.Evaluator`.
+EVALUATORS: dict[str, tuple[str, str]] = {
+    "diffusion-samples": (
+        "mmalign.train.evaluation:DiffusionEvaluator",
+        "images for eval.prompts with fixed noise, scored by eval.gold and eval.rewards; a sample grid",
+    ),
+    "video-samples": (
+        "mmalign.train.evaluation:VideoEvaluator",
+        "clips for eval.prompts with fixed noise, scored by video rewards; frame strips and a GIF",
+    ),
+    "vlm-questions": (
+        "mmalign.vlm.evaluation:QuestionEvaluator",
+        "greedy answers to held-out questions with real and black images, scored by the reward functions",
     ),
 }
 

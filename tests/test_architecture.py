@@ -46,3 +46,11 @@ def test_losses_import_torch_only():
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
     }
     assert {m.split(".")[0] for m in modules if m} <= {"torch", "__future__", "math", "collections", "typing"}
+
+
+def test_every_registered_evaluator_is_an_evaluator():
+    from mmalign.registry import EVALUATORS, load
+
+    for name in EVALUATORS:
+        evaluator = load(EVALUATORS, "evaluator", name)
+        assert callable(getattr(evaluator, "evaluate", None)), name
