@@ -95,6 +95,7 @@ def _sample(args: argparse.Namespace) -> int:
     import mmalign
     from mmalign.best_of_n import best_of_n, sample_candidates
     from mmalign.models.diffusion import DiffusionModel
+    from mmalign.models.lora import load_lora
     from mmalign.train.grids import image_grid
 
     prompts = list(args.prompt or [])
@@ -104,7 +105,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise ConfigError("give at least one --prompt or a --prompts-file")
     model = DiffusionModel.from_pretrained(args.model, lora_rank=None, reference=False)
     if args.lora:
-        model.pipe.load_lora_weights(args.lora)
+        load_lora(model.pipe, args.lora)
     options = dict(num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
     all_prompts = [p for p in prompts for _ in range(args.num)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from mmalign.models.tiny_vlm import FAMILIES, build_tiny_vlm
 from mmalign.models.vlm import Conversation, ConversationError, LoraSpec, VisionLanguageModel
@@ -83,10 +84,11 @@ def test_logprobs_use_the_sampling_temperature_and_entropy_matches_the_distribut
     assert (entropy > 0).all()
 
 
-def test_lora_reference_adapter_save_and_reload(tiny_vlms, tmp_path):
-    vlm = VisionLanguageModel.from_pretrained(tiny_vlms["qwen2-vl"], lora=LoraSpec(rank=4))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_reference_adapter_save_and_reload(family, tiny_vlms, tmp_path):
+    vlm = VisionLanguageModel.from_pretrained(tiny_vlms[family], lora=LoraSpec(rank=4))
     trainable = [n for n, p in vlm.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    assert trainable and all("lora_" in n and ("language_model" in n or "text_model" in n) for n in trainable)
     rollout = _rollout(vlm, [_ask("How many red shapes?", _image(0))], n=2)
     args = (rollout.prompts, rollout.completion_ids, rollout.completion_mask)
     before, _ = vlm.token_logprobs(*args)
@@ -103,6 +105,9 @@ def test_lora_reference_adapter_save_and_reload(tiny_vlms, tmp_path):
     files = vlm.save_pretrained(tmp_path / "adapter")
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
     reloaded = VisionLanguageModel.from_pretrained(tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    placed = [n for n, _ in reloaded.model.named_parameters() if "lora_" in n]
+    assert len(placed) == len(saved) == len(trainable)  # every saved tensor found its layer through peft
     torch.testing.assert_close(reloaded.token_logprobs(*args)[0], after.detach(), atol=1e-5, rtol=1e-5)
     vlm.save_pretrained(tmp_path / "merged", merged=True)
     merged = VisionLanguageModel.from_pretrained(tmp_path / "merged")

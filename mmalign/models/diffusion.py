@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 
 from mmalign.data.segments import latent_frame_segments
@@ -100,12 +99,15 @@ class DiffusionModel:
         denoiser = self.base_denoiser
         self.lora_rank = lora_rank
         if lora_rank is not None:
+            targets = list(lora_targets or self.family.lora_targets)
+            excluded = self.family.lora_excluded if any(t.startswith("proj_") for t in targets) else None
             denoiser.add_adapter(
                 LoraConfig(
                     r=lora_rank,
                     lora_alpha=lora_alpha or lora_rank,
                     init_lora_weights="gaussian",
-                    target_modules=list(lora_targets or self.family.lora_targets),
+                    target_modules=targets,
+                    exclude_modules=excluded,
                 )
             )
             self.reference_denoiser = None
@@ -427,8 +429,12 @@ class DiffusionModel:
         """Write the LoRA adapter in diffusers' format: `pipe.load_lora_weights(directory)` loads it."""
         if self.lora_rank is None:
             raise RuntimeError("this model is fully fine-tuned; use save_pretrained")
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.base_denoiser))
-        kwargs = {f"{self.family.denoiser_attr}_lora_layers": state}
+        # peft's key format (`…to_q.lora_A.weight`) for every target: diffusers' converter would rename only
+        # the attention projections to its older `lora.down` format, which its loader then drops
+        state = get_peft_model_state_dict(self.base_denoiser)
+        config = self.base_denoiser.peft_config["default"].to_dict()
+        attr = self.family.denoiser_attr
+        kwargs = {f"{attr}_lora_layers": state, f"{attr}_lora_adapter_metadata": config}
         type(self.pipe).save_lora_weights(str(directory), safe_serialization=True, **kwargs)
 
     def save(self, directory: str | Path, pipeline: bool = False) -> list[str]:

@@ -73,6 +73,9 @@ class Family(ABC):
     name = "base"
     denoiser_attr = "unet"
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: a regex of modules LoRA never adapts, whatever the targets (layers the pipeline calls in a way
+    #: peft's LoRA layers cannot take); None = none
+    lora_excluded: str | None = None
     is_video = False
     #: latent frame 0 holds pixel frame 0 alone, then each latent frame `temporal_compression` frames
     causal_time = False
@@ -205,6 +208,9 @@ class AnimateDiffFamily(StableDiffusionFamily):
 
     name = "animatediff"
     is_video = True
+    # diffusers calls the motion modules' projections by keyword (`proj_in(input=…)`), which peft's LoRA
+    # layers do not accept: `proj_in` / `proj_out` targets adapt the spatial transformers' only
+    lora_excluded = r".*motion_modules\.\d+\.proj_(in|out)"
 
     def denoise(self, denoiser, latents, t, cond):
         frames = latents.shape[2]  # the motion UNet reads text states repeated per frame: (B·F, L, D)

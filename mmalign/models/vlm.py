@@ -34,8 +34,9 @@ from mmalign.errors import UserInputError
 from mmalign.models.state import load_trainable_state, trainable_state
 
 ROLES = ("system", "user", "assistant")
-#: LoRA on the language model's projections only (the vision tower's own q/k/v stay frozen).
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+#: LoRA on the language model's projections only (the vision tower's own q/k/v stay frozen); Idefics3
+#: (SmolVLM) calls its language model `text_model`.
+DEFAULT_LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 _TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token inputs to extend over completions
 
 
