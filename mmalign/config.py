@@ -61,6 +61,24 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def check_range(
+    key: str, value: float | None, low: float, high: float | None = None, *, open_low: bool = False
+) -> None:
+    """Raise a `ConfigError` naming `key` unless `low ≤ value` (`<` with `open_low`) and `value < high`;
+    None passes (an option's "off")."""
+    if value is None:
+        return
+    below = value <= low if open_low else value < low
+    if below or (high is not None and value >= high):
+        bound = f"> {low:g}" if open_low else f"≥ {low:g}"
+        raise ConfigError(f"config key {key!r} must be {bound}{f' and < {high:g}' if high is not None else ''}, "
+                          f"got {value!r}")  # fmt: skip
+
+
+#: `train.lr_scheduler` choices: the schedules `diffusers.optimization.get_scheduler` builds from a step count
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
 @dataclass
 class ModelConfig:
     """The `model` section of diffusion methods: the pipeline, its adapter and how it is loaded."""
@@ -163,7 +181,7 @@ class TrainConfig:
     batch_size: int = option("global batch per optimizer micro-step (pairs for DPO), split over processes", default=8)
     gradient_accumulation_steps: int = option("micro-steps per optimizer step", default=1)
     learning_rate: float = option("peak learning rate", default=1e-4)
-    lr_scheduler: str = option("constant, constant_with_warmup, linear, cosine, …", default="constant_with_warmup")
+    lr_scheduler: str = option(f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}", default="constant_with_warmup")
     warmup_steps: int = option("learning-rate warm-up steps", default=0)
     weight_decay: float = option("AdamW weight decay", default=1e-2)
     adam_beta1: float = option("AdamW β1", default=0.9)
@@ -177,12 +195,28 @@ class TrainConfig:
     resume: bool = option("continue from the newest checkpoint in output_dir when there is one", default=True)
     threads: int | None = option("torch CPU threads; null = torch's default", default=None)
 
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
+            check_range(f"train.{key}", getattr(self, key), 1)
+        for key in ("warmup_steps", "weight_decay", "checkpoint_every"):
+            check_range(f"train.{key}", getattr(self, key), 0)
+        for key in ("learning_rate", "adam_epsilon", "max_grad_norm"):
+            check_range(f"train.{key}", getattr(self, key), 0, open_low=True)
+        check_range("train.adam_beta1", self.adam_beta1, 0, 1)
+        check_range("train.adam_beta2", self.adam_beta2, 0, 1)
+        check_range("train.threads", self.threads, 1)
+        check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+
 
 @dataclass
 class EvalSchedule:
     """The `eval` section of methods whose evaluation options live in their own section: when to evaluate."""
 
     every: int = option("evaluate every N steps (0 = only before and after)", default=100)
+
+    def __post_init__(self) -> None:
+        check_range("eval.every", self.every, 0)
 
 
 @dataclass
@@ -204,6 +238,11 @@ class EvalConfig(EvalSchedule):
     seed: int = option("seed of the evaluation noise (the same before and after)", default=1234)
     batch_size: int = option("prompts sampled at once", default=64)
     grid_size: int = option("images in each sample grid", default=16)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("num_prompts", "samples_per_prompt", "num_steps", "batch_size", "grid_size"):
+            check_range(f"eval.{key}", getattr(self, key), 1)
 
 
 @dataclass

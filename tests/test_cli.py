@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,13 @@ def test_sample_best_of_n_keeps_the_rewards_choice(tiny_pipelines, tmp_path):
     for sample in record["samples"]:
         assert sample["chosen"] == max(range(3), key=lambda k: sample["scores"][k])
     assert main([*args[:-2], "--best-of", "1", "--out", str(tmp_path / "one")]) == 2  # N < 2 is a clear error
+
+
+def test_the_projects_own_checks_are_one_line_errors(tmp_path, capsys):
+    """Checks made when a method sets up (not only when the config is built) print one line, no traceback."""
+    recipe = str(Path(__file__).resolve().parents[1] / "configs/video/densedpo.yaml")
+    args = ["train", recipe, f"output_dir={tmp_path}", "densedpo.pairs=vanilla",
+            "densedpo.labeler=reference"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "densedpo.labeler=reference" in err and len(err.splitlines()) == 1 and "Traceback" not in err

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from mmalign.best_of_n import sample_candidates
-from mmalign.config import DataConfig, EvalConfig, ModelConfig, RunConfig, option
+from mmalign.config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, option
 from mmalign.data import shapes_world
 from mmalign.data.shapes_prefs import write_self_pairs
 from mmalign.data.sources import cache_root
@@ -94,11 +94,11 @@ class GanRMRounds(StagedRecipe):
     def __init__(self, run: RunConfig):
         super().__init__(run)
         if self.config.rounds < 1:
-            raise ValueError(f"gan_rm.rounds must be at least 1, got {self.config.rounds}")
+            raise ConfigError(f"gan_rm.rounds must be at least 1, got {self.config.rounds}")
         if self.config.update not in ("dpo", "sft"):
-            raise ValueError(f"gan_rm.update must be dpo or sft, got {self.config.update!r}")
+            raise ConfigError(f"gan_rm.update must be dpo or sft, got {self.config.update!r}")
         if self.config.candidates < 2:
-            raise ValueError(f"gan_rm.candidates must be at least 2 (best vs worst), got {self.config.candidates}")
+            raise ConfigError(f"gan_rm.candidates must be at least 2 (best vs worst), got {self.config.candidates}")
 
     # ------------------------------------------------------------------ inputs
     def target_images(self, prompts: list[str]) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmalign.config import option
+from mmalign.config import ConfigError, option
 from mmalign.image.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from mmalign.losses import smpo_pair_scale, soft_preference
 from mmalign.models.families import Conditioning
@@ -52,9 +52,9 @@ class SmPO(DiffusionDPO):
 
     def setup(self, accelerator) -> None:
         if self.config.inversion not in INVERSIONS:
-            raise ValueError(f"smpo.inversion must be one of {INVERSIONS}, got {self.config.inversion!r}")
+            raise ConfigError(f"smpo.inversion must be one of {INVERSIONS}, got {self.config.inversion!r}")
         if self.config.inversion_steps < 1 or self.config.renoise_iterations < 0:
-            raise ValueError("smpo.inversion_steps must be ≥ 1 and smpo.renoise_iterations ≥ 0")
+            raise ConfigError("smpo.inversion_steps must be ≥ 1 and smpo.renoise_iterations ≥ 0")
         super().setup(accelerator)
         self.score_w, self.score_l = self.score_pairs()
         scores = torch.cat([self.score_w, self.score_l])

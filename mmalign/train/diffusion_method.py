@@ -54,8 +54,6 @@ class DiffusionPairMethod(Method):
     def load_model(self, accelerator) -> None:
         """`self.model`: the `model` section's pipeline on the accelerator's device."""
         m = self.run.model
-        if m.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
         self.device = accelerator.device
         self.model = DiffusionModel.from_pretrained(
             m.path,

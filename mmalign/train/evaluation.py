@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmalign.config import EvalConfig
+from mmalign.config import ConfigError, EvalConfig
 from mmalign.data import balls_world, shapes_world
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.rewards import Reward, load_reward
@@ -31,7 +31,7 @@ def eval_prompts(config: EvalConfig, world=shapes_world) -> list[str]:
             raise FileNotFoundError(f"eval.prompts: no such file {path} (or use heldout / train)")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"eval.prompts: {path} holds no prompts")
+            raise ConfigError(f"eval.prompts: {path} holds no prompts")
     return prompts[: config.num_prompts] if config.num_prompts else prompts
 
 
@@ -46,7 +46,7 @@ class DiffusionEvaluator:
         self.prompts = [p for p in eval_prompts(config, self.world) for _ in range(config.samples_per_prompt)]
         names = ([config.gold] if config.gold else []) + [r for r in config.rewards if r != config.gold]
         if not names:
-            raise ValueError("eval needs a gold metric or at least one reward")
+            raise ConfigError("eval needs a gold metric or at least one reward")
         self.gold_metric = names[0]
         self.rewards: dict[str, Reward] = {
             name: load_reward(name, **{"device": device, **config.reward_args.get(name, {})}) for name in names

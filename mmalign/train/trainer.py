@@ -34,7 +34,7 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from mmalign.config import RunConfig, dump_config
+from mmalign.config import ConfigError, RunConfig, dump_config
 from mmalign.data.video import write_video
 from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from mmalign.train import checkpoint as ckpt
@@ -79,8 +79,6 @@ class Trainer:
         self.run, self.method = run, method
         self.out = Path(run.output_dir)
         t = run.train
-        if t.max_steps < 1:
-            raise ValueError("train.max_steps must be at least 1")
         # The loop fixes the step structure (accumulation micro-steps per optimizer step), so an
         # epoch boundary must not force an early synchronisation.
         self.accelerator = Accelerator(
@@ -92,7 +90,7 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         if t.batch_size % self.accelerator.num_processes:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={t.batch_size} must be divisible by the {self.accelerator.num_processes} processes"
             )
         if t.threads:
@@ -135,7 +133,7 @@ class Trainer:
                 yield None
         batch_size = self.run.train.batch_size
         if len(dataset) < batch_size:
-            raise ValueError(f"the training set has {len(dataset)} items, fewer than train.batch_size={batch_size}")
+            raise ConfigError(f"the training set has {len(dataset)} items, fewer than train.batch_size={batch_size}")
         while True:
             if self.state.position + batch_size > len(dataset):
                 self.state.epoch, self.state.position = self.state.epoch + 1, 0

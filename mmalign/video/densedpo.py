@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmalign.config import option
+from mmalign.config import ConfigError, option
 from mmalign.data.segments import pixel_segment_bounds
 from mmalign.data.video import frames_to_tensor, tensor_to_frames
 from mmalign.rewards import load_reward
@@ -79,16 +79,16 @@ class DenseDPO(VideoPairMethod):
     def setup(self, accelerator) -> None:
         c = self.config
         if c.pairs not in ("structural", "vanilla") or c.labels not in ("segment", "clip"):
-            raise ValueError(f"densedpo.pairs must be structural or vanilla and densedpo.labels segment or clip, "
+            raise ConfigError(f"densedpo.pairs must be structural or vanilla and densedpo.labels segment or clip, "
                              f"got {c.pairs!r} / {c.labels!r}")  # fmt: skip
         if c.sft_target not in ("video0", "real") or (c.sft_target == "real" and c.pairs != "structural"):
-            raise ValueError(f"densedpo.sft_target must be video0, or real with structural pairs, got "
+            raise ConfigError(f"densedpo.sft_target must be video0, or real with structural pairs, got "
                              f"{c.sft_target!r} with {c.pairs!r} pairs")  # fmt: skip
         if c.labeler == "reference" and c.pairs != "structural":
-            raise ValueError(f"densedpo.labeler=reference compares each copy with the real clip it was denoised "
+            raise ConfigError(f"densedpo.labeler=reference compares each copy with the real clip it was denoised "
                              f"from: it needs structural pairs, got {c.pairs!r}")  # fmt: skip
         if c.labeler == "reward" and c.labeler_reward == self.run.eval.gold:
-            raise ValueError(f"densedpo.labeler_reward is the eval gold metric {c.labeler_reward!r}: the gold "
+            raise ConfigError(f"densedpo.labeler_reward is the eval gold metric {c.labeler_reward!r}: the gold "
                              "metric must never label training pairs")  # fmt: skip
         self.load_video_model(accelerator)
         folder = Path(c.pairs_dir) if c.pairs_dir else Path(self.run.output_dir) / "pairs"
@@ -116,13 +116,13 @@ class DenseDPO(VideoPairMethod):
             return RewardSegmentLabeler(reward, c.tie_margin)
         if c.labeler == "vlm":
             if not c.judge_model:
-                raise ValueError("densedpo.labeler: vlm needs densedpo.judge_model (a VLM hub id or folder)")
+                raise ConfigError("densedpo.labeler: vlm needs densedpo.judge_model (a VLM hub id or folder)")
             from mmalign.models.vlm import VisionLanguageModel
 
             return VLMSegmentJudge(VisionLanguageModel.from_pretrained(c.judge_model, device=self.device))
         if c.labeler == "reference":
             return ReferenceTrackLabeler(**{"tie_margin": c.tie_margin, **c.labeler_args})
-        raise ValueError(f"densedpo.labeler must be reward, vlm or reference, got {c.labeler!r}")
+        raise ConfigError(f"densedpo.labeler must be reward, vlm or reference, got {c.labeler!r}")
 
     def build_pairs(self, folder: Path) -> None:
         """Generate `num_videos` pairs with the starting model, label them and store them in `folder`."""

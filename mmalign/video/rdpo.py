@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mmalign.config import option
+from mmalign.config import ConfigError, option
 from mmalign.data.segments import segment_count
 from mmalign.data.video import tensor_to_frames
 from mmalign.train.rng import keyed_generator
@@ -68,14 +68,14 @@ class RDPO(VideoPairMethod):
         c = self.config
         depths = c.positive_depths
         if not depths or any(not 0 < d < c.negative_depth for d in depths) or c.negative_depth > 1:
-            raise ValueError(f"rdpo: need 0 < positive_depths < negative_depth ≤ 1, got {depths}, {c.negative_depth}")
+            raise ConfigError(f"rdpo: need 0 < positive_depths < negative_depth ≤ 1, got {depths}, {c.negative_depth}")
         if c.select not in ("nearest", "random") or c.noising not in ("forward", "inversion"):
-            raise ValueError(f"rdpo.select must be nearest or random and rdpo.noising forward or inversion, got "
+            raise ConfigError(f"rdpo.select must be nearest or random and rdpo.noising forward or inversion, got "
                              f"{c.select!r} / {c.noising!r}")  # fmt: skip
         if c.sft_target not in ("positive", "real"):
-            raise ValueError(f"rdpo.sft_target must be positive or real, got {c.sft_target!r}")
+            raise ConfigError(f"rdpo.sft_target must be positive or real, got {c.sft_target!r}")
         if c.refresh_reference and self.run.model.lora_rank is not None:
-            raise ValueError("rdpo.refresh_reference needs full fine-tuning (model.lora_rank: null): with LoRA the "
+            raise ConfigError("rdpo.refresh_reference needs full fine-tuning (model.lora_rank: null): with LoRA the "
                              "reference is the base model with adapters disabled")  # fmt: skip
         self.load_video_model(accelerator)
         self.accelerator = accelerator
