@@ -108,6 +108,8 @@ def _sample(args: argparse.Namespace) -> int:
         load_lora(model.pipe, args.lora)
     options = dict(num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
+    if out.is_dir() and any(out.glob("[0-9][0-9][0-9][0-9][0-9].png")):
+        raise ConfigError(f"--out {out} holds the images of an earlier sample; choose another folder or empty it")
     all_prompts = [p for p in prompts for _ in range(args.num)]
     if args.best_of is not None:
         if args.best_of < 2:
@@ -218,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserInputError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    except (UserInputError, KeyError, OSError) as exc:
+        if isinstance(exc, KeyError) and exc.args:
+            message = exc.args[0]
+        elif isinstance(exc, OSError) and exc.filename:
+            message = f"{exc.filename}: {exc.strerror or exc}"
+        else:
+            message = str(exc)
         print(f"mmalign {args.command}: error: {message}", file=sys.stderr)
         return 2
 

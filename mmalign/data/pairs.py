@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from mmalign.data.images import IMAGE_ERRORS, to_rgb
 from mmalign.errors import UserInputError
 
 JSONL_NAME = "pairs.jsonl"
@@ -51,8 +52,14 @@ def jsonl_rows(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[int, dict[
     A line that is not JSON, not an object or lacks a field raises a `DataError` naming the file,
     the row and the field.
     """
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{_where(str(path), line_no)}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -81,17 +88,17 @@ def decode_image(image: Any, where: str) -> Image.Image:
     """A PIL image, bytes, a `datasets` Image value or a file path → an RGB image (`DataError` naming `where`)."""
     try:
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
+            return to_rgb(image)
         if isinstance(image, dict) and "bytes" in image:  # datasets' Image feature, undecoded
             image = image["bytes"]
         if isinstance(image, (bytes, bytearray)):
             with Image.open(io.BytesIO(image)) as im:
-                return im.convert("RGB")
+                return to_rgb(im)
         with Image.open(image) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found: {image}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:
         raise DataError(f"{where}: corrupt or unreadable image ({exc})") from None
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmalign.data.images import IMAGE_ERRORS, to_rgb
 from mmalign.errors import UserInputError
 from mmalign.models.state import load_trainable_state, trainable_state
 
@@ -83,20 +84,34 @@ class Conversation:
         return Conversation(self.messages, [_open_image(im, self.source) for im in self.images], self.source)
 
 
+@contextlib.contextmanager
+def _remote_code_refused(path: str | Path) -> Iterator[None]:
+    """transformers' refusal to run a checkpoint's own code, as a one-line `UserInputError`."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UserInputError(
+            f"{path}: the checkpoint ships its own code, which mmalign does not run by default; "
+            "load it in Python with trust_remote_code=True if you trust it"
+        ) from None
+
+
 def _open_image(image: Image.Image | str | Path, source: str) -> Image.Image:
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise ConversationError(f"{source}: image file {image} does not exist")
         try:
             with Image.open(image) as opened:
-                image = opened.convert("RGB")
-        except OSError as e:
-            raise ConversationError(f"{source}: cannot read image {image}: {e}") from e
+                image = to_rgb(opened)
+        except IMAGE_ERRORS as e:
+            raise ConversationError(f"{source}: cannot read image {image}: {e}") from None
     if not isinstance(image, Image.Image):
         raise ConversationError(f"{source}: images must be PIL images or paths, got {type(image).__name__}")
     if min(image.size) < 1:
         raise ConversationError(f"{source}: image has size {image.size}")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 @dataclass
@@ -185,7 +200,8 @@ class VisionLanguageModel:
         if adapter_config.is_file():
             base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
         kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
+        with _remote_code_refused(base_path):
+            model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
         reference = None
         if reference_copy:
             reference = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs).to(device).eval()
@@ -194,7 +210,8 @@ class VisionLanguageModel:
             model = PeftModel.from_pretrained(model, str(path), is_trainable=lora is not None)
         elif lora is not None:
             model = get_peft_model(model, lora_config(lora))
-        processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        with _remote_code_refused(path):
+            processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         model.to(device).eval()
         return cls(model, processor, reference_model=reference)
 

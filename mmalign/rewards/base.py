@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
+from mmalign.data.images import IMAGE_ERRORS, to_rgb
 from mmalign.errors import UserInputError
 
 
@@ -29,10 +30,10 @@ def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB, with a clear error naming the file."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise RewardInputError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except IMAGE_ERRORS as exc:
         raise RewardInputError(f"{path}: not a readable image ({exc})") from None
 
 
@@ -41,7 +42,7 @@ def to_image_tensor(sample: Any, where: str = "sample") -> torch.Tensor:
     if isinstance(sample, (str, Path)):
         sample = load_image(sample)
     if isinstance(sample, Image.Image):
-        sample = np.asarray(sample.convert("RGB"))
+        sample = np.asarray(to_rgb(sample))
     if isinstance(sample, np.ndarray):
         if sample.ndim != 3 or sample.shape[-1] != 3:
             raise RewardInputError(f"{where}: expected an (H, W, 3) image array, got shape {sample.shape}")

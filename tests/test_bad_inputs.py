@@ -1,0 +1,67 @@
+"""Bad inputs end in one-line errors naming the file, row or key; images of any bit depth read as intended."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmalign.cli import main
+from mmalign.data.pairs import DataError, decode_image, jsonl_rows
+from mmalign.models.vlm import VisionLanguageModel
+from mmalign.rewards.base import RewardInputError, load_image
+
+
+def test_non_utf8_bytes_in_a_jsonl_name_the_row(tmp_path):
+    file = tmp_path / "pairs.jsonl"
+    file.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl, row 2: not UTF-8 text"):
+        list(jsonl_rows(file, ("prompt",)))
+
+
+def test_sixteen_bit_and_float_images_are_rescaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    for read in (lambda p: decode_image(str(p), "test"), load_image):
+        pixels = np.asarray(read(tmp_path / "ramp16.png"))
+        assert pixels.shape == (64, 64, 3) and pixels.min() == 0 and pixels.max() == 255
+        assert abs(float(pixels.mean()) - 127.5) < 2  # PIL's convert would give mostly 255
+    floats = Image.fromarray(np.linspace(-1, 1, 16 * 16).reshape(16, 16).astype(np.float32), mode="F")
+    pixels = np.asarray(decode_image(floats, "test"))
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+def test_a_decompression_bomb_is_a_named_error(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64² > 2 × 100: PIL refuses to decode it
+    with pytest.raises(DataError, match="big.png.*corrupt or unreadable image"):
+        decode_image(str(tmp_path / "big.png"), f"{tmp_path / 'big.png'}")
+    with pytest.raises(RewardInputError, match="big.png: not a readable image"):
+        load_image(tmp_path / "big.png")
+
+
+def test_output_problems_are_one_line_errors(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), "red").save(image)
+    assert main(["score", "--reward", "shapes-gold", str(image), "--prompt", "a red circle",
+                 "--csv", str(tmp_path)]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path) in err and len(err.splitlines()) == 1
+    out = tmp_path / "samples"
+    out.mkdir()
+    Image.new("RGB", (8, 8)).save(out / "00000.png")
+    assert main(["sample", "--prompt", "a red circle", "--out", str(out), "--steps", "1"]) == 2
+    assert "holds the images of an earlier sample" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_its_own_code_is_refused_without_running_it(tmp_path):
+    config = {"model_type": "my_custom_vlm", "architectures": ["CustomModel"],
+              "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                           "AutoModelForImageTextToText": "modeling_custom.CustomModel"}}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_custom.py", "modeling_custom.py"):
+        (tmp_path / name).write_text('raise SystemExit("the checkpoint code ran")\n')
+    with pytest.raises(ValueError, match="ships its own code, which mmalign does not run"):
+        VisionLanguageModel.from_pretrained(tmp_path)
