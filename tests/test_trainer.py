@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import mmalign
 from mmalign.cli import main as cli_main
 from mmalign.config import load_config
-from mmalign.train.checkpoint import checkpoint_dirs
+from mmalign.train.checkpoint import CheckpointError, checkpoint_dirs
 from mmalign.train.rundir import ConfigMismatchError
 from tests.conftest import tiny_run_overrides
 
@@ -133,3 +133,40 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_pipelines, pair_folder, tmp_path)
     overrides = tiny_run_overrides(tiny_pipelines["sd"], pair_folder, tmp_path / "bf16", 2)
     report = mmalign.train(load_config(RECIPE, [*overrides, "train.mixed_precision=bf16", "eval.num_prompts=1"]))
     assert report["steps"] == 2 and torch.isfinite(torch.tensor(report["train"]["loss"]))
+
+
+def test_damaged_checkpoints_are_passed_over_and_moved_ones_refused(tiny_pipelines, pair_folder, tmp_path, capsys):
+    overrides = tiny_run_overrides(tiny_pipelines["sd"], pair_folder, tmp_path / "straight", 4)
+    mmalign.train(load_config(RECIPE, overrides))
+    expected = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    for damage in ("trainable.safetensors", "trainer_state.json"):
+        out = tmp_path / damage
+        run = load_config(RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, 4))
+        mmalign.train(run)
+        newest = out / "checkpoints" / "step-000004"
+        (newest / damage).write_bytes((newest / damage).read_bytes()[:40])  # truncated by a full disk, say
+        (out / "final").rename(out / ".tmp-final-leftover")  # a kill during the final save
+        (out / "report.json").unlink()
+        mmalign.train(run)
+        assert "step-000004 is damaged" in capsys.readouterr().out  # said, then resumed from step 2
+        resumed = load_file(str(newest / "trainable.safetensors"))
+        assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
+        assert not (out / ".tmp-final-leftover").exists() and (out / "final").is_dir()
+    moved = tmp_path / "trainable.safetensors"
+    (moved / "checkpoints" / "step-000004").rename(moved / "checkpoints" / "step-000006")
+    with pytest.raises(CheckpointError, match="records step 4, not the folder's"):
+        mmalign.train(load_config(RECIPE, tiny_run_overrides(tiny_pipelines["sd"], pair_folder, moved, 4)))
+
+
+def test_pruning_never_leaves_a_partial_checkpoint(tmp_path):
+    from mmalign.train.checkpoint import prune, remove_partial
+
+    for step in (2, 4, 6):
+        folder = tmp_path / f"step-{step:06d}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+    prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000006"]
+    (tmp_path / ".tmp-delete-step-000004").mkdir()  # a kill during the deletion of an old checkpoint
+    remove_partial(tmp_path)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000006"] and len(list(tmp_path.iterdir())) == 1

@@ -10,7 +10,10 @@ A checkpoint is a folder `checkpoints/step-000100/` holding
 
 It is written into a temporary sibling and renamed into place, so a folder named `step-*` is
 always complete; a run killed while writing leaves only a `.tmp-*` folder, removed at the next
-start. Nothing is unpickled: tensors go through safetensors, everything else through JSON.
+start, and an old checkpoint is renamed to a `.tmp-*` name before it is deleted. A checkpoint that
+cannot be read (a truncated file, a disk error) is passed over for the newest intact one, and one
+whose recorded step disagrees with its folder name is refused (`read_newest_intact`). Nothing is
+unpickled: tensors go through safetensors, everything else through JSON.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mmalign.errors import UserInputError
 from mmalign.io import atomic_write_json
 
 PREFIX = "step-"
@@ -123,12 +128,18 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+class CheckpointError(UserInputError):
+    """A checkpoint that must not be resumed from; the message names it."""
+
+
 def remove_partial(root: Path) -> None:
-    """Delete temporary folders left by a run killed while writing a checkpoint."""
+    """Delete what a killed run left half-written or half-deleted under `root`: `.tmp-*` folders (a
+    checkpoint or an atomic folder being written, a checkpoint being deleted) and `.old-*` ones (a
+    folder being replaced)."""
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def tmp_dir(root: Path, step: int) -> Path:
@@ -173,8 +184,34 @@ def write_checkpoint(
 
 
 def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints; each is renamed out of the `step-*` names first,
+    so a kill during the deletion leaves a `.tmp-*` folder, never a partial `step-*` one."""
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f".tmp-delete-{old.name}"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def read_newest_intact(root: Path, process_index: int, say) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint under `root` that reads back whole, and its contents; None if none does.
+
+    A damaged one (truncated or unreadable file) is reported through `say(message)` and passed over;
+    one whose `trainer_state.json` records another step than its folder name is a `CheckpointError`.
+    """
+    for directory in reversed(checkpoint_dirs(root)):
+        try:
+            saved = read_checkpoint(directory, process_index)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+            say(f"checkpoint {directory} is damaged ({type(exc).__name__}: {exc}); trying the one before it")
+            continue
+        step = saved["trainer_state"].get("step")
+        if step != int(directory.name[len(PREFIX) :]):
+            raise CheckpointError(
+                f"{directory / 'trainer_state.json'} records step {step}, not the folder's; refusing to resume "
+                "from a checkpoint that was moved or edited (remove it to resume from an earlier one)"
+            )
+        return directory, saved
+    return None
 
 
 def read_checkpoint(directory: Path, process_index: int) -> dict[str, Any]:

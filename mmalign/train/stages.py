@@ -27,6 +27,7 @@ from typing import Any
 
 from mmalign.config import RunConfig, dump_config
 from mmalign.io import atomic_write_json, atomic_write_text
+from mmalign.train.checkpoint import remove_partial
 from mmalign.train.method import RunSections
 from mmalign.train.rundir import check_config
 
@@ -49,6 +50,8 @@ class StagedRecipe(RunSections, ABC):
             for path in self.out.iterdir():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
+        for folder in [self.out, *(p for p in self.out.iterdir() if p.is_dir())]:
+            remove_partial(folder)  # what a kill left half-written by a stage
         atomic_write_text(self.out / "config.yaml", dump_config(self.run))
         record = self.out / STAGES_FILE
         self._stages = json.loads(record.read_text()) if record.is_file() else {}

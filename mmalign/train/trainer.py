@@ -103,18 +103,18 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _prepare_run_dir(self) -> Path | None:
-        """Create or check the run directory; return the checkpoint to resume from, if any."""
+    def _prepare_run_dir(self) -> tuple[Path, dict[str, Any]] | None:
+        """Create or check the run directory; return the checkpoint to resume from and its contents, if any."""
         config_text = dump_config(self.run)
         config_file = self.out / "config.yaml"
         root = self.out / "checkpoints"
         resume_from = None
         if check_config(self.out, self.run):
-            found = ckpt.checkpoint_dirs(root)
-            resume_from = found[-1] if found else None
+            resume_from = ckpt.read_newest_intact(root, self.accelerator.process_index, self.accelerator.print)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(root)
+            ckpt.remove_partial(self.out)
             if resume_from is None:
                 for stale in ckpt.checkpoint_dirs(root):
                     shutil.rmtree(stale)
@@ -211,7 +211,7 @@ class Trainer:
         self.method.set_trainable_module(module)
 
         if resume_from is not None:
-            saved = ckpt.read_checkpoint(resume_from, acc.process_index)
+            resume_from, saved = resume_from
             self.method.load_trainable_state_dict(saved["trainable"])
             ckpt.restore_optimizer(optimizer.optimizer, saved["optimizer"])
             scheduler.scheduler.load_state_dict(saved["scheduler"])
