@@ -53,7 +53,9 @@ def load_pipeline(
     empty = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
     if "safety_checker" in index:
         empty.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, variant=variant, revision=revision, **empty)
+    pipe = DiffusionPipeline.from_pretrained(
+        path, dtype=torch_dtype, variant=variant, revision=revision, use_safetensors=True, **empty
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -199,7 +199,7 @@ class VisionLanguageModel:
         base_path = path
         if adapter_config.is_file():
             base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+        kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True)
         with _remote_code_refused(base_path):
             model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
         reference = None
@@ -207,6 +207,8 @@ class VisionLanguageModel:
             reference = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs).to(device).eval()
             reference.requires_grad_(False)
         if adapter_config.is_file():
+            if not (Path(path) / "adapter_model.safetensors").is_file():
+                raise UserInputError(f"{path}: no adapter_model.safetensors; mmalign loads no pickled weights")
             model = PeftModel.from_pretrained(model, str(path), is_trainable=lora is not None)
         elif lora is not None:
             model = get_peft_model(model, lora_config(lora))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.registry import resolve_model_path
-from mmalign.rewards.base import Reward
+from mmalign.rewards.base import Reward, RewardInputError
 
 DEFAULT_CLIP = "embedded:shapes-clip"
 
@@ -46,7 +46,7 @@ class _TransformersCLIP:
     def __init__(self, path: str, device: torch.device):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         processor = CLIPImageProcessor.from_pretrained(path)
         crop = processor.crop_size  # a dict in transformers 4, a SizeDict in 5, an int in old configs
@@ -72,6 +72,8 @@ class _OpenCLIP:
     def __init__(self, path: str, device: torch.device):
         import open_clip
 
+        if not path.startswith("hf-hub:") and not (Path(path) / "open_clip_model.safetensors").is_file():
+            raise RewardInputError(f"{path}: no open_clip_model.safetensors; mmalign loads no pickled weights")
         name = path if path.startswith("hf-hub:") else f"local-dir:{path}"
         self.model = open_clip.create_model(name).to(device).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(name)
