@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmalign.cli import main
@@ -104,3 +105,43 @@ def test_pickled_weights_are_refused_everywhere(tiny_clip_dir, tiny_pipelines, t
     weights.unlink()
     with pytest.raises(ValueError, match="no adapter_model.safetensors; mmalign loads no pickled weights"):
         VisionLanguageModel.from_pretrained(adapter)
+
+
+def test_values_that_were_accepted_silently_are_refused(tmp_path, tiny_pipelines):
+    from mmalign.data.pairs import read_jsonl
+    from mmalign.data.shapes_prefs import write_self_pairs
+    from mmalign.models.diffusion import DiffusionModel
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(data / name)
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    cases = [
+        ({"image_0": "../secret.png", "image_1": "b.png", "label": 0}, "'../secret.png' leaves the data folder"),
+        ({"image_0": "a.png", "image_1": "b.png", "label": True}, "field 'label': unknown label True"),
+        ({"image_0": "a.png", "image_1": "b.png", "label": "1"}, "field 'label': unknown label '1'"),
+        ({"image_0": "a.png", "image_1": "b.png", "label": 0, "prompt": " "}, "prompt must be a non-empty"),
+    ]
+    for row, message in cases:
+        (data / "pairs.jsonl").write_text(json.dumps({"prompt": "a red circle", **row}) + "\n")
+        with pytest.raises(DataError, match=message):
+            read_jsonl(data / "pairs.jsonl")
+    (data / "pairs.jsonl").write_text(json.dumps({"prompt": "x", "image_0": str(tmp_path / "secret.png"),
+                                                  "image_1": "b.png", "label": 0}) + "\n")  # fmt: skip
+    assert len(read_jsonl(data / "pairs.jsonl")[0]) == 1  # an absolute path is the user's explicit choice
+
+    model = DiffusionModel.from_pretrained(str(tiny_pipelines["sd"]), lora_rank=None, reference=False)
+
+    from mmalign.rewards.base import Reward
+
+    class NanReward(Reward):
+        def score_batch(self, images, prompts):
+            return torch.full((len(images),), float("nan"))
+
+    nan_reward = NanReward()
+
+    with pytest.raises(ValueError, match="labelling reward scored a candidate of 'a red circle'.*must be finite"):
+        write_self_pairs(model, ["a red circle"], nan_reward, tmp_path / "pairs", candidates=2, min_margin=0.0,
+                         num_steps=1, use_reference=False)  # fmt: skip
+    assert not (tmp_path / "pairs").exists()

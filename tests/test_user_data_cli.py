@@ -98,7 +98,7 @@ def test_reward_cs_and_guidance_from_the_cli_on_the_users_mesh_folders(tmp_path)
 
     templates = tmp_path / "templates"
     templates.mkdir()
-    rows = [{"prompt": r["prompt"], "mesh": f"../meshes/{r['mesh']}"} for r in
+    rows = [{"prompt": r["prompt"], "mesh": str(data / r["mesh"])} for r in
             map(json.loads, (data / "meshes.jsonl").read_text().splitlines()) if r["score"] < 2][:2]  # fmt: skip
     (templates / "templates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     guided = tmp_path / "guided"

@@ -102,12 +102,20 @@ def decode_image(image: Any, where: str) -> Image.Image:
         raise DataError(f"{where}: corrupt or unreadable image ({exc})") from None
 
 
+def inside(folder: Path, relative: str, where: str) -> Path:
+    """`folder / relative`, refused (naming `where`) when a relative path climbs out of the data folder
+    (`../secret.png`); absolute paths are taken as given."""
+    path = folder / relative
+    if not Path(relative).is_absolute() and not path.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"{where}: {relative!r} leaves the data folder {folder}; give it inside or as an absolute path")
+    return path
+
+
 def _winner_first(label: Any, where: str, one_means_first: bool) -> bool | None:
     """True if the first image wins, False if the second does, None for a tie."""
-    try:
-        value = float(label)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: unknown label {label!r}; expected 0, 1 or 0.5") from None
+    if isinstance(label, bool) or not isinstance(label, (int, float)):
+        raise DataError(f"{where}: unknown label {label!r}; expected the number 0, 1 or 0.5")
+    value = float(label)
     if value == 0.5:
         return None
     if value not in (0.0, 1.0):
@@ -133,7 +141,7 @@ def read_jsonl(path: Path, verify_images: bool = True) -> tuple[list[PairRecord]
             value = row[name]
             if not isinstance(value, str) or not value:
                 raise DataError(f"{_where(str(path), line_no, name)}: expected an image path, got {value!r}")
-            image_path = root / value
+            image_path = inside(root, value, _where(str(path), line_no, name))
             if not image_path.is_file():
                 raise DataError(f"{_where(str(path), line_no, name)}: image file not found: {image_path}")
             if verify_images:

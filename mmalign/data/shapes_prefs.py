@@ -106,6 +106,9 @@ def write_self_pairs(
             )
             for i, prompt in enumerate(batch):
                 scores = drawn.scores[i]
+                if not torch.isfinite(scores).all():
+                    raise ValueError(f"the labelling reward scored a candidate of {prompt!r} {scores.tolist()}; "
+                                     "scores must be finite")  # fmt: skip
                 best, worst = int(scores.argmax()), int(scores.argmin())
                 margin = float(scores[best] - scores[worst])
                 if margin < min_margin:

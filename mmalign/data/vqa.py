@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from mmalign.config import ConfigError, option
-from mmalign.data.pairs import DataError, _where, decode_image, jsonl_rows, open_dataset
+from mmalign.data.pairs import DataError, _where, decode_image, inside, jsonl_rows, open_dataset
 from mmalign.models.vlm import Conversation
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -138,8 +138,8 @@ class VQASet:
         values = value if isinstance(value, (list, tuple)) else [value]
         images = []
         for image in values:
-            if isinstance(image, str) and self.folder is not None and not Path(image).is_absolute():
-                image = str(self.folder / image)
+            if isinstance(image, str) and self.folder is not None:
+                image = str(inside(self.folder, image, where))
             images.append(decode_image(image, where))
         return tuple(images)
 

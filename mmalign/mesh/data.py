@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from mmalign.config import CachedDataSource, ConfigError, option
-from mmalign.data.pairs import DataError, jsonl_rows
+from mmalign.data.pairs import DataError, inside, jsonl_rows
 from mmalign.data.sources import cache_root
 from mmalign.io import atomic_write_bytes, cache_lock
 from mmalign.mesh.embedded import (
@@ -131,7 +131,7 @@ class MeshSet:
 def _check_mesh_path(value: object, root: Path, where: str) -> Path:
     if not isinstance(value, str) or not value:
         raise DataError(f"{where}: expected a mesh path, got {value!r}")
-    path = root / value
+    path = inside(root, value, where)
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{where}: {value!r} is not a mesh file; expected one of {', '.join(SUFFIXES)}")
     if not path.is_file():

@@ -28,7 +28,7 @@ import numpy as np
 import trimesh
 
 from mmalign.config import ConfigError, DataSource, option
-from mmalign.data.pairs import DataError, jsonl_rows
+from mmalign.data.pairs import DataError, inside, jsonl_rows
 from mmalign.mesh import world
 from mmalign.mesh.io import SUFFIXES, load_mesh
 from mmalign.registry import EMBEDDED_PREFIX, unknown_name_error
@@ -95,7 +95,11 @@ def read_templates(path: Path) -> list[Template]:
             raise DataError(f"{where}, field 'prompt': expected a non-empty string, got {prompt!r}")
         if not isinstance(mesh, str) or Path(mesh).suffix.lower() not in SUFFIXES:
             raise DataError(f"{where}, field 'mesh': expected a mesh path ({', '.join(SUFFIXES)}), got {mesh!r}")
-        out.append(Template(prompt, load_mesh(file.parent / mesh), f"{len(out):03d}-{slug(prompt)}"))
+        out.append(
+            Template(
+                prompt, load_mesh(inside(file.parent, mesh, f"{where}, field 'mesh'")), f"{len(out):03d}-{slug(prompt)}"
+            )
+        )
     if not out:
         raise DataError(f"{file}: no templates")
     return out

@@ -25,7 +25,7 @@ import numpy as np
 
 from mmalign.config import ConfigError, DataSource, option
 from mmalign.data import balls_world
-from mmalign.data.pairs import DataError, jsonl_rows
+from mmalign.data.pairs import DataError, inside, jsonl_rows
 from mmalign.data.segments import segment_count
 from mmalign.data.video import read_video, write_video
 from mmalign.io import atomic_directory
@@ -104,7 +104,7 @@ def _field(row: dict, name: str, where: str) -> Any:
 def _read(folder: Path, row: dict, name: str, where: str):
     from mmalign.data.video import VideoError
 
-    file = folder / str(_field(row, name, where))
+    file = inside(folder, str(_field(row, name, where)), f"{where} field {name!r}")
     try:
         return read_video(file)
     except VideoError as error:

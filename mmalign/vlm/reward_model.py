@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mmalign.config import ConfigError, DataSource, VLMModelConfig, option
-from mmalign.data.pairs import DataError, decode_image, jsonl_rows, open_dataset
+from mmalign.data.pairs import DataError, decode_image, inside, jsonl_rows, open_dataset
 from mmalign.losses import soft_bradley_terry_loss
 from mmalign.models.vlm import Conversation
 from mmalign.train.method import Evaluation, Method
@@ -124,7 +124,7 @@ def read_pair_rows(folder: Path) -> list[PairItem]:
             for name in ("images", "rejected"):
                 if name not in row:
                     raise DataError(f"{where}, field {name!r}: missing field")
-            images = [folder / p for p in row["images"]]
+            images = [inside(folder, p, f"{where}, field 'images'") for p in row["images"]]
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": row["prompt"]}]
 
             def chat(response: str, images=images, content=content, where=where) -> Conversation:
@@ -139,7 +139,10 @@ def read_pair_rows(folder: Path) -> list[PairItem]:
                 raise DataError(f"{where}, field {name!r}: missing field")
         if row["label"] not in (1, 2, 0.5):
             raise DataError(f"{where}, field 'label': expected 1, 2 or 0.5, got {row['label']!r}")
-        first, second = (score_conversation(folder / row[k], row["prompt"], where) for k in ("image_1", "image_2"))
+        first, second = (
+            score_conversation(inside(folder, row[k], f"{where}, field {k!r}"), row["prompt"], where)
+            for k in ("image_1", "image_2")
+        )
         out.append(PairItem(first, second, {1: 1.0, 2: 0.0, 0.5: 0.5}[row["label"]]))
     return out
 
