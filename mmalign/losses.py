@@ -320,12 +320,16 @@ def k3_divergence(logp: torch.Tensor, logp_other: torch.Tensor) -> torch.Tensor:
     return (torch.exp(u) - u - 1).clamp(-10.0, 10.0)
 
 
-def aggregate_tokens(values: torch.Tensor, mask: torch.Tensor, mode: str = "token") -> torch.Tensor:
+def aggregate_tokens(
+    values: torch.Tensor, mask: torch.Tensor, mode: str = "token", max_length: int | None = None
+) -> torch.Tensor:
     """Reduce per-token `values (B, T)` over the real tokens of `mask (B, T)` to a scalar.
 
     - `token` (DAPO): `Σ m·v / Σ m`, every token of the batch weighs the same;
     - `sequence` (original GRPO): the mean over sequences of each sequence's token mean;
-    - `constant` (Dr. GRPO): `Σ m·v / (B · T)`, no length normalisation at all.
+    - `constant` (Dr. GRPO): `Σ m·v / (B · L)` with L = `max_length` (the generation limit; T when
+      None), a normaliser that does not change with the batch's longest completion, as in Dr. GRPO
+      and TRL's `dr_grpo` (`/ (B · max_completion_length)`).
     Padding positions never contribute, whatever their value.
     """
     if values.shape != mask.shape or values.ndim != 2:
@@ -337,7 +341,10 @@ def aggregate_tokens(values: torch.Tensor, mask: torch.Tensor, mode: str = "toke
     if mode == "sequence":
         return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     if mode == "constant":
-        return masked.sum() / mask.numel()
+        length = values.shape[1] if max_length is None else max_length
+        if length < values.shape[1]:
+            raise ValueError(f"max_length={length} is shorter than the completions' {values.shape[1]} tokens")
+        return masked.sum() / (values.shape[0] * length)
     raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
 
 
@@ -352,12 +359,13 @@ def grpo_loss(
     beta: float = 0.0,
     logp_ref: torch.Tensor | None = None,
     aggregation: str = "token",
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's clipped surrogate with an optional k3 penalty to a reference, as a loss to minimise.
 
     Per token, with `ρ = exp(logp − logp_old)` and the sequence's advantage `A (B,)`:
     `λ = −(min(ρA, clip(ρ, 1 − clip_low, 1 + clip_high)A) − beta · k3(logp, logp_ref))`,
-    aggregated by `aggregate_tokens(mode=aggregation)`. On-policy (`logp_old = logp.detach()`)
+    aggregated by `aggregate_tokens(mode=aggregation, max_length=max_length)`. On-policy (`logp_old = logp.detach()`)
     ρ is exactly 1 and the gradient is REINFORCE with the group baseline. Returns the loss and
     detached metrics: the fractions of tokens clipped low and high, the mean ratio and the k3 KL.
     """
@@ -373,12 +381,12 @@ def grpo_loss(
             raise ValueError("beta > 0 needs the reference log-probs logp_ref")
         kl = k3_divergence(logp, logp_ref)
         per_token = per_token + beta * kl
-        metrics["kl"] = aggregate_tokens(kl.detach(), mask, aggregation)
+        metrics["kl"] = aggregate_tokens(kl.detach(), mask, aggregation, max_length)
     with torch.no_grad():
         metrics["clip_low_frac"] = aggregate_tokens(((ratio < 1 - clip_low) & (a < 0)).to(logp.dtype), mask)
         metrics["clip_high_frac"] = aggregate_tokens(((ratio > 1 + clip_high) & (a > 0)).to(logp.dtype), mask)
         metrics["ratio_mean"] = aggregate_tokens(ratio, mask)
-    return aggregate_tokens(per_token, mask, aggregation), metrics
+    return aggregate_tokens(per_token, mask, aggregation, max_length), metrics
 
 
 def perception_kl(logp: torch.Tensor, logp_masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

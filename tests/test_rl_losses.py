@@ -122,3 +122,17 @@ def test_perception_kl_zero_when_unmasked_and_gradient_sign():
     assert logp.grad[0, 0] < 0 and logp.grad[0, 1] > 0 and logp.grad[0, 2] == 0
     # direction matters (KL is asymmetric)
     assert perception_kl(masked, logp.detach(), mask).item() != pytest.approx(kl.item())
+
+
+def test_constant_aggregation_divides_by_the_generation_limit_as_dr_grpo_does():
+    """TRL's dr_grpo: Σ m·λ / (B · max_completion_length), whatever the batch's longest completion."""
+    torch.manual_seed(0)
+    values, mask = torch.randn(4, 5), (torch.rand(4, 5) > 0.3).long()
+    reference = (values * mask).sum() / (4 * 16)
+    torch.testing.assert_close(aggregate_tokens(values, mask, "constant", max_length=16), reference)
+    # the same tokens padded to a longer batch give the same loss: the normaliser does not move
+    padded = torch.cat([values, torch.randn(4, 7)], 1)
+    padded_mask = torch.cat([mask, torch.zeros(4, 7, dtype=torch.long)], 1)
+    torch.testing.assert_close(aggregate_tokens(padded, padded_mask, "constant", max_length=16), reference)
+    with pytest.raises(ValueError, match="max_length=3 is shorter"):
+        aggregate_tokens(values, mask, "constant", max_length=3)

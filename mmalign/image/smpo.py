@@ -43,7 +43,11 @@ class SmPOConfig(DiffusionDPOConfig):
     inversion: str = option("renoise (SmPO), ddim (no ReNoise iterations) or forward (DPO noising)", "renoise")
     inversion_steps: int = option("inversion steps from 0 to t (5 for SD1.5, 10 for SDXL in the paper's code)", 5)
     renoise_iterations: int = option("ReNoise fixed-point iterations per step; the estimates are averaged", 1)
-    official_grid: bool = option("use SmPO's code grid {1, 1+T/n, …} below t instead of a grid ending at t", False)
+    official_grid: bool = option(
+        "use SmPO's code grid {1, 1+T/n, …} below t instead of a grid ending at t; unlike that code, the first step "
+        "starts from the clean latent at ᾱ = 1, not from ᾱ_0 = 0.99915 (SD's first timestep)",
+        False,
+    )
 
 
 class SmPO(DiffusionDPO):

@@ -13,7 +13,9 @@ prediction, `FlowMatching` with velocity): predictions are first converted to no
 
 The grid: `steps` equal sub-steps from 0 to each sample's own `t`, so the inverted latent sits
 exactly at the sampled level (mmalign's default). `official_grid=True` reproduces SmPO's code
-instead: the DDIM "leading" grid {1, 1+T/steps, …} up to the last point below `t`.
+grid instead: the DDIM "leading" grid {1, 1+T/steps, …} up to the last point below `t`. Both start
+from the clean latent at level 0 (ᾱ = 1); SmPO's code starts its first step from ᾱ_0 = 0.99915,
+SD's first timestep, a difference of that first step only.
 """
 
 from __future__ import annotations

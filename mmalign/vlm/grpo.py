@@ -135,6 +135,7 @@ class GRPO(VLMMethod):
             beta=c.beta,
             logp_ref=batch.logp_ref,
             aggregation=c.aggregation,
+            max_length=c.max_new_tokens,
         )
         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
         return loss, {**batch.stats, **metrics, "entropy": entropy_mean}, logp
