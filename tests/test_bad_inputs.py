@@ -145,3 +145,20 @@ def test_values_that_were_accepted_silently_are_refused(tmp_path, tiny_pipelines
         write_self_pairs(model, ["a red circle"], nan_reward, tmp_path / "pairs", candidates=2, min_margin=0.0,
                          num_steps=1, use_reference=False)  # fmt: skip
     assert not (tmp_path / "pairs").exists()
+
+
+def test_a_vlm_prompt_longer_than_the_models_context_is_refused_naming_it(tmp_path):
+    from mmalign.models.tiny_vlm import build_tiny_vlm
+    from mmalign.models.vlm import Conversation
+
+    vlm = VisionLanguageModel.from_pretrained(build_tiny_vlm("qwen2-vl", tmp_path / "vlm"))
+    limit = vlm.context_length
+    assert limit is not None
+    text = " ".join(["red"] * (limit + 10))
+    long = Conversation([{"role": "user", "content": [{"type": "text", "text": text}]}], [], "questions.jsonl, row 7")
+    with pytest.raises(
+        ValueError, match=rf"questions.jsonl, row 7: the prompt takes \d+ tokens .* reads {limit} at most"
+    ):
+        vlm.encode([long])
+    short = Conversation([{"role": "user", "content": [{"type": "text", "text": "red"}]}], [], "row 1")
+    assert vlm.encode([short]).input_ids.shape[1] < limit

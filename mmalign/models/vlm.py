@@ -227,6 +227,13 @@ class VisionLanguageModel:
 
         return isinstance(self.model, PeftModel)
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens the language model reads (`max_position_embeddings`), if its config says."""
+        config = self.model.config
+        text = getattr(config, "text_config", None) or config
+        return getattr(text, "max_position_embeddings", None)
+
     # ------------------------------------------------------------------ the Policy part (mmalign.train.method)
     def trainable_module(self) -> torch.nn.Module:
         return self.model
@@ -272,6 +279,15 @@ class VisionLanguageModel:
         except (ValueError, TypeError, RuntimeError) as e:
             sources = ", ".join(sorted({c.source for c in checked}))
             raise ConversationError(f"the processor rejected the prompt or image(s) of {sources}: {e}") from e
+        limit = self.context_length
+        if limit is not None:
+            lengths = inputs["attention_mask"].sum(1).tolist()
+            for conversation, length in zip(checked, lengths):
+                if length >= limit:
+                    raise ConversationError(
+                        f"{conversation.source}: the prompt takes {length} tokens with its images; the model reads "
+                        f"{limit} at most, and the completion needs room too"
+                    )
         device = self.device
         return PromptBatch({k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}, checked)
 
