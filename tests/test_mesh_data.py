@@ -281,7 +281,7 @@ def test_floating_meshes_come_only_for_on_prompts_and_fail_the_relation(tmp_path
         assert row["score"] == 0.0
     plain = EmbeddedMeshesConfig(good_per_prompt=1, bad_per_prompt=1, bad_kinds=["noisy"])
     plain_rows = [json.loads(line) for line in (build_embedded_meshes(plain, tmp_path / "p") / "meshes.jsonl").open()]
-    assert [r["kind"] for r in plain_rows] == ["good", "noisy"] * len(world.PROMPTS)  # 0: the set as before
+    assert [r["kind"] for r in plain_rows] == ["good", "noisy"] * len(world.PROMPTS)  # 0: no floating meshes
     with pytest.raises(ValueError, match="'on' prompt"):
         world.floating_mesh("a sphere next to a torus", np.random.default_rng(0))
     with pytest.raises(ConfigError, match="floating_per_prompt"):

@@ -203,7 +203,7 @@ def test_a_low_pass_anchor_holds_the_shape_and_lets_surface_noise_go(tmp_path):
 
     raw_shift, raw_noise = anchors(0.0)
     low_shift, low_noise = anchors(10.0)
-    assert low_shift == pytest.approx(raw_shift, rel=1e-5)  # a translation is all low frequency: held as before
+    assert low_shift == pytest.approx(raw_shift, rel=1e-5)  # a translation is all low frequency: held in full
     assert raw_noise == pytest.approx(raw_shift, rel=0.1)
     assert low_noise < 0.05 * raw_noise  # per-vertex noise is almost all high frequency: nearly free
 

@@ -291,7 +291,7 @@ def _sample_block(rows: list[MeshRow], n: int, seed: int, cache: Path | None, pa
     file = None
     if cache is not None:
         stats = [(str(r.mesh.resolve()), r.mesh.stat().st_size, r.mesh.stat().st_mtime_ns) for r in rows]
-        key_fields = [n, seed, "parts", stats] if parts else [n, seed, stats]  # six-channel keys as before
+        key_fields = [n, seed, "parts", stats] if parts else [n, seed, stats]  # labelled samples: their own key
         key = hashlib.sha256(json.dumps(key_fields).encode()).hexdigest()[:24]
         file = cache / f"{key}.safetensors"
         if file.is_file():

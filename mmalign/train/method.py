@@ -99,12 +99,17 @@ class Method(RunSections, ABC):
     def setup(self, accelerator) -> None:
         """Load models and data onto `accelerator.device`."""
 
+    def _part(self, name: str, instead: str) -> Any:
+        """The part `setup` set as `self.<name>`; a method that sets none must override `instead`."""
+        part = getattr(self, name)
+        if part is None:
+            raise TypeError(f"{type(self).__name__}.setup sets no {name}: set self.{name} or override {instead}")
+        return part
+
     def trainable_module(self) -> torch.nn.Module:
         """The module holding the trainable parameters (the trainer prepares it with accelerate); the
         policy's by default."""
-        if self.policy is None:
-            raise NotImplementedError(f"{type(self).__name__} sets no policy and does not override trainable_module")
-        return self.policy.trainable_module()
+        return self._part("policy", "trainable_module").trainable_module()
 
     def set_trainable_module(self, module: torch.nn.Module) -> None:
         """Receive the prepared (possibly DDP-wrapped) module to call in `compute_loss` (kept as `self.module`)."""
@@ -141,9 +146,7 @@ class Method(RunSections, ABC):
 
     def evaluate(self, step: int) -> Evaluation:
         """Measure the current model: the evaluator's evaluation by default."""
-        if self.evaluator is None:
-            raise NotImplementedError(f"{type(self).__name__} sets no evaluator and does not override evaluate")
-        return self.evaluator.evaluate(step)
+        return self._part("evaluator", "evaluate").evaluate(step)
 
     @abstractmethod
     def save_final(self, directory: Path) -> list[str]:
@@ -151,9 +154,7 @@ class Method(RunSections, ABC):
 
     def gold_metric(self) -> str:
         """Name of the metric reported as `gold_metric`: the evaluator's by default."""
-        if self.evaluator is None:
-            raise NotImplementedError(f"{type(self).__name__} sets no evaluator and does not override gold_metric")
-        return self.evaluator.gold_metric
+        return self._part("evaluator", "gold_metric").gold_metric
 
     def data_used(self) -> dict[str, Any]:
         """What the run trained and evaluated on, for `report.json` (`{"path": …}` and whatever else
