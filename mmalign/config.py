@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from mmalign.errors import UserInputError
+from mmalign.registry import EMBEDDED_PREFIX
 
 
 class ConfigError(UserInputError):
@@ -141,6 +142,20 @@ class DataSource:
 
     path: str = option("a dataset folder or file, or embedded:<name> (`mmalign methods` lists them)", default="")
 
+    def changed(self, *names: str) -> list[str]:
+        """The fields among `names` whose values differ from their defaults."""
+        defaults = {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            for f in dataclasses.fields(self)
+        }
+        return [name for name in names if getattr(self, name) != defaults[name]]
+
+    def refuse_unless(self, applies: bool, names: tuple[str, ...], applies_to: str) -> None:
+        """A `ConfigError` naming the first of `names` that was set, unless `applies` (the keys apply to
+        `applies_to` only, and this data is `self.path`)."""
+        if not applies and (set_keys := self.changed(*names)):
+            raise ConfigError(f"config key 'data.{set_keys[0]}' applies to {applies_to}, not {self.path}")
+
 
 @dataclass
 class CachedDataSource(DataSource):
@@ -171,8 +186,7 @@ class DataConfig(CachedDataSource):
     )
 
     def __post_init__(self) -> None:
-        if not self.path.startswith("embedded:") and self.embedded != EmbeddedPrefsConfig():
-            raise ConfigError(f"config key 'data.embedded' applies to embedded:shapes-prefs only, not {self.path}")
+        self.refuse_unless(self.path.startswith(EMBEDDED_PREFIX), ("embedded",), "embedded:shapes-prefs only")
 
 
 @dataclass
@@ -420,7 +434,7 @@ def _drop_recipe_embedded_data(tree: dict[str, Any], overridden: list[str]) -> N
         return
     points_elsewhere = any(key in ("data", "data.path") for key in overridden)
     sets_embedded = any(key == "data.embedded" or key.startswith("data.embedded.") for key in overridden)
-    if points_elsewhere and not sets_embedded and not str(data.get("path", "")).startswith("embedded:"):
+    if points_elsewhere and not sets_embedded and not str(data.get("path", "")).startswith(EMBEDDED_PREFIX):
         del data["embedded"]
 
 

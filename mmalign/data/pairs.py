@@ -185,16 +185,16 @@ def open_dataset(path: str, split: str):
 
     local = Path(path)
     try:
-        if any((local / name).exists() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
-            loaded = datasets.load_from_disk(str(local))
-            if not isinstance(loaded, datasets.DatasetDict):
-                return loaded
-            if split not in loaded:
-                raise DataError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
-            return loaded[split]
-        return datasets.load_dataset(path, split=split)
+        if not any((local / name).exists() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            return datasets.load_dataset(path, split=split)
+        loaded = datasets.load_from_disk(str(local))
     except (FileNotFoundError, ValueError, ConnectionError) as exc:
         raise DataError(f"{path}: cannot open split {split!r} as a dataset ({exc})") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if split not in loaded:
+        raise DataError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
+    return loaded[split]
 
 
 class PreferencePairs(torch.utils.data.Dataset):

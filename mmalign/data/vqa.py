@@ -169,7 +169,8 @@ class VQASet:
                 values = [r.get(name) for r in self.rows]
             else:  # a datasets.Dataset: read the text columns only
                 if name not in self.rows.column_names:
-                    raise DataError(f"{self.source}: no column {name!r} (it has {', '.join(self.rows.column_names)})")
+                    available = ", ".join(self.rows.column_names)
+                    raise DataError(f"{self.source}: no column {name!r} (it has {available}); set data.columns")
                 values = self.rows[name]
             for row in self.indices:
                 if _text(values[row]) == "":
@@ -183,12 +184,6 @@ def _text(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
-
-
-def _check_columns(available: Sequence[str], columns: VQAColumns, source: str) -> None:
-    for name in (columns.problem, columns.answer):
-        if name not in available:
-            raise DataError(f"{source}: no column {name!r} (it has {', '.join(available)}); set data.columns")
 
 
 def open_vqa(path: str, split: str, columns: VQAColumns, template: str) -> VQASet:
@@ -208,7 +203,6 @@ def open_vqa(path: str, split: str, columns: VQAColumns, template: str) -> VQASe
             raise DataError(f"{path}: no {split}.jsonl for split {split!r} (found splits: {found})")
         return _jsonl_set(file, columns, template)
     dataset = open_dataset(path, split)
-    _check_columns(list(dataset.column_names), columns, f"{path} ({split})")
     folder = local if local.is_dir() else None
     out = VQASet(dataset, columns, f"{path} ({split})", folder, template)
     out.check()

@@ -55,10 +55,7 @@ class ClipDataConfig(DataSource):
             raise ConfigError(f"data.resolution must be [height, width], got {self.resolution}")
         if (self.fps is not None and self.fps <= 0) or (self.num_frames is not None and self.num_frames < 1):
             raise ConfigError("data.fps and data.num_frames must be positive")
-        if self.path == EMBEDDED_CLIPS:
-            for key in ("fps", "num_frames", "resolution"):
-                if getattr(self, key) is not None:
-                    raise ConfigError(f"config key 'data.{key}' applies to your clips, not {EMBEDDED_CLIPS}")
+        self.refuse_unless(self.path != EMBEDDED_CLIPS, ("fps", "num_frames", "resolution"), "your clips")
 
 
 class VideoDataError(DataError):

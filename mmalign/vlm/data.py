@@ -69,25 +69,12 @@ class VQADataConfig(DataSource):
     )
 
     def __post_init__(self) -> None:
-        if self.path == EMBEDDED_WORLD:
-            user_keys = {
-                "columns": self.columns != type(self.columns)(),
-                "eval_path": self.eval_path is not None,
-                "eval_split": self.eval_split is not None,
-                "max_rows": self.max_rows is not None,
-                "split": self.split != "train",
-                "template": self.template != DEFAULT_TEMPLATE,
-            }
-            for key, is_set in user_keys.items():
-                if is_set:
-                    raise ConfigError(
-                        f"config key 'data.{key}' applies to your own data, not {EMBEDDED_WORLD} "
-                        "(its questions are set under data.embedded)"
-                    )
-            if unknown := sorted(set(self.embedded.kinds + self.embedded.eval_kinds) - set(world.KINDS)):
-                raise ConfigError(f"data.embedded: unknown question kinds {unknown}; choose from {list(world.KINDS)}")
-        elif self.embedded != VLMWorldData():
-            raise ConfigError(f"config key 'data.embedded' applies to {EMBEDDED_WORLD} only, not {self.path}")
+        on_world = self.path == EMBEDDED_WORLD
+        user_keys = ("columns", "eval_path", "eval_split", "max_rows", "split", "template")
+        self.refuse_unless(not on_world, user_keys, "your own data (the world's questions are set under data.embedded)")
+        self.refuse_unless(on_world, ("embedded",), f"{EMBEDDED_WORLD} only")
+        if unknown := sorted(set(self.embedded.kinds + self.embedded.eval_kinds) - set(world.KINDS)):
+            raise ConfigError(f"data.embedded: unknown question kinds {unknown}; choose from {list(world.KINDS)}")
         if self.eval_size < 1:
             raise ConfigError(f"data.eval_size must be at least 1, got {self.eval_size}")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -63,14 +63,11 @@ class PrefsDataConfig(DataSource):
     )
     columns: PrefsColumns = option("datasets: column names", default_factory=PrefsColumns)
 
-    def dataset_keys_set(self) -> list[str]:
-        """The keys that only a `datasets` source reads, where they differ from their defaults."""
-        defaults = {"split": "train", "eval_split": None, "columns": PrefsColumns()}
-        return [f"data.{k}" for k, default in defaults.items() if getattr(self, k) != default]
+    #: the keys only a `datasets` source reads
+    DATASET_KEYS: ClassVar[tuple[str, ...]] = ("split", "eval_split", "columns")
 
     def __post_init__(self) -> None:
-        if self.path == EMBEDDED_PAIRS and (keys := self.dataset_keys_set()):
-            raise ConfigError(f"config key {keys[0]!r} applies to a datasets source, not {EMBEDDED_PAIRS}")
+        self.refuse_unless(self.path != EMBEDDED_PAIRS, self.DATASET_KEYS, "a datasets source")
 
 
 @dataclass
@@ -220,10 +217,7 @@ class VLMRewardModel(Method):
         if d.path == EMBEDDED_PAIRS:
             train, heldout = _embedded_items(c, self.run.seed)
         elif (Path(d.path) / "pairs.jsonl").is_file():
-            if keys := d.dataset_keys_set():
-                raise ConfigError(
-                    f"config key {keys[0]!r} applies to a datasets source, not the pairs.jsonl in {d.path}"
-                )
+            d.refuse_unless(False, d.DATASET_KEYS, "a datasets source")
             rows = read_pair_rows(Path(d.path))
             cut = len(rows) - max(1, round(len(rows) * c.heldout_fraction))
             train, heldout = rows[:cut], rows[cut:]
