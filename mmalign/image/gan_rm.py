@@ -180,10 +180,20 @@ def image_files(folder: str | Path, key: str) -> list[Path]:
     return files
 
 
+def held_out(n: int, fraction: float) -> int:
+    """How many of `n` images of a class are kept out of training to measure the AUC (none below 10)."""
+    return int(round(n * fraction)) if n >= 10 else 0
+
+
 def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     order = rng.permutation(n)
-    held = n - training_rows(GanRMHead(holdout_fraction=fraction), n, 0)
+    held = held_out(n, fraction)
     return order[held:], order[:held]
+
+
+def head_of(config: GanRMHead) -> GanRMHead:
+    """The network part of a config (a `GanRMConfig` or `GanRMRewardConfig`)."""
+    return GanRMHead(**{f.name: getattr(config, f.name) for f in fields(GanRMHead)})
 
 
 class GanRMReward(Method):
@@ -273,12 +283,8 @@ class GanRMReward(Method):
     def save_final(self, directory: Path) -> list[str]:
         metrics = {**self.facts, **self.evaluate(-1).metrics}
         dim = self.rows[0]["embedding"].shape[0]
-        save_gan_rm(directory / "reward", self.head, GanRMHead(**{k: getattr(self.config, k) for k in HEAD_FIELDS}),
-                    dim, metrics)  # fmt: skip
+        save_gan_rm(directory / "reward", self.head, head_of(self.config), dim, metrics)
         return ["reward"]
-
-
-HEAD_FIELDS = tuple(f.name for f in fields(GanRMHead))
 
 
 def reward_run(
@@ -297,7 +303,6 @@ def reward_run(
     of at most `batch_size` rows, no clipping, one checkpoint at the end)."""
     batch = max(1, min(config.batch_size, rows))
     steps = config.epochs * max(1, rows // batch)
-    head = {k: getattr(config, k) for k in HEAD_FIELDS}
     return RunConfig(
         method="gan-rm-reward", recipe=recipe, seed=config.seed, output_dir=str(run_dir), model=None,
         data=GanRMImagesConfig(path=str(targets), generated=str(generated), pool=None if pool is None else str(pool)),
@@ -305,13 +310,33 @@ def reward_run(
                           lr_scheduler="constant", weight_decay=config.weight_decay, max_grad_norm=None,
                           log_every=max(1, steps // 20), checkpoint_every=steps, keep_checkpoints=1),
         eval=EvalSchedule(every=0),
-        method_args=GanRMRewardConfig(**head, bootstrap_from=None if bootstrap_from is None else str(bootstrap_from)),
+        method_args=GanRMRewardConfig(**asdict(head_of(config)),
+                                      bootstrap_from=None if bootstrap_from is None else str(bootstrap_from)),
     )  # fmt: skip
 
 
-def training_rows(config: GanRMHead, targets: int, generated: int) -> int:
-    """How many images of each class `GanRMReward` trains on (the rest is held out), summed."""
-    return sum(n - (int(round(n * config.holdout_fraction)) if n >= 10 else 0) for n in (targets, generated))
+def reward_runs(
+    targets: str | Path,
+    generated: str | Path,
+    run_dir: str | Path,
+    config: GanRMConfig,
+    pool: str | Path | None = None,
+    recipe: str = "gan-rm-reward",
+) -> list[RunConfig]:
+    """The `gan-rm-reward` runs, in order, that train `config`'s GAN-RM into `run_dir`: one, or with
+    bootstrapping (`config.bootstrap_top > 0` and a `pool` folder) a first model in `run_dir/init`
+    whose scores rank the pool, then the final one with its top and bottom M added."""
+    rows = sum(n - held_out(n, config.holdout_fraction)
+               for n in (len(image_files(targets, "targets")), len(image_files(generated, "generated"))))  # fmt: skip
+    if config.bootstrap_top <= 0 or pool is None:
+        return [reward_run(targets, generated, run_dir, config, rows=rows, recipe=recipe)]
+    init_dir = Path(run_dir) / "init"
+    init = reward_run(targets, generated, init_dir, dataclasses.replace(config, bootstrap_top=0), rows=rows,
+                      recipe=f"{recipe}/init")  # fmt: skip
+    rows += 2 * min(config.bootstrap_top, len(image_files(pool, "pool")) // 2)
+    final = reward_run(targets, generated, run_dir, config, rows=rows, pool=pool,
+                       bootstrap_from=init_dir / "final" / "reward", recipe=recipe)  # fmt: skip
+    return [init, final]
 
 
 def train_gan_rm(
@@ -329,18 +354,9 @@ def train_gan_rm(
     """
     import mmalign.train as training
 
-    config = config or GanRMConfig()
-    run_dir = Path(run_dir)
-    rows = training_rows(config, len(image_files(targets, "targets")), len(image_files(generated, "generated")))
-    first = None
-    if config.bootstrap_top > 0 and pool is not None:
-        init = dataclasses.replace(config, bootstrap_top=0)
-        training.run(reward_run(targets, generated, run_dir / "init", init, rows=rows))
-        first = run_dir / "init" / "final" / "reward"
-        rows += 2 * min(config.bootstrap_top, len(image_files(pool, "pool")) // 2)
-    training.run(reward_run(targets, generated, run_dir, config, rows=rows, pool=pool if first else None,
-                            bootstrap_from=first))  # fmt: skip
-    return GanRM(str(run_dir / "final" / "reward"))
+    for run in reward_runs(targets, generated, run_dir, config or GanRMConfig(), pool):
+        training.run(run)
+    return GanRM(str(Path(run_dir) / "final" / "reward"))
 
 
 def _embedder(encoder: ClipScore, batch_size: int = 64):

@@ -36,7 +36,7 @@ from mmalign.data.sources import cache_root
 from mmalign.errors import UserInputError
 from mmalign.image.diffusion_dpo import DiffusionDPOConfig
 from mmalign.image.diffusion_sft import DiffusionSFTConfig
-from mmalign.image.gan_rm import GanRM, GanRMConfig, image_files, reward_run, save_image_folder, training_rows
+from mmalign.image.gan_rm import GanRM, GanRMConfig, image_files, reward_runs, save_image_folder
 from mmalign.io import cache_lock
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.registry import resolve_model_path
@@ -157,24 +157,20 @@ class GanRMRounds(StagedRecipe):
             self._loaded = (path, self._generator(path))
         return self._loaded[1]
 
-    def reward_model(self, k: int, targets: Path, raw: Path, generator_path: str) -> str:
-        """Stages `round-k/rm` (and `round-k/rm-init`, `round-k/pool` when bootstrapping): the round's GAN-RM
+    def reward_model(self, k: int, targets: Path, raw: Path, generator_path: str, prompts: list[str]) -> str:
+        """Stages `round-k/rm` (and `round-k/pool`, `round-k/rm/init` when bootstrapping): the round's GAN-RM
         trained on the Trainer (`gan-rm-reward`); returns its reward folder."""
         c, root = self.config, self.out / f"round-{k}"
-        rm_config = dataclasses.replace(c.reward_model, seed=self.run.seed + k)
-        rows = training_rows(rm_config, len(image_files(targets, "gan_rm.targets")), len(image_files(raw, "raw")))
-        recipe = f"{self.run.recipe or 'gan-rm'}/round-{k}/rm"
-        pool, first = None, None
-        if c.bootstrap_pool and rm_config.bootstrap_top:
+        pool = None
+        if c.bootstrap_pool and c.reward_model.bootstrap_top:
             pool = Path(self.stage(f"round-{k}/pool", lambda: str(self._samples(
-                self._model(generator_path), self._draw(self.prompt_list(), c.bootstrap_pool, 200 + k), root / "pool",
+                self._model(generator_path), self._draw(prompts, c.bootstrap_pool, 200 + k), root / "pool",
                 seed=self.run.seed + 1000 * k + 500))))  # fmt: skip
-            init = dataclasses.replace(rm_config, bootstrap_top=0)
-            self.train_stage(reward_run(targets, raw, root / "rm-init", init, rows=rows, recipe=f"{recipe}-init"))
-            first = root / "rm-init" / "final" / "reward"
-            rows += 2 * min(rm_config.bootstrap_top, c.bootstrap_pool // 2)
-        self.train_stage(reward_run(targets, raw, root / "rm", rm_config, rows=rows, pool=pool,
-                                    bootstrap_from=first, recipe=recipe))  # fmt: skip
+        rm_config = dataclasses.replace(c.reward_model, seed=self.run.seed + k)
+        for run in reward_runs(
+            targets, raw, root / "rm", rm_config, pool, f"{self.run.recipe or 'gan-rm'}/round-{k}/rm"
+        ):
+            self.train_stage(run)
         return str(root / "rm" / "final" / "reward")
 
     def round(self, k: int, generator_path: str, targets: Path, prompts: list[str]) -> tuple[str, dict]:
@@ -184,7 +180,7 @@ class GanRMRounds(StagedRecipe):
         raw = Path(self.stage(f"round-{raw_round}/raw", lambda: str(self._samples(
             self._model(generator_path), self._draw(prompts, c.raw_negatives, 100 + raw_round),
             self.out / f"round-{raw_round}" / "raw", seed=self.run.seed + 1000 * raw_round))))  # fmt: skip
-        rm = self.reward_model(k, targets, raw, generator_path)
+        rm = self.reward_model(k, targets, raw, generator_path, prompts)
 
         def pairs() -> dict[str, Any]:
             model = self._model(generator_path)
