@@ -137,16 +137,17 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    print("methods (mmalign train, `method:` key):")
-    for name, (_, description) in METHODS.items():
-        print(f"  {name:<16} {description}")
-    print("\nrewards (mmalign score --reward, mmalign.load_reward):")
-    for name, (_, description) in REWARDS.items():
-        print(f"  {name:<16} {description}")
-    print("\nevaluators (held-out evaluation of a run):")
-    for name, (_, description) in EVALUATORS.items():
-        print(f"  {name:<16} {description}")
-    print("\ndata (the data.path a method reads; embedded:<name> sets are built offline):")
+    tables = (
+        ("methods (mmalign train, `method:` key)", METHODS),
+        ("rewards (mmalign score --reward, mmalign.load_reward)", REWARDS),
+        ("evaluators (held-out evaluation of a run)", EVALUATORS),
+    )
+    for title, table in tables:
+        print(f"{title}:")
+        for name, (_, description) in table.items():
+            print(f"  {name:<16} {description}")
+        print()
+    print("data (the data.path a method reads; embedded:<name> sets are built offline):")
     for name, (methods, description) in DATASETS.items():
         print(f"  {name:<24} {methods}\n  {'':<24} {description}")
     return 0

@@ -401,7 +401,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _read_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """The recipe YAML (or nothing) with the overrides applied, as a nested mapping."""
+    """The recipe YAML (or nothing) with the overrides applied, as a nested mapping (a recipe's
+    `data.embedded` dropped where the overrides point `data` elsewhere)."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -415,9 +416,12 @@ def _read_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...]) 
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
         tree = loaded or {}
     sections = {"model", "data"}  # sections with a `path`: `model=ID` means `model.path=ID`
+    overridden = []
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value, sections)
+        overridden.append(key)
+    _drop_recipe_embedded_data(tree, overridden)
     return tree
 
 
@@ -445,7 +449,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     not read is an error that names it.
     """
     tree = _read_tree(path, overrides)
-    _drop_recipe_embedded_data(tree, [parse_override(item)[0] for item in overrides])
     method = str(tree.get("method", RunConfig.method))
     from mmalign.registry import METHODS, load
 

@@ -160,7 +160,11 @@ DATASETS: dict[str, tuple[str, str]] = {
         "generated images to bootstrap from",
     ),
     "embedded:balls-world": ("densedpo, rdpo", "simulated clips of balls under gravity with captions"),
-    "videos.jsonl folder": ("densedpo, rdpo", "rows {video, prompt, fps?}: MP4 or GIF clips with their captions"),
+    "captions.jsonl or videos.jsonl folder": (
+        "densedpo, rdpo",
+        "MP4 or GIF clips indexed by rows {video, prompt, fps?}; data.fps, "
+        "data.num_frames and data.resolution conform them",
+    ),
     "embedded:meshes": ("reward-cs, reward-bt, reward-cs-rounds", "the mesh world's scored meshes"),
     "meshes.jsonl folder": (
         "reward-cs, reward-bt, reward-cs-rounds",
@@ -177,7 +181,8 @@ DATASETS: dict[str, tuple[str, str]] = {
     "embedded:vlm-image-prefs": ("vlm-reward-model", "gold-labelled image pairs of the shapes world"),
     "VLM preference pairs": (
         "vlm-reward-model",
-        "a pairs.jsonl folder with rows {prompt, image_1, image_2, label} or {prompt, images, chosen, rejected}",
+        "a pairs.jsonl folder with rows {prompt, image_1, image_2, label} or {prompt, images, chosen, rejected}, "
+        "or a datasets name/folder with image(s), question/prompt, chosen, rejected (RLAIF-V layout)",
     ),
 }
 

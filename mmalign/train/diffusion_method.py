@@ -49,7 +49,7 @@ class DiffusionPairMethod(Method):
                 random_flip=d.random_flip,
                 seed=self.run.seed,
             )
-        self.evaluator = DiffusionEvaluator(self.run.eval, device=self.device, model=self.model)
+        self.evaluator = DiffusionEvaluator(self.run.eval, self.model, device=self.device)
 
     def load_model(self, accelerator) -> None:
         """`self.model`: the `model` section's pipeline on the accelerator's device."""

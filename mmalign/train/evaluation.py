@@ -36,12 +36,12 @@ def eval_prompts(config: EvalConfig, world=shapes_world) -> list[str]:
 
 
 class DiffusionEvaluator:
-    """Samples every prompt `samples_per_prompt` times and scores with the gold and other rewards; an
-    `Evaluator` of `model` (`evaluate`) once a model is given."""
+    """The `Evaluator` of a diffusion `model`: samples every prompt `samples_per_prompt` times and scores
+    the samples with the gold and other rewards."""
 
     world = shapes_world  #: the embedded world whose caption splits `eval.prompts` may name
 
-    def __init__(self, config: EvalConfig, device: torch.device | str = "cpu", model: DiffusionModel | None = None):
+    def __init__(self, config: EvalConfig, model: DiffusionModel, device: torch.device | str = "cpu"):
         self.config, self.model = config, model
         self.prompts = [p for p in eval_prompts(config, self.world) for _ in range(config.samples_per_prompt)]
         names = ([config.gold] if config.gold else []) + [r for r in config.rewards if r != config.gold]
@@ -51,11 +51,6 @@ class DiffusionEvaluator:
         self.rewards: dict[str, Reward] = {
             name: load_reward(name, **{"device": device, **config.reward_args.get(name, {})}) for name in names
         }
-
-    def evaluate(self, step: int) -> Evaluation:
-        if self.model is None:
-            raise ValueError("this evaluator was built without a model; call it with one")
-        return self(self.model)
 
     def roles(self) -> str:
         """Which reward plays which role in the report (markdown)."""
@@ -69,10 +64,10 @@ class DiffusionEvaluator:
             )
         return head + (f"; also reported: {', '.join(others)}" if others else "")
 
-    def sample(self, model: DiffusionModel, use_reference: bool = False, show_progress: bool = False) -> torch.Tensor:
+    def sample(self, use_reference: bool = False, show_progress: bool = False) -> torch.Tensor:
         """Images `(N, 3, H, W)` in [0, 1] for every evaluation prompt, with the fixed eval noise."""
-        c = self.config
-        shape = self.latent_shape(model)
+        c, model = self.config, self.model
+        shape = self.latent_shape()
         images = []
         for start in tqdm(
             range(0, len(self.prompts), c.batch_size), desc="evaluating", leave=False, disable=not show_progress
@@ -92,9 +87,9 @@ class DiffusionEvaluator:
             images.append(model.decode_latents(latents).cpu())
         return torch.cat(images)
 
-    def latent_shape(self, model: DiffusionModel) -> tuple[int, ...]:
+    def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's latents (no batch axis)."""
-        return model.latent_shape(1, model.default_resolution)[1:]
+        return self.model.latent_shape(1, self.model.default_resolution)[1:]
 
     def sample_kwargs(self) -> dict:
         return {}
@@ -108,8 +103,8 @@ class DiffusionEvaluator:
                     metrics[f"{name}/{check}"] = value
         return metrics
 
-    def __call__(self, model: DiffusionModel, show_progress: bool = False) -> Evaluation:
-        images = self.sample(model, show_progress=show_progress)
+    def evaluate(self, step: int, show_progress: bool = False) -> Evaluation:
+        images = self.sample(show_progress=show_progress)
         n = min(self.config.grid_size, len(images))
         grid = image_grid(images[:n], self.prompts[:n])
         return Evaluation(self.score(images), grid, {"images": images})
@@ -124,23 +119,23 @@ class VideoEvaluator(DiffusionEvaluator):
     def __init__(
         self,
         config: EvalConfig,
+        model: DiffusionModel,
         resolution: tuple[int, int],
         num_frames: int,
         fps: float,
         device: torch.device | str = "cpu",
-        model: DiffusionModel | None = None,
     ):
-        super().__init__(config, device, model)
+        super().__init__(config, model, device)
         self.resolution, self.num_frames, self.fps = resolution, num_frames, fps
 
-    def latent_shape(self, model: DiffusionModel) -> tuple[int, ...]:
-        return model.latent_shape(1, self.resolution, self.num_frames)[1:]
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.model.latent_shape(1, self.resolution, self.num_frames)[1:]
 
     def sample_kwargs(self) -> dict:
         return {"resolution": self.resolution}
 
-    def __call__(self, model: DiffusionModel, show_progress: bool = False) -> Evaluation:
-        videos = self.sample(model, show_progress=show_progress)
+    def evaluate(self, step: int, show_progress: bool = False) -> Evaluation:
+        videos = self.sample(show_progress=show_progress)
         n = min(self.config.grid_size, len(videos))
         return Evaluation(
             self.score(videos), video_strips(videos[:n], self.prompts[:n]), {"images": videos},

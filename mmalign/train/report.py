@@ -22,9 +22,9 @@ def write_report(
     gold: str,
     state,
     saved: list[str],
+    data: dict[str, Any],
     num_processes: int = 1,
     description: str = "",
-    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write both report files (atomically) and return the JSON object.
 
@@ -58,7 +58,7 @@ def write_report(
         "train_seconds": round(state.seconds, 1),
         "num_processes": num_processes,
         "model": run.model.path if run.model is not None else None,
-        "data": data if data is not None else ({"path": run.data.path} if run.data is not None else None),
+        "data": data,
         "eval_prompts": getattr(run.eval, "prompts", None),
         "samples": samples,
         "saved": saved,

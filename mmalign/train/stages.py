@@ -12,8 +12,8 @@ A staged recipe runs in one run directory, with the resume story of any run:
 - `write_report` writes `report.json` and `report.md` with the table of stages.
 
 A new staged recipe sets `config_class` and the section classes as a `Method` does
-(`model_config_class`, `data_config_class`, `eval_config_class`) and implements `run()`, built from
-`stage` and `train_stage`, returning `write_report(...)`'s result.
+(`model_config_class`, `data_config_class`, `eval_config_class`) and implements `run_stages()`,
+built from `stage` and `train_stage`, returning `write_report(...)`'s result.
 """
 
 from __future__ import annotations

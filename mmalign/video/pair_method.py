@@ -80,7 +80,7 @@ class VideoPairMethod(DiffusionPairMethod):
         self.resolution = tuple(first.frames_0.shape[1:3])
         if self.evaluator is None:
             self.evaluator = VideoEvaluator(
-                self.run.eval, self.resolution, len(first.frames_0), first.fps, self.device, self.model
+                self.run.eval, self.model, self.resolution, len(first.frames_0), first.fps, self.device
             )
         if latents is None:
             latents = {f"latents_{k}": self.encode([getattr(p, f"frames_{k}") for p in pairs]) for k in (0, 1)}
