@@ -95,7 +95,10 @@ class PromptSource(Protocol):
         """Question `index` of the training stream (deterministic)."""
 
     def describe(self) -> dict[str, Any]:
-        """What the run trains and evaluates on, for the report."""
+        """What the run trains and evaluates on, for `report.json`."""
+
+    def summary(self) -> str:
+        """The same for `report.md`: "<training data>. Evaluated on <held-out data>"."""
 
 
 class WorldPrompts:
@@ -113,6 +116,13 @@ class WorldPrompts:
         return {"path": EMBEDDED_WORLD, "train": {"kinds": c.kinds, "stream_seed": c.stream_seed},
                 "eval": {"kinds": c.eval_kinds, "per_kind": c.eval_per_kind, "seed": world.HELDOUT_SEED,
                          "rows": len(self.heldout)}}  # fmt: skip
+
+    def summary(self) -> str:
+        c = self.config
+        return (
+            f"the VLM world's {', '.join(c.kinds)} questions (stream seed {c.stream_seed}). Evaluated on "
+            f"{c.eval_per_kind} held-out questions per kind ({', '.join(c.eval_kinds)}; seed {world.HELDOUT_SEED})"
+        )
 
 
 class DatasetPrompts:
@@ -134,6 +144,14 @@ class DatasetPrompts:
 
     def describe(self) -> dict[str, Any]:
         return self.details
+
+    def summary(self) -> str:
+        held, used = self.details["eval"], self.details
+        if "held_out_rows" in held:
+            where = f"{held['held_out_rows']} rows held out of that split (seed {held['holdout_seed']})"
+        else:
+            where = f"`{held['path']}` split `{held['split']}` ({held['rows']} rows)"
+        return f"`{used['path']}` split `{used['split']}` ({used['train_rows']} rows). Evaluated on {where}"
 
 
 def load_prompt_source(data: VQADataConfig, seed: int) -> WorldPrompts | DatasetPrompts:

@@ -22,7 +22,7 @@ from mmalign.models.vlm import VisionLanguageModel
 from mmalign.train.grids import image_grid
 from mmalign.train.method import Evaluation
 from mmalign.vlm import world
-from mmalign.vlm.data import DatasetPrompts, WorldPrompts
+from mmalign.vlm.data import PromptSource, WorldPrompts
 from mmalign.vlm.rewards import RewardTerm, accuracy_reward, format_reward, weighted_rewards
 
 
@@ -44,7 +44,7 @@ class QuestionEvaluator:
     def __init__(
         self,
         vlm: VisionLanguageModel,
-        source: WorldPrompts | DatasetPrompts,
+        source: PromptSource,
         rewards: Sequence[RewardTerm],
         max_new_tokens: int,
         batch_size: int,

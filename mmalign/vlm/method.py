@@ -23,8 +23,7 @@ from mmalign.config import VLMModelConfig, option
 from mmalign.models.vlm import LoraSpec, VisionLanguageModel
 from mmalign.registry import resolve_model_path
 from mmalign.train.method import Method
-from mmalign.vlm import world
-from mmalign.vlm.data import VQADataConfig, WorldPrompts, load_prompt_source
+from mmalign.vlm.data import VQADataConfig, load_prompt_source
 from mmalign.vlm.evaluation import AnswerStats, QuestionEvaluator
 from mmalign.vlm.rewards import RewardTerm
 
@@ -84,7 +83,7 @@ class VLMMethod(Method):
 
     @property
     def on_world(self) -> bool:
-        return isinstance(self.source, WorldPrompts)
+        return self.evaluator.on_world
 
     def response_metrics(self, real: AnswerStats) -> dict[str, float]:
         """Further held-out metrics computed from the greedy responses (listener shaping adds some)."""
@@ -95,25 +94,11 @@ class VLMMethod(Method):
 
     def report_description(self) -> str:
         rank = self.run.model.lora_rank
-        used = self.source.describe()
         terms = " + ".join(f"{t.weight:g}·{t.name}" for t in self.config.rewards)
-        if self.on_world:
-            trained = (
-                f"the VLM world's {', '.join(used['train']['kinds'])} questions (stream seed "
-                f"{used['train']['stream_seed']}). Evaluated on {used['eval']['per_kind']} held-out questions "
-                f"per kind ({', '.join(used['eval']['kinds'])}; seed {world.HELDOUT_SEED})"
-            )
-        else:
-            held = used["eval"]
-            where = (
-                f"{held['held_out_rows']} rows held out of that split (seed {held['holdout_seed']})"
-                if "held_out_rows" in held
-                else f"`{held['path']}` split `{held['split']}` ({held['rows']} rows)"
-            )
-            trained = f"`{used['path']}` split `{used['split']}` ({used['train_rows']} rows). Evaluated on {where}"
         return (
             f"Policy `{self.run.model.path}` ({f'LoRA rank {rank}' if rank else 'full fine-tuning'}), trained on "
-            f"{trained}: greedy decoding, rewards {terms}; `blind_*` metrics show all-black images instead."
+            f"{self.source.summary()}: greedy decoding, rewards {terms}; `blind_*` metrics show all-black images "
+            "instead."
         )
 
     def save_final(self, directory: Path) -> list[str]:
