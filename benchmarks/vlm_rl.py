@@ -34,21 +34,9 @@ ARMS = {
 def run(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     recipe, extra = ARMS[arm]
     out = work / f"{arm}-seed{seed}"
-    command = [
-        sys.executable,
-        "-m",
-        "mmalign.cli",
-        "train",
-        str(ROOT / "configs" / recipe),
-        f"output_dir={out}",
-        f"seed={seed}",
-        f"train.max_steps={args.steps}",
-        "eval.every=0",
-        "train.checkpoint_every=0",
-        "train.threads=1",
-        *extra,
-        *args.overrides,
-    ]
+    command = [sys.executable, "-m", "mmalign.cli", "train", str(ROOT / "configs" / recipe), f"output_dir={out}",
+               f"seed={seed}", f"train.max_steps={args.steps}", "eval.every=0", "train.checkpoint_every=0",
+               "train.threads=1", *extra, *args.overrides]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True)
     report = json.loads((out / "report.json").read_text())
     return {

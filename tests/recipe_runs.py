@@ -63,15 +63,8 @@ class RecipeRuns:
     def _launch(self, name: str) -> None:
         recipe, overrides = RECIPES[name]
         out = self.root / name
-        cmd = [
-            sys.executable,
-            "-m",
-            "mmalign.cli",
-            "train",
-            str(ROOT / "configs" / recipe),
-            f"output_dir={out}",
-            *overrides,
-        ]
+        cmd = [sys.executable, "-m", "mmalign.cli", "train", str(ROOT / "configs" / recipe), f"output_dir={out}",
+               *overrides]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with open(self.root / f"{name}.log", "w") as log:  # a file, not a pipe: nobody reads while it runs
             self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

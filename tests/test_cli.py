@@ -100,21 +100,8 @@ def test_unknown_reward_and_bad_override(capsys, tmp_path):
 
 def test_sample_writes_images_and_a_grid(tiny_pipelines, tmp_path):
     out = tmp_path / "out"
-    args = [
-        "sample",
-        "--model",
-        str(tiny_pipelines["sd"]),
-        "--prompt",
-        "a red circle",
-        "--prompt",
-        "a blue square",
-        "--num",
-        "2",
-        "--steps",
-        "2",
-        "--out",
-        str(out),
-    ]
+    args = ["sample", "--model", str(tiny_pipelines["sd"]), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--num", "2", "--steps", "2", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
     assert (out / "prompts.txt").read_text().splitlines() == ["a red circle"] * 2 + ["a blue square"] * 2
