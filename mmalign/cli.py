@@ -8,12 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from mmalign.config import ConfigError, help_text, load_config, method_of
+from mmalign.config import ConfigError, help_text, load_config, method_of, parse_override
 from mmalign.errors import UserInputError
 from mmalign.io import expand_files
 from mmalign.registry import DATASETS, EVALUATORS, METHODS, REWARDS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+PICKLE_HELP = "also read pickled (.bin) weights, with torch.load(weights_only=True); default: safetensors only"
 
 
 def _train_help(args: argparse.Namespace) -> str:
@@ -46,11 +47,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reward_kwargs(pairs: list[str]) -> dict:
+    """`--reward-arg KEY=VALUE` pairs → keyword arguments, values read as YAML (`8` an int, `true` a bool)."""
     kwargs = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--reward-arg {pair!r} must look like key=value")
-        key, value = pair.split("=", 1)
+        key, value = parse_override(pair)
         kwargs[key] = value
     return kwargs
 
@@ -67,7 +69,8 @@ def _read_prompts(args: argparse.Namespace, n: int) -> list[str] | str | None:
 def _score(args: argparse.Namespace) -> int:
     import mmalign
 
-    reward = mmalign.load_reward(args.reward, **_reward_kwargs(args.reward_arg))
+    pickle = {"allow_pickle": True} if args.allow_pickle else {}
+    reward = mmalign.load_reward(args.reward, **_reward_kwargs(args.reward_arg), **pickle)
     # a reward that reads other files than images (meshes) names them
     suffixes, kind = getattr(reward, "file_suffixes", IMAGE_SUFFIXES), getattr(reward, "file_kind", "image")
     files = expand_files(args.files, suffixes, kind)
@@ -103,9 +106,9 @@ def _sample(args: argparse.Namespace) -> int:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("give at least one --prompt or a --prompts-file")
-    model = DiffusionModel.from_pretrained(args.model, lora_rank=None, reference=False)
+    model = DiffusionModel.from_pretrained(args.model, lora_rank=None, reference=False, allow_pickle=args.allow_pickle)
     if args.lora:
-        load_lora(model.pipe, args.lora)
+        load_lora(model.pipe, args.lora, allow_pickle=args.allow_pickle)
     options = dict(num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
     if out.is_dir() and any(out.glob("[0-9][0-9][0-9][0-9][0-9].png")):
@@ -190,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="keyword argument for the reward (e.g. path=/models/clip), repeatable",
     )
+    score.add_argument("--allow-pickle", action="store_true", help=f"the reward's model: {PICKLE_HELP}")
     score.add_argument("--csv", help="also write the table as CSV here")
     score.add_argument("--json", help="also write the scores as JSON here")
     score.set_defaults(func=_score)
@@ -197,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate images from a diffusion model")
     sample.add_argument("--model", default="embedded:shapes-t2i", help="Hub id, diffusers folder or embedded:<name>")
     sample.add_argument("--lora", help="a LoRA folder written by a run (run_dir/final/lora)")
+    sample.add_argument("--allow-pickle", action="store_true", help=f"--model and --lora: {PICKLE_HELP}")
     sample.add_argument("--prompt", action="append", help="prompt (repeatable)")
     sample.add_argument("--prompts-file", help="text file with one prompt per line")
     sample.add_argument("--num", type=int, default=1, help="images per prompt")

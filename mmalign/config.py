@@ -54,6 +54,10 @@ def option(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+ALLOW_PICKLE_HELP = (
+    "also read pickled (.bin) weights of the models this run loads, with torch.load(weights_only=True); "
+    "off: safetensors only"
+)
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -98,6 +102,7 @@ class ModelConfig:
     gradient_checkpointing: bool = option("recompute denoiser activations in backward to save memory", default=False)
     flow_sampling: str = option("σ law for flow-matching models: logit_normal or uniform", default="logit_normal")
     save_pipeline: bool = option("with LoRA, also save the whole pipeline (LoRA merged) at the end", default=False)
+    allow_pickle: bool = option(ALLOW_PICKLE_HELP, default=False)
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, DTYPES)
@@ -118,6 +123,7 @@ class VLMModelConfig:
     )
     dtype: str = option("dtype of the weights: float32, float16 or bfloat16", default="float32")
     revision: str | None = option("Hub revision (branch, tag or commit)", default=None)
+    allow_pickle: bool = option(ALLOW_PICKLE_HELP, default=False)
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, DTYPES)

@@ -68,45 +68,6 @@ def test_a_checkpoint_with_its_own_code_is_refused_without_running_it(tmp_path):
         VisionLanguageModel.from_pretrained(tmp_path)
 
 
-def test_pickled_weights_are_refused_everywhere(tiny_clip_dir, tiny_pipelines, tmp_path):
-    """A CLIP folder, a diffusers pipeline and a VLM adapter holding only pickled (.bin) weights are refused."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file
-
-    from mmalign.models.diffusion import DiffusionModel
-    from mmalign.rewards import load_reward
-
-    clip = tmp_path / "clip"
-    shutil.copytree(tiny_clip_dir, clip)
-    from transformers import CLIPModel
-
-    CLIPModel.from_pretrained(clip).save_pretrained(clip, safe_serialization=False)
-    (clip / "model.safetensors").unlink()
-    with pytest.raises(OSError, match="safetensors"):
-        load_reward("clip-score", path=str(clip))
-    pipe = tmp_path / "pipe"
-    shutil.copytree(tiny_pipelines["sd"], pipe)
-    for file in pipe.rglob("*.safetensors"):
-        torch.save(load_file(str(file)), file.with_name(file.name.replace(".safetensors", ".bin")))
-        file.unlink()
-    with pytest.raises((OSError, ValueError), match="safetensors"):
-        DiffusionModel.from_pretrained(str(pipe), lora_rank=None, reference=False)
-
-    from mmalign.models.tiny_vlm import build_tiny_vlm
-    from mmalign.models.vlm import LoraSpec
-
-    base = build_tiny_vlm("qwen2-vl", tmp_path / "vlm")
-    adapter = tmp_path / "adapter"
-    VisionLanguageModel.from_pretrained(base, lora=LoraSpec(rank=2)).save_pretrained(adapter)
-    weights = adapter / "adapter_model.safetensors"
-    torch.save(load_file(str(weights)), adapter / "adapter_model.bin")
-    weights.unlink()
-    with pytest.raises(ValueError, match="no adapter_model.safetensors; mmalign loads no pickled weights"):
-        VisionLanguageModel.from_pretrained(adapter)
-
-
 def test_values_that_were_accepted_silently_are_refused(tmp_path, tiny_pipelines):
     from mmalign.data.pairs import read_jsonl
     from mmalign.data.shapes_prefs import write_self_pairs

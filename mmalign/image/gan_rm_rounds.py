@@ -139,7 +139,9 @@ class GanRMRounds(StagedRecipe):
 
     def _generator(self, path: str) -> DiffusionModel:
         m = self.run.model
-        model = DiffusionModel.from_pretrained(path, lora_rank=None, reference=False, variant=m.variant)
+        model = DiffusionModel.from_pretrained(
+            path, lora_rank=None, reference=False, variant=m.variant, allow_pickle=m.allow_pickle
+        )
         return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
     def _samples(self, model: DiffusionModel, prompts: list[str], directory: Path, seed: int) -> Path:

@@ -34,6 +34,7 @@ from mmalign.models.families import Conditioning, Family, family_of
 from mmalign.models.inversion import renoise_invert
 from mmalign.models.noise import noise_process
 from mmalign.models.state import load_trainable_state, trainable_state
+from mmalign.models.weights import reading_weights, use_safetensors
 from mmalign.registry import resolve_model_path
 
 
@@ -42,20 +43,28 @@ def load_pipeline(
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
     revision: str | None = None,
+    allow_pickle: bool = False,
 ) -> DiffusionPipeline:
     """`DiffusionPipeline.from_pretrained` that also loads pipelines saved with empty components.
 
     Components recorded as `[null, null]` in `model_index.json` (an SD3 pipeline without T5, an
     SD pipeline without safety checker) are passed as `None` explicitly, which diffusers requires.
+    Weights are read from safetensors only unless `allow_pickle` (`mmalign.models.weights`).
     """
     path = resolve_model_path(str(path))
     index = DiffusionPipeline.load_config(path, revision=revision)
     empty = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
     if "safety_checker" in index:
         empty.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(
-        path, dtype=torch_dtype, variant=variant, revision=revision, use_safetensors=True, **empty
-    )
+    with reading_weights(path, allow_pickle):
+        pipe = DiffusionPipeline.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            variant=variant,
+            revision=revision,
+            use_safetensors=use_safetensors(allow_pickle),
+            **empty,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -132,13 +141,13 @@ class DiffusionModel:
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
         revision: str | None = None,
+        allow_pickle: bool = False,
         **kwargs,
     ) -> DiffusionModel:
         """Load a Hub id, a local diffusers folder or `embedded:<name>`; kwargs go to `__init__`."""
-        pipe = load_pipeline(
-            path, torch_dtype=torch.float32 if torch_dtype is None else torch_dtype, variant=variant, revision=revision
-        )
-        return cls(pipe, weight_dtype=torch_dtype or torch.float32, **kwargs)
+        dtype = torch.float32 if torch_dtype is None else torch_dtype
+        pipe = load_pipeline(path, torch_dtype=dtype, variant=variant, revision=revision, allow_pickle=allow_pickle)
+        return cls(pipe, weight_dtype=dtype, **kwargs)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from mmalign.errors import UserInputError
+from mmalign.models.weights import reading_weights, refuse_pickled, use_safetensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora.down.weight", ".lora.up.weight")
@@ -22,13 +24,20 @@ class LoraLoadError(UserInputError):
     """An adapter whose tensors the pipeline cannot place; the message names them."""
 
 
-def adapter_keys(directory: str | Path) -> list[str]:
-    """The tensor names of the LoRA folder's safetensors file (pickled `.bin` adapters are refused)."""
+def adapter_keys(directory: str | Path, allow_pickle: bool = False) -> list[str]:
+    """The tensor names of the LoRA folder's safetensors file; a pickled `pytorch_lora_weights.bin`
+    only with `allow_pickle` (read with `weights_only=True`)."""
     file = Path(directory) / LORA_FILE
-    if not file.is_file():
-        raise LoraLoadError(f"{directory}: no {LORA_FILE} (a LoRA folder written by a run: run_dir/final/lora)")
-    with safe_open(str(file), framework="pt") as opened:
-        return list(opened.keys())
+    if file.is_file():
+        with safe_open(str(file), framework="pt") as opened:
+            return list(opened.keys())
+    pickled = file.with_suffix(".bin")
+    if pickled.is_file():
+        if not allow_pickle:
+            raise refuse_pickled(pickled, "LoRA weights")
+        with reading_weights(pickled, allow_pickle):
+            return list(torch.load(pickled, map_location="cpu", weights_only=True))
+    raise LoraLoadError(f"{directory}: no {LORA_FILE} (a LoRA folder written by a run: run_dir/final/lora)")
 
 
 def unplaced(pipe, keys: list[str]) -> list[str]:
@@ -51,10 +60,13 @@ def unplaced(pipe, keys: list[str]) -> list[str]:
     return missing
 
 
-def load_lora(pipe, directory: str | Path) -> None:
-    """`pipe.load_lora_weights(directory)`, then a `LoraLoadError` if any saved tensor was not placed."""
-    keys = adapter_keys(directory)
-    pipe.load_lora_weights(str(directory))
+def load_lora(pipe, directory: str | Path, allow_pickle: bool = False) -> None:
+    """`pipe.load_lora_weights(directory)`, then a `LoraLoadError` if any saved tensor was not placed.
+
+    A pickled adapter (`pytorch_lora_weights.bin`) is read only with `allow_pickle`."""
+    keys = adapter_keys(directory, allow_pickle)
+    with reading_weights(directory, allow_pickle):
+        pipe.load_lora_weights(str(directory), use_safetensors=use_safetensors(allow_pickle))
     missing = unplaced(pipe, keys)
     if missing:
         raise LoraLoadError(

@@ -33,6 +33,7 @@ from PIL import Image
 from mmalign.data.images import IMAGE_ERRORS, to_rgb
 from mmalign.errors import UserInputError
 from mmalign.models.state import load_trainable_state, trainable_state
+from mmalign.models.weights import reading_weights, use_safetensors
 
 ROLES = ("system", "user", "assistant")
 #: LoRA on the language model's projections only (the vision tower's own q/k/v stay frozen); Idefics3
@@ -185,12 +186,14 @@ class VisionLanguageModel:
         device: str | torch.device = "cpu",
         revision: str | None = None,
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,
     ) -> VisionLanguageModel:
         """Load a hub name or a folder (a full checkpoint, or a LoRA adapter folder saved by this class).
 
         `lora` adds a trainable adapter (or makes a loaded one trainable); `reference_copy` keeps a
         frozen copy of the starting weights as the reference for full fine-tuning (with LoRA the
-        reference is the model with its adapter disabled, at no memory cost).
+        reference is the model with its adapter disabled, at no memory cost). Weights are read from
+        safetensors only unless `allow_pickle` (`mmalign.models.weights`).
         """
         from peft import PeftModel, get_peft_model
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -199,17 +202,21 @@ class VisionLanguageModel:
         base_path = path
         if adapter_config.is_file():
             base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True)
-        with _remote_code_refused(base_path):
+        kwargs = dict(
+            dtype=dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=use_safetensors(allow_pickle),
+        )
+        with _remote_code_refused(base_path), reading_weights(base_path, allow_pickle):
             model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
-        reference = None
-        if reference_copy:
-            reference = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs).to(device).eval()
-            reference.requires_grad_(False)
+            reference = None
+            if reference_copy:
+                reference = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs).to(device).eval()
+                reference.requires_grad_(False)
         if adapter_config.is_file():
-            if not (Path(path) / "adapter_model.safetensors").is_file():
-                raise UserInputError(f"{path}: no adapter_model.safetensors; mmalign loads no pickled weights")
-            model = PeftModel.from_pretrained(model, str(path), is_trainable=lora is not None)
+            with reading_weights(path, allow_pickle):
+                model = PeftModel.from_pretrained(model, str(path), is_trainable=lora is not None)
         elif lora is not None:
             model = get_peft_model(model, lora_config(lora))
         with _remote_code_refused(path):

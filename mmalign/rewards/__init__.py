@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -24,15 +25,26 @@ def load_reward(name_or_path: str, **kwargs) -> Reward:
 
     A folder (or a shipped one, `embedded:<name>`) is recognised by its `mmalign_reward.json`
     manifest, which names the reward class; keyword arguments go to the reward's constructor
-    (e.g. `path=`, `device=`).
+    (e.g. `path=`, `device=`), and one it does not take is an error naming it.
     """
     if name_or_path in REWARDS:
-        return load(REWARDS, "reward", name_or_path)(**kwargs)
+        return _construct(name_or_path, load(REWARDS, "reward", name_or_path), kwargs)
     folder = resolve_model_path(name_or_path)
     manifest = Path(folder) / REWARD_MANIFEST
     if manifest.is_file():
         name = json.loads(manifest.read_text())["reward"]
         if name not in REWARDS:
             raise unknown_name_error("reward", name, list(REWARDS))
-        return import_string(REWARDS[name][0])(path=folder, **kwargs)
+        return _construct(name, import_string(REWARDS[name][0]), {"path": folder, **kwargs})
     raise unknown_name_error("reward", name_or_path, list(REWARDS))
+
+
+def _construct(name: str, reward_class: type[Reward], kwargs: dict) -> Reward:
+    """`reward_class(**kwargs)`, refusing keyword arguments its constructor does not take."""
+    parameters = inspect.signature(reward_class).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(kwargs) - set(parameters))
+        if unknown:
+            takes = ", ".join(parameters) or "no arguments"
+            raise RewardInputError(f"reward {name!r} takes no argument {unknown[0]!r}; it takes: {takes}")
+    return reward_class(**kwargs)

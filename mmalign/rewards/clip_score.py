@@ -4,6 +4,7 @@ Two backends load local folders or Hub ids:
 - `transformers`: any `CLIPModel` folder (`config.json` + safetensors + tokenizer + image
   processor config), e.g. `openai/clip-vit-large-patch14` or the embedded toy CLIP.
 - `open_clip`: a folder with `open_clip_config.json` + `open_clip_model.safetensors`
+  (or a pickled `open_clip_pytorch_model.bin` with `allow_pickle=True`)
   (`local-dir:` in open_clip's terms), or an `hf-hub:org/repo` id.
 
 Images are preprocessed in torch (resize the short side, centre crop, normalise with the
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmalign.models.weights import PICKLE_HINT, reading_weights, use_safetensors
 from mmalign.registry import resolve_model_path
 from mmalign.rewards.base import Reward, RewardInputError
 
@@ -43,10 +45,12 @@ def preprocess(images: torch.Tensor, size: int, mean: list[float], std: list[flo
 
 
 class _TransformersCLIP:
-    def __init__(self, path: str, device: torch.device):
+    def __init__(self, path: str, device: torch.device, allow_pickle: bool):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval().requires_grad_(False)
+        with reading_weights(path, allow_pickle):
+            model = CLIPModel.from_pretrained(path, use_safetensors=use_safetensors(allow_pickle))
+        self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         processor = CLIPImageProcessor.from_pretrained(path)
         crop = processor.crop_size  # a dict in transformers 4, a SizeDict in 5, an int in old configs
@@ -69,13 +73,16 @@ class _TransformersCLIP:
 
 
 class _OpenCLIP:
-    def __init__(self, path: str, device: torch.device):
+    def __init__(self, path: str, device: torch.device, allow_pickle: bool):
         import open_clip
 
-        if not path.startswith("hf-hub:") and not (Path(path) / "open_clip_model.safetensors").is_file():
-            raise RewardInputError(f"{path}: no open_clip_model.safetensors; mmalign loads no pickled weights")
-        name = path if path.startswith("hf-hub:") else f"local-dir:{path}"
-        self.model = open_clip.create_model(name).to(device).eval().requires_grad_(False)
+        local = not path.startswith("hf-hub:")
+        if local and not allow_pickle and not (Path(path) / "open_clip_model.safetensors").is_file():
+            raise RewardInputError(f"{path}: no open_clip_model.safetensors (pickled weights: {PICKLE_HINT})")
+        name = f"local-dir:{path}" if local else path
+        with reading_weights(path, allow_pickle):
+            model = open_clip.create_model(name)
+        self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(name)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg.get("size", 224)
@@ -98,12 +105,19 @@ class ClipScore(Reward):
         backend: `auto` (open_clip when the folder holds `open_clip_config.json` or the id starts
             with `hf-hub:`), `transformers` or `open_clip`.
         device: where the model runs (default CPU).
+        batch_size: images embedded per forward pass.
+        allow_pickle: also read pickled (`.bin`) weights, with `torch.load(weights_only=True)`.
     """
 
     name = "clip-score"
 
     def __init__(
-        self, path: str | None = None, backend: str = "auto", device: str | torch.device = "cpu", batch_size: int = 64
+        self,
+        path: str | None = None,
+        backend: str = "auto",
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        allow_pickle: bool = False,
     ):
         resolved = resolve_model_path(path or DEFAULT_CLIP)
         if backend == "auto":
@@ -113,7 +127,9 @@ class ClipScore(Reward):
             raise ValueError(f"unknown CLIP backend {backend!r}; expected auto, transformers or open_clip")
         self.device = torch.device(device)
         self.backend = (
-            _OpenCLIP(resolved, self.device) if backend == "open_clip" else _TransformersCLIP(resolved, self.device)
+            _OpenCLIP(resolved, self.device, allow_pickle)
+            if backend == "open_clip"
+            else _TransformersCLIP(resolved, self.device, allow_pickle)
         )
         self.batch_size = batch_size
         self._text_cache: dict[str, torch.Tensor] = {}

@@ -60,6 +60,7 @@ class DiffusionPairMethod(Method):
             torch_dtype=DTYPES[m.dtype],
             variant=m.variant,
             revision=m.revision,
+            allow_pickle=m.allow_pickle,
             lora_rank=m.lora_rank,
             lora_alpha=m.lora_alpha,
             lora_targets=tuple(m.lora_targets) if m.lora_targets else None,

@@ -119,7 +119,10 @@ class DenseDPO(VideoPairMethod):
                 raise ConfigError("densedpo.labeler: vlm needs densedpo.judge_model (a VLM hub id or folder)")
             from mmalign.models.vlm import VisionLanguageModel
 
-            return VLMSegmentJudge(VisionLanguageModel.from_pretrained(c.judge_model, device=self.device))
+            judge = VisionLanguageModel.from_pretrained(
+                c.judge_model, device=self.device, allow_pickle=self.run.model.allow_pickle
+            )
+            return VLMSegmentJudge(judge)
         if c.labeler == "reference":
             return ReferenceTrackLabeler(**{"tie_margin": c.tie_margin, **c.labeler_args})
         raise ConfigError(f"densedpo.labeler must be reward, vlm or reference, got {c.labeler!r}")

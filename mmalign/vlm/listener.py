@@ -89,7 +89,9 @@ class ListenerGRPO(GRPO):
     def setup(self, accelerator) -> None:
         super().setup(accelerator)
         listener_vlm = VisionLanguageModel.from_pretrained(
-            resolve_model_path(self.config.listener), device=accelerator.device
+            resolve_model_path(self.config.listener),
+            device=accelerator.device,
+            allow_pickle=self.run.model.allow_pickle,
         )
         self.listener = Listener(listener_vlm, tuple(self.config.decisions))
 

@@ -56,6 +56,7 @@ def load_vlm(model: VLMModelConfig, device: torch.device, reference_copy: bool =
         dtype=getattr(torch, model.dtype),
         device=device,
         revision=model.revision,
+        allow_pickle=model.allow_pickle,
     )
 
 
