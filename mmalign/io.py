@@ -20,11 +20,16 @@ def cache_lock(target: str | Path) -> Iterator[None]:
 
     Wrap a check-then-build of a cache in it: a second process (another run, another accelerate rank)
     waits, then finds the folder complete, instead of building it too and renaming its copy over the
-    folder while the first process reads it.
+    folder while the first process reads it. Whoever holds the lock is the only builder of `target`, so
+    the `.tmp-<name>-*` and `.old-<name>-*` siblings found then were left by a builder that was killed
+    (`atomic_directory`'s names); they are removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(target.with_name(f"{target.name}.lock")):
+        for leftover in target.parent.iterdir():
+            if leftover.name.startswith((f".tmp-{target.name}-", f".old-{target.name}-")):
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         yield
 
 
