@@ -1,4 +1,5 @@
-"""The LoRA a user loads is the one trained: every family, every target set, through `pipe.load_lora_weights`."""
+"""The LoRA a user loads is the one trained: every family, every target set, through `pipe.load_lora_weights`
+and merged into a saved pipeline."""
 
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def test_the_loaded_adapter_is_every_trained_tensor_and_gives_the_trained_output
     plain = _output(DiffusionModel.from_pretrained(str(path), lora_rank=None, reference=False))
     assert (trained - plain).abs().max() > 1e-3  # the adapter has an effect the comparison can see
     torch.testing.assert_close(user, trained, rtol=1e-4, atol=1e-5)
+
+    model.save_pretrained(tmp_path / "merged")  # the LoRA fused into the weights of a whole pipeline
+    merged = DiffusionModel.from_pretrained(str(tmp_path / "merged"), lora_rank=None, reference=False)
+    torch.testing.assert_close(_output(merged), trained, rtol=1e-4, atol=1e-5)
 
 
 def test_an_adapter_with_keys_the_pipeline_cannot_place_is_refused_naming_them(tiny_pipelines, tmp_path):
