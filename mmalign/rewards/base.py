@@ -100,6 +100,19 @@ class Reward(ABC):
     def __call__(
         self, samples: Any, prompts: str | Sequence[str] | None = None, progress: bool | None = None
     ) -> torch.Tensor:
+        """Scores `(N,)` of `samples` (see the module doc) against `prompts` (one, or one per sample).
+
+        An image reward given videos or meshes scores sampled frames or rendered views
+        (`mmalign.rewards.media`: 8 evenly spaced frames, 4 views of 224 px, mean-pooled).
+        """
+        if getattr(self, "file_kind", "image") == "image":
+            from mmalign.rewards import media
+
+            kind = media.media_kind(samples)
+            if kind == "video":
+                return media.VideoFrames(self)(samples, prompts, progress)
+            if kind == "mesh":
+                return media.MeshViews(self)(samples, prompts, progress)
         images = self.as_batch(samples)
         n = len(images)
         prompt_list = broadcast_prompts(prompts, n, self.needs_prompts)
