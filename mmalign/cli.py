@@ -1,4 +1,4 @@
-"""`mmalign` command line: train, sample, score, methods."""
+"""`mmalign` command line: train, sample, score, serve-reward, methods."""
 
 from __future__ import annotations
 
@@ -139,6 +139,29 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_reward(args: argparse.Namespace) -> int:
+    import mmalign
+    from mmalign.rewards.server import serve
+
+    kwargs = _reward_kwargs(args.reward_arg)
+    if args.path is not None:
+        kwargs["path"] = args.path
+    if args.device is not None:
+        kwargs["device"] = args.device
+    if args.allow_pickle:
+        kwargs["allow_pickle"] = True
+    reward = mmalign.load_reward(args.reward, **kwargs)
+    kind = getattr(reward, "file_kind", "image")
+    if kind != "image":
+        raise UserInputError(f"{args.reward} scores {kind}s; the server takes images (serve an image reward instead)")
+    route = args.route or (args.reward if args.reward in REWARDS else reward.name)
+    if "/" in route or not route:
+        raise UserInputError(f"route {route!r}: give --route NAME (no slashes) to serve this reward under")
+    print(f"serving {reward.name} at http://{args.host}:{args.port}/{route}", flush=True)
+    serve(reward, route, args.host, args.port, args.max_batch, args.max_wait_ms, args.log_level)
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     tables = (
         ("methods (mmalign train, `method:` key)", METHODS),
@@ -216,6 +239,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the reward"
     )
     sample.set_defaults(func=_sample)
+
+    serve = sub.add_parser(
+        "serve-reward",
+        help="serve a reward over HTTP (batching concurrent requests)",
+        description='Serve a reward at http://HOST:PORT/ROUTE: POST {"images": [base64 PNG, ...], "prompts": '
+        "[...]} returns {\"scores\": [...]}; load_reward('http://HOST:PORT/ROUTE') scores through it. "
+        "Concurrent requests are gathered up to --max-batch images or --max-wait-ms and scored in one call.",
+    )
+    serve.add_argument("reward", help="registered reward name, trained reward folder or {reward: weight} mapping")
+    serve.add_argument("--path", help="the reward's model folder (same as --reward-arg path=...)")
+    serve.add_argument(
+        "--reward-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the reward"
+    )
+    serve.add_argument("--device", help="where the reward runs (e.g. cuda); default the reward's own")
+    serve.add_argument("--allow-pickle", action="store_true", help=f"the reward's model: {PICKLE_HELP}")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8300, help="port to listen on")
+    serve.add_argument("--route", help="URL path to serve at; default the reward's name")
+    serve.add_argument("--max-batch", type=int, default=64, help="images gathered into one reward call")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for more requests to batch")
+    serve.add_argument("--log-level", default="info", help="uvicorn log level (warning: no per-request lines)")
+    serve.set_defaults(func=_serve_reward)
 
     methods = sub.add_parser("methods", help="list training methods and rewards")
     methods.set_defaults(func=_methods)
