@@ -121,6 +121,42 @@ REWARDS: dict[str, tuple[str, str]] = {
         "mmalign.vlm.reward:VLMReward",
         "VLM reward model (Bradley-Terry head on a VLM) scoring images with prompts (path=folder)",
     ),
+    "pickscore": (
+        "mmalign.rewards.pickscore:PickScore",
+        "PickScore: logit_scale × cosine of the PickScore CLIP-H (path=PickScore_v1, processor=CLIP-ViT-H-14 folder)",
+    ),
+    "hpsv2": (
+        "mmalign.rewards.hps:HPSv2",
+        "HPS v2.0: cosine(image, text) of open_clip ViT-H-14 with HPS_v2 weights (path=file or folder)",
+    ),
+    "hpsv2.1": (
+        "mmalign.rewards.hps:HPSv21",
+        "HPS v2.1: cosine(image, text) of open_clip ViT-H-14 with HPS_v2.1 weights (path=file or folder)",
+    ),
+    "imagereward": (
+        "mmalign.rewards.imagereward:ImageReward",
+        "ImageReward: BLIP ViT-L + cross-attending BERT + MLP, standardised (path=ImageReward folder)",
+    ),
+    "aesthetic": (
+        "mmalign.rewards.aesthetic:Aesthetic",
+        "LAION improved aesthetic predictor: MLP on normalised CLIP ViT-L/14 image embeddings (no prompt)",
+    ),
+    "jpeg-compressibility": (
+        "mmalign.rewards.jpeg:JpegCompressibility",
+        "DDPO's compressibility: −(JPEG size in kB at quality 95) (no prompt)",
+    ),
+    "jpeg-incompressibility": (
+        "mmalign.rewards.jpeg:JpegIncompressibility",
+        "DDPO's incompressibility: JPEG size in kB at quality 95 (no prompt)",
+    ),
+    "vqascore": (
+        "mmalign.rewards.vqascore:VQAScore",
+        'VQAScore: P("Yes") of a transformers VLM asked: Does this figure show "{prompt}"? (path=VLM)',
+    ),
+    "vlm-judge": (
+        "mmalign.rewards.vqascore:VLMJudge",
+        "a transformers VLM asked a configurable yes/no question about each image: P(yes) (path=VLM, question=)",
+    ),
 }
 
 #: evaluator name → "module:Class" and a description. Every class follows `mmalign.train.method.Evaluator`.

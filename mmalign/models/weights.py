@@ -100,3 +100,44 @@ def _unpickling_error(exc: BaseException) -> pickle.UnpicklingError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def read_state_dict(file: str | Path, allow_pickle: bool, key: str | None = None) -> dict:
+    """Tensors of one weight file: `.safetensors` always; a pickled `.pt`/`.pth`/`.bin` only with
+    `allow_pickle`, read with `torch.load(weights_only=True)`.
+
+    `key` picks a nested state dict out of a pickled checkpoint (`"state_dict"` in HPSv2's release);
+    a pickle without that key is read as the state dict itself.
+    """
+    import torch
+
+    file = Path(file)
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    if not allow_pickle:
+        raise refuse_pickled(file)
+    with reading_weights(file, allow_pickle=True):
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    if key is not None and isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+        loaded = loaded[key]
+    if not isinstance(loaded, dict):
+        raise PickledWeightsError(f"{file}: expected a state dict, found a {type(loaded).__name__}")
+    return loaded
+
+
+def find_weight_file(source: str | Path, release_names: tuple[str, ...]) -> Path:
+    """The weight file of `source`: itself if it is a file, else the first of `release_names` found in
+    the folder, each preferred as its converted `.safetensors` twin (same stem) over the pickled release."""
+    source = Path(source)
+    if source.is_file():
+        return source
+    if not source.is_dir():
+        raise UserInputError(f"{source}: no such file or folder")
+    candidates = [source / Path(n).with_suffix(".safetensors").name for n in release_names]
+    candidates += [source / n for n in release_names]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise UserInputError(f"{source}: holds none of {', '.join(c.name for c in candidates)}")

@@ -45,14 +45,16 @@ def preprocess(images: torch.Tensor, size: int, mean: list[float], std: list[flo
 
 
 class _TransformersCLIP:
-    def __init__(self, path: str, device: torch.device, allow_pickle: bool):
+    """A `CLIPModel` folder; tokenizer and image-processor settings from `processor` (default `path`)."""
+
+    def __init__(self, path: str, device: torch.device, allow_pickle: bool, processor_path: str | None = None):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         with reading_weights(path, allow_pickle):
             model = CLIPModel.from_pretrained(path, use_safetensors=use_safetensors(allow_pickle))
         self.model = model.to(device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        processor = CLIPImageProcessor.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(processor_path or path)
+        processor = CLIPImageProcessor.from_pretrained(processor_path or path)
         crop = processor.crop_size  # a dict in transformers 4, a SizeDict in 5, an int in old configs
         self.size = int(crop if isinstance(crop, int) else crop["height"])
         self.mean, self.std = list(processor.image_mean), list(processor.image_std)
