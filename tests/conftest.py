@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,41 +17,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Generated embedded data goes to a per-session cache, never the user's home."""
-    os.environ["MMALIGN_CACHE"] = str(tmp_path_factory.mktemp("mmalign-cache"))
+CACHE = pytest.StashKey[Path]()
 
 
-RECIPE_TESTS = "test_recipes.py"
+def pytest_configure(config: pytest.Config) -> None:
+    """Generated embedded data goes to a per-session cache, never the user's home: set before any test
+    runs, so the background recipe runs (tests/recipes) share it, and removed when pytest exits."""
+    config.stash[CACHE] = Path(tempfile.mkdtemp(prefix="mmalign-cache-"))
+    os.environ["MMALIGN_CACHE"] = str(config.stash[CACHE])
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Recipe tests last: their runs start with the session and go on while the other tests run."""
-    items.sort(key=lambda item: RECIPE_TESTS in item.nodeid)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def recipe_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, _isolated_cache: None):
-    """Start the shipped recipes in the background when a recipe test is selected (tests/recipe_runs.py)."""
-    if not any(RECIPE_TESTS in item.nodeid for item in request.session.items):
-        yield None
-        return
-    import torch
-
-    from tests.recipe_runs import RecipeRuns
-
-    os.environ["OMP_NUM_THREADS"] = "1"  # this process, its children and the recipes share two cores
-    torch.set_num_threads(1)
-    runs = RecipeRuns(tmp_path_factory.mktemp("recipes"))
-    runs.start()
-    # The recipe chain (DPO pairs, then SmPO) is the session's critical path: this thread (and the
-    # subprocesses the unit tests start) yield CPU to it. Linux niceness is per thread, so the
-    # launcher thread `start()` created keeps its priority for the recipes it starts later.
-    if hasattr(os, "nice"):
-        os.nice(5)
-    yield runs
-    runs.stop()
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's cache."""
+    shutil.rmtree(config.stash[CACHE], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

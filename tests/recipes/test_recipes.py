@@ -1,7 +1,8 @@
-"""Every recipe in configs/ end to end from the CLI on the embedded default, checking a real effect.
+"""The image recipes (configs/image) end to end from the CLI on the embedded default, checking a real effect.
 
-The runs start with the test session and go on in the background (`tests/recipe_runs.py`); these
-tests wait for them and check what they wrote.
+The runs start as the test loop begins and go on in the background (`recipe_runs.py`, started by
+this folder's conftest); these tests wait for them and check what they wrote. `pytest -m recipes`
+runs them alone.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.recipe_runs import DPO_STEPS, SMPO_STEPS
+from tests.recipes.recipe_runs import DPO_STEPS, SMPO_STEPS
 
+pytestmark = pytest.mark.recipes
 GAIN = 0.02  # held-out gold-metric gain every recipe must show (the measured gains are larger)
 
 
 @pytest.fixture(scope="module")
 def recipe_runs(recipe_runs) -> dict[str, tuple[Path, dict]]:
-    """{name: (run directory, report)} of the recipes started by conftest."""
+    """{name: (run directory, report)} of the recipes this folder's conftest started."""
     return {name: recipe_runs.result(name) for name in ("dpo", "smpo", "gan_rm")}
 
 

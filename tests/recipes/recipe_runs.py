@@ -1,14 +1,15 @@
 """The shipped recipes, run from the CLI in the background while the rest of the suite runs.
 
-`conftest.py` starts them when the session starts (only if a recipe test is selected) and moves the
-recipe tests to the end, so the CPU work of the other tests and of the recipes overlaps. Each recipe
-process and the test process use one thread: more threads than cores make OpenMP spin.
+`conftest.py` starts them as the test loop begins (only if a test of this folder is selected) and
+runs this folder's tests last, so the CPU work of the other tests and of the recipes overlaps. Each
+recipe process runs one thread (more threads than cores make OpenMP spin); the test process is left
+as it is.
 
 The DPO and SmPO recipes share the embedded preference pairs: the DPO run generates them into the
-session's cache (as a user's first run would), the critical path of the whole suite, so SmPO and
-GAN-RM start only once the pairs are there. The GAN-RM recipe
-runs both rounds at a smaller scale (fewer renders, prompts and steps) to fit the suite's time budget;
-its full-scale gold-metric gain is measured in the issue's closing note.
+session's cache (`$MMALIGN_CACHE`, as a user's first run would), the critical path of the whole
+suite, so SmPO and GAN-RM start only once the pairs are there. The GAN-RM recipe runs both rounds at
+a smaller scale (fewer renders, prompts and steps) to fit the suite's time budget; its full-scale
+gold-metric gain is measured in docs/results/.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GAN_RM_SMALL = [  # the shipped GAN-RM recipe, scaled down; everything else as shipped
     "gan_rm.num_targets=80",
     "gan_rm.raw_negatives=80",
