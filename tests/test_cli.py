@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,12 @@ from PIL import Image
 
 from mmalign.cli import main
 from mmalign.data import shapes_world
+from mmalign.registry import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+# what the listing commands must not import: the ML libraries and mmalign's model, method and reward code
+MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "peft", "open_clip", "trimesh")
+MODEL_PACKAGES = ("models", "image", "video", "mesh", "vlm", "rewards", "train", "data")  # under mmalign.
 
 
 @pytest.fixture
@@ -43,6 +51,44 @@ def test_train_help_lists_the_options_the_run_reads(capsys):
     assert main(["train", "--help", "reward-cs"]) == 0
     out = capsys.readouterr().out
     assert "reward_cs.cs_weight" in out and "has no model section" in out and "eval.gold" not in out
+
+
+def _mmalign_package(module: str) -> str | None:
+    """`image` for `mmalign.image.smpo`; None outside mmalign's subpackages."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "mmalign" and len(parts) > 1 else None
+
+
+def _modules_imported_by(argv: list[str]) -> set[str]:
+    """`sys.modules` of a fresh interpreter after `mmalign.cli.main(argv)` (its output discarded)."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from mmalign.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main({argv!r})\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["train", "--help"], ["score", "--help"]])
+def test_listing_commands_import_no_model_code(argv):
+    modules = _modules_imported_by(argv)
+    assert "mmalign.cli" in modules
+    assert not [m for m in modules if m.split(".")[0] in MODEL_LIBRARIES or _mmalign_package(m) in MODEL_PACKAGES]
+
+
+@pytest.mark.parametrize(
+    "config, method",
+    [("configs/image/diffusion_dpo.yaml", "diffusion-dpo"), ("configs/vlm/sft.yaml", "vlm-sft")],
+)
+def test_train_config_help_imports_only_that_method(config, method):
+    modules = _modules_imported_by(["train", config, "--help"])
+    assert {name for name, (target, _) in METHODS.items() if target.split(":")[0] in modules} == {method}
+    modality = METHODS[method][0].split(".")[1]
+    others = {"image", "video", "mesh", "vlm"} - {modality}
+    assert not [m for m in modules if _mmalign_package(m) in others]
 
 
 def test_score_prints_a_table_and_writes_csv_and_json(image_folder, tmp_path, capsys):
