@@ -227,7 +227,7 @@ EMBEDDED: dict[str, str] = {
     "shapes-t2i": "shapes-t2i",
     "shapes-clip": "shapes-clip",
     "mesh-reward-cs": "mesh-reward-cs",  # the last round of configs/mesh/reward_cs_rounds.yaml
-    "mesh-reward-cs-round0": "mesh-reward-cs-round0",  # its rounds 0–2 (README, "Surface-only guidance")
+    "mesh-reward-cs-round0": "mesh-reward-cs-round0",  # its rounds 0–2 (docs/results/mesh.md)
     "mesh-reward-cs-round1": "mesh-reward-cs-round1",
     "mesh-reward-cs-round2": "mesh-reward-cs-round2",
     "mesh-reward-cs-contact": "mesh-reward-cs-contact",  # RewardCS reading part contact: configs/mesh/guided.yaml

@@ -1,4 +1,4 @@
-"""Invariants of `mmalign.losses.cs_divergence` (spec cs_reward.md (g) 1–5) and an independent reference."""
+"""Invariants of `mmalign.losses.cs_divergence` and an independent reference."""
 
 from __future__ import annotations
 

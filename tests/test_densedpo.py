@@ -195,7 +195,7 @@ def test_a_folder_of_unequal_clips_is_conformed_to_one_shape(tmp_path):
 
 # ------------------------------------------------------------------------------------ loss
 def test_per_segment_sign_of_one_sgd_step():
-    # densedpo.md (g) 4: labels [+1, −1]; one step from θ = ref lowers the policy error of video 0 on
+    # labels [+1, −1]; one step from θ = ref lowers the policy error of video 0 on
     # segment 0 and of video 1 on segment 1, and raises the other two
     torch.manual_seed(0)
     target = torch.randn(2, 4, 4, 3, 3)  # rows: video 0, video 1; 4 latent frames, 2 per segment

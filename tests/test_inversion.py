@@ -1,4 +1,4 @@
-"""ReNoise inversion invariants (SmPO spec (g) 5, 6, 8) on toy noise estimators and a tiny model."""
+"""ReNoise inversion invariants (as SmPO uses it) on toy noise estimators and a tiny model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SmPO: soft labels, the smoothed DPO loss (spec (g) 1-4, 7) and the method on tiny models."""
+"""SmPO: soft labels, the smoothed DPO loss and the method on tiny models."""
 
 from __future__ import annotations
 

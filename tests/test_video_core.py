@@ -81,7 +81,7 @@ def test_tensor_conversions_invert_each_other():
 
 # ---------------------------------------------------------------------------------------- segments
 def test_densedpo_mask_mapping_example():
-    # densedpo.md (g) 5: T = 17 frames, k = 4 causal (5 latent frames), 8 fps, 1 s segments
+    # T = 17 frames, k = 4 causal (5 latent frames), 8 fps, 1 s segments
     frame_segment, count, empty = latent_frame_segments(17, 5, 8, 1.0, 4, causal=True)
     assert frame_segment.tolist() == [0, 0, 0, 1, 1] and count == 3 and empty == [2]
     assert pixel_segment_bounds(17, 8, 1.0) == [(0, 8), (8, 16), (16, 17)]

@@ -2,7 +2,7 @@
 
 A reward trained once on a fixed mesh set is optimised against by guided generation, and the
 guidance finds meshes the set never showed it: folded surfaces and warped parts that it scores
-high (README, "Measured guidance"). Each round shows the reward its own hacks:
+high (docs/results/mesh.md, "Surface-only guidance"). Each round shows the reward its own hacks:
 
 0. `round-0/reward/`: RewardCS trained on `data.path` (the `reward` section, as `method: reward-cs`).
 k. (k = 1…K)
