@@ -1,6 +1,6 @@
 """Throughput of a reward through `mmalign serve-reward` ÷ in-process, on the same batch, in one run.
 
-    python benchmarks/server_overhead.py [--models tiny,vit-b-32] [--batches 8,32] [--rounds 7]
+    python benchmarks/server_overhead.py [--models tiny,vit-b-32] [--batches 8,32] [--rounds 11] [--threads 1]
 
 For each CLIP model and batch size B, the same B images (random, on the 8-bit grid) and prompts are
 scored (a) in process by `load_reward("clip-score", path=…)(images, prompts)` and (b) through the
@@ -8,7 +8,9 @@ HTTP server — `mmalign serve-reward clip-score --path …`, started as a subpr
 by `load_reward("http://127.0.0.1:PORT/clip-score", batch_size=B)(images, prompts)`, one request per
 call (PNG encoding, JSON, HTTP, decoding and the server's batching queue included; `--max-wait-ms`
 0 so a lone request is not held back). Arms are interleaved A B A B over the rounds after one
-untimed warm-up call each, so drift hits both alike. Prints images/s per arm, median with min–max
+untimed warm-up call each, so drift hits both alike. Both processes run torch on `--threads` threads
+(`torch.set_num_threads` here, `OMP_NUM_THREADS` for the server), so neither arm's idle process
+keeps OpenMP workers spinning on the cores the other arm needs. Prints images/s per arm, median with min–max
 over rounds, and the per-round ratio server ÷ in-process (median, min–max).
 
 Models: `tiny` is the embedded shapes-world CLIP (`embedded:shapes-clip`, 32 px); `vit-b-32` is a
@@ -58,10 +60,10 @@ def vit_b_32(directory: Path) -> Path:
     return directory
 
 
-def start_server(path: str, port: int) -> subprocess.Popen:
+def start_server(path: str, port: int, threads: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "mmalign.cli", "serve-reward", "clip-score", "--path", path, "--port", str(port),
                "--max-wait-ms", "0", "--max-batch", "256", "--log-level", "warning"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -89,11 +91,11 @@ def throughput(reward, images: torch.Tensor, prompts: list[str]) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def measure(path: str, batches: list[int], rounds: int) -> dict[str, dict]:
+def measure(path: str, batches: list[int], rounds: int, threads: int) -> dict[str, dict]:
     local = load_reward("clip-score", path=path, batch_size=max(batches))
     size = local.backend.size  # the model's input side in pixels
     port = free_port()
-    process = start_server(path, port)
+    process = start_server(path, port, threads)
     results = {}
     try:
         for batch in batches:
@@ -124,16 +126,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,vit-b-32", help="comma-separated: tiny, vit-b-32")
     parser.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs both arms once)")
+    parser.add_argument("--rounds", type=int, default=11, help="timed rounds (each runs both arms once)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each process")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(args.threads)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             from mmalign.registry import resolve_model_path
 
             path = resolve_model_path("embedded:shapes-clip") if model == "tiny" else str(vit_b_32(Path(tmp) / model))
-            report[model] = measure(path, batches, args.rounds)
+            report[model] = measure(path, batches, args.rounds, args.threads)
     info = {"rounds": args.rounds, "torch threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     print(json.dumps({**info, "models": report}, indent=2, ensure_ascii=False))
     print("\n| model | batch | in-process img/s | server img/s | server ÷ in-process |\n|---|---|---|---|---|")

@@ -58,6 +58,8 @@ def test_an_image_reward_scores_video_tensors_by_pooled_frames(clip, clip_path):
 
 def test_video_files_are_read_and_scored(clip, clip_path, tmp_path):
     frames = (_clips(1, 6)[0].permute(1, 2, 3, 0).numpy() * 255).round().astype(np.uint8)  # (T, H, W, 3)
+    as_tensor = torch.from_numpy(frames).permute(3, 0, 1, 2).float()[None] / 255  # (1, 3, T, H, W)
+    assert torch.allclose(clip(frames, PROMPT), clip(as_tensor, PROMPT), atol=1e-4)  # one (T, H, W, 3) array
     mp4 = write_video(tmp_path / "clip.mp4", frames, fps=8)
     gif = write_video(tmp_path / "clip.gif", frames, fps=8)
     decoded = torch.from_numpy(read_video(mp4).frames).permute(3, 0, 1, 2).float() / 255

@@ -17,7 +17,7 @@ vertex colour, so a reward only sees shape and shading.
 By name: `load_reward("video:clip-score", frames=4, pool="min")` and
 `load_reward("mesh-views:clip-score", views=6)` (the remaining keyword arguments go to the inner
 reward). A plain image reward routes a video input (a `(N, 3, T, H, W)` tensor, `(3, T, H, W)`
-tensors or `(T, H, W, 3)` arrays, video files other than GIF) through `VideoFrames` and a mesh
+tensors in a list, `(T, H, W, 3)` arrays, video files other than GIF) through `VideoFrames` and a mesh
 input (trimesh objects, mesh files) through `MeshViews` with the defaults above, so
 `mmalign.score(videos, prompts, reward="clip-score")` works as it is. A GIF path counts as an image
 for a plain image reward (its first frame); name `video:<reward>` to score it as a clip.
@@ -46,6 +46,8 @@ def media_kind(samples: Any) -> str:
     """`"video"`, `"mesh"` or `"image"`: what kind of input `samples` is, judged by its first item."""
     if isinstance(samples, torch.Tensor):
         return "video" if samples.ndim == 5 else "image"
+    if isinstance(samples, np.ndarray):  # one array: an (H, W, 3) image or a (T, H, W, 3) clip
+        return "video" if samples.ndim == 4 else "image"
     first = samples
     if isinstance(samples, (list, tuple)):
         if not samples:
