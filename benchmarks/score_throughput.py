@@ -64,7 +64,7 @@ def save_clip(directory: Path, sizes: tuple) -> Path:
 def build(name: str, root: Path, device: str):
     """`(reward, bare)`: the loaded reward and a function running its bare forward on one batch."""
     from mmalign.rewards import load_reward
-    from mmalign.rewards.clip_score import preprocess
+    from mmalign.rewards.clip_score import pooled, preprocess
 
     if name == "pickscore":
         reward = load_reward("pickscore", path=str(save_clip(root / "vit-h", VIT_H)), device=device)
@@ -89,7 +89,7 @@ def build(name: str, root: Path, device: str):
     def bare(images: torch.Tensor, prompts: list[str]) -> None:
         pixels = preprocess(images.to(clip.device), backend.size, backend.mean, backend.std)  # 224: normalise only
         with torch.no_grad():
-            feats = model.get_image_features(pixel_values=pixels)
+            feats = pooled(model.get_image_features(pixel_values=pixels))
             if name == "aesthetic":
                 reward.mlp(torch.nn.functional.normalize(feats, dim=-1))
             else:
