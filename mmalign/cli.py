@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -83,13 +84,25 @@ def _score(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['file']:<{width}}  {r['score']:.4f}")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["file", "prompt", "score"])
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=["file", "prompt", "score"])
+        writer.writeheader()
+        writer.writerows(rows)
+        _write_output(args.csv, table.getvalue())
     if args.json:
-        Path(args.json).write_text(json.dumps({"reward": args.reward, "scores": rows}, indent=2))
+        _write_output(args.json, json.dumps({"reward": args.reward, "scores": rows}, indent=2))
     return 0
+
+
+def _write_output(path: str, text: str) -> None:
+    """Write `text` to `path`; an error that names no file (a full disk) is raised naming `path`."""
+    try:
+        with open(path, "w", newline="") as f:
+            f.write(text)
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from None
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -278,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{exc.filename}: {exc.strerror or exc}"
         else:
             message = str(exc)
+        message = " ".join(str(message).split())  # one line, whatever the library's message looked like
         print(f"mmalign {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -107,6 +107,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, DTYPES)
         check_choice("model.flow_sampling", self.flow_sampling, ("logit_normal", "uniform"))
+        check_range("model.lora_rank", self.lora_rank, 1)
+        check_range("model.lora_alpha", self.lora_alpha, 1)
 
 
 @dataclass
@@ -127,6 +129,8 @@ class VLMModelConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, DTYPES)
+        check_range("model.lora_rank", self.lora_rank, 1)
+        check_range("model.lora_alpha", self.lora_alpha, 1)
 
 
 @dataclass
@@ -193,6 +197,8 @@ class DataConfig(CachedDataSource):
 
     def __post_init__(self) -> None:
         self.refuse_unless(self.path.startswith(EMBEDDED_PREFIX), ("embedded",), "embedded:shapes-prefs only")
+        check_range("data.resolution", self.resolution, 8)
+        check_range("data.max_pairs", self.max_pairs, 1)
 
 
 @dataclass
@@ -369,7 +375,12 @@ def _unknown_key(key: str, known: list[str], reader: str | None = None) -> Confi
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "", reader: str | None = None) -> Any:
     """Build dataclass `cls` from a mapping, converting types and rejecting unknown keys (naming `reader`,
-    e.g. "method grpo", in the error when given)."""
+    e.g. "method grpo", in the error when given).
+
+    A class with a `check_values(prefix)` method checks its values' ranges and choices there once built,
+    naming each key under the prefix it is read at (`papo.temperature` for PAPO's GRPO options,
+    `gan_rm.dpo.beta` for a nested section).
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "method_args"]
     kwargs = {}
@@ -377,7 +388,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", reader: str | N
         if key not in names:
             raise _unknown_key(prefix + key, [prefix + n for n in names], reader)
         kwargs[key] = _convert(value, hints[key], prefix + key)
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if hasattr(built, "check_values"):
+        built.check_values(prefix)
+    return built
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, sections: set[str]) -> None:
@@ -417,7 +431,9 @@ def _read_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...]) 
         try:
             loaded = _yaml(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
         tree = loaded or {}

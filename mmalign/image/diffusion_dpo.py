@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import option
+from mmalign.config import check_choice, check_range, option
 from mmalign.losses import diffusion_dpo_loss, per_sample_mse
 from mmalign.models.families import Conditioning
 from mmalign.train.diffusion_method import DiffusionPairMethod
@@ -34,6 +34,13 @@ class DiffusionDPOConfig:
         "without it), where the Diffusion-DPO and SmPO reference launchers use 0.2 for SD1.5 and SDXL",
         0.0,
     )
+
+    def check_values(self, prefix: str) -> None:
+        """Ranges and choices, checked when the config is built (keys named under `prefix`)."""
+        check_range(f"{prefix}beta", self.beta, 0, open_low=True)
+        check_choice(f"{prefix}beta_convention", self.beta_convention, ("plain", "salesforce_half"))
+        check_range(f"{prefix}sft_weight", self.sft_weight, 0)
+        check_range(f"{prefix}prompt_dropout", self.prompt_dropout, 0, 1)
 
     @property
     def effective_beta(self) -> float:

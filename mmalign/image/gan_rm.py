@@ -28,7 +28,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmalign.config import ConfigError, DataSource, EvalSchedule, RunConfig, TrainConfig, option
+from mmalign.config import (
+    ConfigError,
+    DataSource,
+    EvalSchedule,
+    RunConfig,
+    TrainConfig,
+    check_choice,
+    check_range,
+    option,
+)
 from mmalign.errors import UserInputError
 from mmalign.io import atomic_directory
 from mmalign.losses import class_balance_weights, weighted_soft_bce
@@ -52,6 +61,15 @@ class GanRMHead:
     holdout_fraction: float = option("share of each class kept out of training to measure AUC", 0.1)
     bootstrap_top: int = option("M: top and bottom generated samples added by rank bootstrapping (0 = off)", 0)
     bootstrap_alpha: float = option("α of the soft labels exp(−α·rank) of bootstrapped positives", 0.01)
+
+    def check_values(self, prefix: str) -> None:
+        """Ranges and choices, checked when the config is built (keys named under `prefix`)."""
+        check_choice(f"{prefix}backend", self.backend, ("auto", "transformers", "open_clip"))
+        check_range(f"{prefix}hidden", self.hidden, 1)
+        check_range(f"{prefix}dropout", self.dropout, 0, 1)
+        check_range(f"{prefix}holdout_fraction", self.holdout_fraction, 0, 1, open_low=True)
+        check_range(f"{prefix}bootstrap_top", self.bootstrap_top, 0)
+        check_range(f"{prefix}bootstrap_alpha", self.bootstrap_alpha, 0)
 
 
 @dataclass
@@ -210,6 +228,10 @@ class GanRMReward(Method):
     def setup(self, accelerator) -> None:
         c, d = self.config, self.run.data
         self.device = accelerator.device
+        if c.bootstrap_top > 0 and (d.pool is None or c.bootstrap_from is None):
+            raise ConfigError("gan_rm_reward.bootstrap_top needs data.pool and gan_rm_reward.bootstrap_from")
+        if c.bootstrap_top == 0 and (d.pool is not None or c.bootstrap_from is not None):
+            raise ConfigError("data.pool and gan_rm_reward.bootstrap_from need gan_rm_reward.bootstrap_top > 0")
         targets, generated = image_files(d.path, "data.path"), image_files(d.generated, "data.generated")
         if len(targets) < 2 or len(generated) < 2:
             raise UserInputError(
@@ -228,8 +250,6 @@ class GanRMReward(Method):
         self.facts: dict[str, Any] = {"targets": len(targets), "generated": len(generated),
                                       "heldout": [len(pos_held), len(neg_held)]}  # fmt: skip
         if c.bootstrap_top > 0:
-            if d.pool is None or c.bootstrap_from is None:
-                raise ConfigError("gan_rm_reward.bootstrap_top needs data.pool and gan_rm_reward.bootstrap_from")
             emb_pool = embed(as_image_batch(image_files(d.pool, "data.pool")))
             first = GanRM(c.bootstrap_from, device=self.device)
             with torch.no_grad():
@@ -239,8 +259,6 @@ class GanRMReward(Method):
             labels = torch.cat([labels, top_labels, torch.zeros(len(bottom))])
             is_target = torch.cat([is_target, torch.zeros(len(top) + len(bottom), dtype=torch.bool)])
             self.facts["bootstrap"] = {"pool": len(emb_pool), "top": len(top), "bottom": len(bottom)}
-        elif d.pool is not None or c.bootstrap_from is not None:
-            raise ConfigError("data.pool and gan_rm_reward.bootstrap_from need gan_rm_reward.bootstrap_top > 0")
         weights = class_balance_weights((~is_target).long())
         self.rows = [{"embedding": e, "target": t, "weight": w} for e, t, w in zip(rows, labels, weights)]
         self.splits = {

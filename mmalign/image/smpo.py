@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmalign.config import ConfigError, option
+from mmalign.config import ConfigError, check_choice, check_range, option
 from mmalign.image.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from mmalign.losses import smpo_pair_scale, soft_preference
 from mmalign.models.families import Conditioning
@@ -49,22 +49,29 @@ class SmPOConfig(DiffusionDPOConfig):
         False,
     )
 
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        check_range(f"{prefix}gamma", self.gamma, 0)
+        check_range(f"{prefix}tau", self.tau, 0, open_low=True)
+        check_choice(f"{prefix}inversion", self.inversion, INVERSIONS)
+        check_range(f"{prefix}inversion_steps", self.inversion_steps, 1)
+        check_range(f"{prefix}renoise_iterations", self.renoise_iterations, 0)
+
 
 class SmPO(DiffusionDPO):
     config_class = SmPOConfig
     config: SmPOConfig
 
     def setup(self, accelerator) -> None:
-        if self.config.inversion not in INVERSIONS:
-            raise ConfigError(f"smpo.inversion must be one of {INVERSIONS}, got {self.config.inversion!r}")
-        if self.config.inversion_steps < 1 or self.config.renoise_iterations < 0:
-            raise ConfigError("smpo.inversion_steps must be ≥ 1 and smpo.renoise_iterations ≥ 0")
         super().setup(accelerator)
         self.score_w, self.score_l = self.score_pairs()
         scores = torch.cat([self.score_w, self.score_l])
         self.tau = self.config.tau if self.config.tau is not None else float(scores.max() - scores.min())
         if self.tau <= 0:
-            raise ValueError("the label reward gives every image the same score; set smpo.tau or another label_reward")
+            raise ConfigError(
+                f"smpo.label_reward {self.config.label_reward!r} gives every training image the same score; "
+                "set smpo.tau or another label_reward"
+            )
         self.p = soft_preference(self.score_w, self.score_l, self.tau)  # (N,), winner = data set's first image
 
     @torch.no_grad()

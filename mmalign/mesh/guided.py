@@ -11,7 +11,7 @@ world's immature meshes) is optimised through per-vertex offsets `δ (V, 3)` in 
   input (unit box, area-weighted samples with face normals and part labels), but with
   `SurfaceDraw`: fresh face indices and barycentric weights every step, so points and normals
   carry gradients to the vertices and the optimisation cannot fit one fixed sample set;
-- `α(t) = α_min + (α_max − α_min)·t/T` grows over the run (the spec's 10 → 20 by default; the recipe's
+- `α(t) = α_min + (α_max − α_min)·t/T` grows over the run (the paper's 10 → 20 by default; the recipe's
   0.3 → 0.6 suits rewards that regress scores ÷ 5);
 - `L_lap`: uniform Laplacian energy (`mmalign.losses.laplacian_smoothing_loss`) ÷ the template's
   squared mean edge length; `L_edge`: edge lengths' relative change from the template
@@ -51,7 +51,7 @@ import torch
 import trimesh
 from torch import nn
 
-from mmalign.config import ConfigError, option
+from mmalign.config import ConfigError, check_choice, check_range, option
 from mmalign.io import atomic_directory
 from mmalign.losses import (
     edge_length_loss,
@@ -125,6 +125,19 @@ class MeshGuidedConfig:
         "generation of data.path=embedded:mesh-templates", default_factory=EmbeddedTemplatesConfig
     )
     render_size: int = option("pixels of each rendered view in the sample grids", 96)
+
+    def check_values(self, prefix: str) -> None:
+        """Ranges and choices, checked when the config is built (keys named under `prefix`)."""
+        if not self.rewards:
+            raise ConfigError(f"config key '{prefix}rewards' must name one or more mesh rewards")
+        check_choice(f"{prefix}ensemble", self.ensemble, ("mean", "min"))
+        weights = ("laplacian_weight", "edge_weight", "normal_weight", "anchor_weight", "anchor_smoothing",
+                   "smoothing", "part_translation_scale", "alpha_min")  # fmt: skip
+        for key in weights:
+            check_range(f"{prefix}{key}", getattr(self, key), 0)
+        check_range(f"{prefix}alpha_max", self.alpha_max, self.alpha_min)
+        for key in ("points", "draws", "render_size"):
+            check_range(f"{prefix}{key}", getattr(self, key), 1)
 
 
 class VertexOffsets(nn.Module):
@@ -224,11 +237,7 @@ class MeshGuided(Method):
 
     def setup(self, accelerator) -> None:
         c = self.config
-        if min(c.laplacian_weight, c.edge_weight, c.normal_weight) < 0:
-            raise ConfigError("mesh_guided.laplacian_weight, edge_weight and normal_weight must be non-negative")
         self.device = accelerator.device
-        if not c.rewards or c.ensemble not in ("mean", "min"):
-            raise ConfigError(f"mesh_guided needs one or more rewards and ensemble mean or min, got {c.ensemble!r}")
         self.rewards = [load_reward(name, device=self.device) for name in c.rewards]
         for name, reward in zip(c.rewards, self.rewards):
             if not isinstance(reward, MeshReward):
@@ -245,8 +254,6 @@ class MeshGuided(Method):
         self.adjacency = [face_adjacency(f) for f in self.faces]
         self.rest_lengths = [(v[e[:, 0]] - v[e[:, 1]]).norm(dim=-1) for v, e in zip(self.rest, self.edges)]
         self.spacing2 = [lengths.mean().pow(2) for lengths in self.rest_lengths]  # squared mean edge length
-        if c.part_translation_scale < 0:
-            raise ConfigError("mesh_guided.part_translation_scale must be non-negative (0 = parts stay)")
         counts = [len(v) for v in self.rest]
         parts = PartTranslations(vertex_parts, c.part_translation_scale) if c.part_translation_scale else None
         self.deformation = Deformation(VertexOffsets(self.edges, counts, c.smoothing), parts).to(self.device)
@@ -303,7 +310,7 @@ class MeshGuided(Method):
         edges, rest_lengths, spacing2 = self.edges[i], self.rest_lengths[i], self.spacing2[i]
         vertices = self.rest[i] + offsets
         laplacian = laplacian_smoothing_loss(vertices, edges) / spacing2
-        displacement = vertices - self.rest[i]  # = offsets up to rounding; the recipe's figures were measured so
+        displacement = vertices - self.rest[i]  # = offsets up to rounding, as docs/results/mesh.md measured
         if self.anchor_filters[i] is not None:
             displacement = self.anchor_filters[i](displacement)
         anchor = displacement.pow(2).sum(dim=-1).mean() / spacing2

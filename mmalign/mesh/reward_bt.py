@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmalign.config import ConfigError, option
+from mmalign.config import check_choice, option
 from mmalign.losses import bradley_terry_loss
 from mmalign.mesh.data import PairDraws, same_prompt_pairs
 from mmalign.mesh.reward_training import MeshRewardConfig, MeshRewardMethod
@@ -29,6 +29,10 @@ class RewardBTConfig(MeshRewardConfig):
         "cycle",
     )
 
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        check_choice(f"{prefix}pairing", self.pairing, PAIRINGS)
+
 
 class RewardBT(MeshRewardMethod):
     config_class = RewardBTConfig
@@ -37,8 +41,6 @@ class RewardBT(MeshRewardMethod):
     regresses_scores = False
 
     def train_dataset(self) -> PairDraws:
-        if self.config.pairing not in PAIRINGS:
-            raise ConfigError(f"reward_bt.pairing must be one of {', '.join(PAIRINGS)}, got {self.config.pairing!r}")
         pairs = same_prompt_pairs(
             self.train_set.prompts, self.train_set.preferred, every=self.config.pairing == "every", seed=self.run.seed
         )

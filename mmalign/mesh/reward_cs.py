@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmalign.config import ConfigError, option
+from mmalign.config import ConfigError, check_range, option
 from mmalign.losses import cs_divergence
 from mmalign.mesh.data import StratifiedDraws
 from mmalign.mesh.reward_training import MeshRewardConfig, MeshRewardMethod
@@ -34,6 +34,12 @@ class RewardCSConfig(MeshRewardConfig):
         "process); fewer than this many per class is an error",
         8,
     )
+
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        check_range(f"{prefix}cs_weight", self.cs_weight, 0)
+        check_range(f"{prefix}bandwidth", self.bandwidth, 0, open_low=True)
+        check_range(f"{prefix}min_per_class", self.min_per_class, 2)
 
 
 class RewardCS(MeshRewardMethod):

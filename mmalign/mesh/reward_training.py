@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from mmalign.config import ConfigError, option
+from mmalign.config import check_range, option
 from mmalign.losses import cs_divergence
 from mmalign.mesh.data import MeshDataConfig, MeshSet, MeshSetConfig, load_mesh_sets, same_prompt_pairs
 from mmalign.mesh.encoder import MeshEncoderConfig, MeshRewardNet, TextTower, knn_indices
@@ -51,6 +51,11 @@ class MeshRewardConfig:
         "read the `encoder.sample_seed` draw",
         1,
     )
+
+    def check_values(self, prefix: str) -> None:
+        """Ranges, checked when the config is built (keys named under `prefix`)."""
+        check_range(f"{prefix}eval_batch_size", self.eval_batch_size, 1)
+        check_range(f"{prefix}train_draws", self.train_draws, 1)
 
 
 def reward_metrics(
@@ -86,9 +91,6 @@ class MeshRewardMethod(Method):
     def setup(self, accelerator) -> None:
         self.device = accelerator.device
         e = self.config.encoder
-        if self.config.train_draws < 1:
-            section = self.run.method.replace("-", "_")
-            raise ConfigError(f"{section}.train_draws must be at least 1, got {self.config.train_draws}")
         with accelerator.main_process_first():
             sets = load_mesh_sets(
                 self.run.data, self.config.meshes, e.points, e.sample_seed, self.config.train_draws, e.part_contact

@@ -60,7 +60,10 @@ def load_reward(name_or_path: str | dict[str, Any], **kwargs: Any) -> Reward:
     folder = resolve_model_path(name_or_path)
     manifest = Path(folder) / REWARD_MANIFEST
     if manifest.is_file():
-        name = json.loads(manifest.read_text())["reward"]
+        try:
+            name = json.loads(manifest.read_text())["reward"]
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not an object with a "reward" name
+            raise RewardInputError(f'{manifest}: not a reward manifest with a "reward" name ({exc!r})') from None
         if name not in REWARDS:
             raise unknown_name_error("reward", name, list(REWARDS))
         return _construct(name, import_string(REWARDS[name][0]), {"path": folder, **kwargs})

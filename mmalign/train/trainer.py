@@ -212,7 +212,14 @@ class Trainer:
 
         if resume_from is not None:
             resume_from, saved = resume_from
-            self.method.load_trainable_state_dict(saved["trainable"])
+            try:
+                self.method.load_trainable_state_dict(saved["trainable"])
+            except (KeyError, ValueError, RuntimeError) as exc:  # names or shapes this model does not have
+                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+                raise ckpt.CheckpointError(
+                    f"{resume_from / 'trainable.safetensors'} does not fit this run's model ({message}); remove "
+                    "the checkpoint to resume from an earlier one"
+                ) from None
             ckpt.restore_optimizer(optimizer.optimizer, saved["optimizer"])
             scheduler.scheduler.load_state_dict(saved["scheduler"])
             ckpt.restore_rng(saved["rng"])

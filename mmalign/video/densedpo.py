@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmalign.config import ConfigError, option
+from mmalign.config import ConfigError, check_choice, check_range, option
 from mmalign.data.segments import pixel_segment_bounds
 from mmalign.data.video import frames_to_tensor, tensor_to_frames
 from mmalign.rewards import load_reward
@@ -70,6 +70,25 @@ class DenseDPOConfig(VideoPairConfig):
         "video0",
     )
 
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        check_choice(f"{prefix}pairs", self.pairs, ("structural", "vanilla"))
+        check_choice(f"{prefix}labels", self.labels, ("segment", "clip"))
+        check_choice(f"{prefix}labeler", self.labeler, ("reward", "vlm", "reference"))
+        check_choice(f"{prefix}sft_target", self.sft_target, ("video0", "real"))
+        if self.sft_target == "real" and self.pairs != "structural":
+            raise ConfigError(f"{prefix}sft_target=real needs structural pairs (the real clip each was made from), "
+                              f"got {prefix}pairs={self.pairs}")  # fmt: skip
+        if self.labeler == "reference" and self.pairs != "structural":
+            raise ConfigError(f"{prefix}labeler=reference compares each copy with the real clip it was denoised "
+                              f"from: it needs structural pairs, got {prefix}pairs={self.pairs}")  # fmt: skip
+        if self.labeler == "vlm" and not self.judge_model:
+            raise ConfigError(f"{prefix}labeler=vlm needs {prefix}judge_model (a VLM hub id or folder)")
+        check_range(f"{prefix}num_videos", self.num_videos, 1)
+        if len(self.eta) != 2 or not 0 < self.eta[0] <= self.eta[1] < 1:
+            raise ConfigError(f"config key '{prefix}eta' must be [lo, hi] with 0 < lo ≤ hi < 1, got {self.eta}")
+        check_range(f"{prefix}tie_margin", self.tie_margin, 0)
+
 
 class DenseDPO(VideoPairMethod):
     config_class = DenseDPOConfig
@@ -78,15 +97,6 @@ class DenseDPO(VideoPairMethod):
     # ------------------------------------------------------------------ setup
     def setup(self, accelerator) -> None:
         c = self.config
-        if c.pairs not in ("structural", "vanilla") or c.labels not in ("segment", "clip"):
-            raise ConfigError(f"densedpo.pairs must be structural or vanilla and densedpo.labels segment or clip, "
-                             f"got {c.pairs!r} / {c.labels!r}")  # fmt: skip
-        if c.sft_target not in ("video0", "real") or (c.sft_target == "real" and c.pairs != "structural"):
-            raise ConfigError(f"densedpo.sft_target must be video0, or real with structural pairs, got "
-                             f"{c.sft_target!r} with {c.pairs!r} pairs")  # fmt: skip
-        if c.labeler == "reference" and c.pairs != "structural":
-            raise ConfigError(f"densedpo.labeler=reference compares each copy with the real clip it was denoised "
-                             f"from: it needs structural pairs, got {c.pairs!r}")  # fmt: skip
         if c.labeler == "reward" and c.labeler_reward == self.run.eval.gold:
             raise ConfigError(f"densedpo.labeler_reward is the eval gold metric {c.labeler_reward!r}: the gold "
                              "metric must never label training pairs")  # fmt: skip
@@ -104,7 +114,7 @@ class DenseDPO(VideoPairMethod):
         if self.config.sft_target == "video0":
             return None
         if "latents_real" not in batch:
-            raise ValueError("densedpo.sft_target=real needs pairs stored with their real clips' latents "
+            raise ConfigError("densedpo.sft_target=real needs pairs stored with their real clips' latents "
                              "(structural pairs built by this version)")  # fmt: skip
         return batch["latents_real"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmalign.config import option
+from mmalign.config import check_range, option
 from mmalign.data.video import frames_to_tensor
 from mmalign.losses import diffusion_dpo_loss, per_segment_mse
 from mmalign.train.diffusion_method import DiffusionPairMethod
@@ -42,6 +42,14 @@ class VideoPairConfig:
     guidance_scale: float = option("classifier-free guidance when building pairs", 3.0)
     build_batch: int = option("clips denoised at once when building pairs", 16)
     sft_weight: float = option("weight of a plain flow-matching loss on video 0 (0 = pure DPO)", 0.0)
+
+    def check_values(self, prefix: str) -> None:
+        """Ranges, checked when the config is built (keys named under `prefix`)."""
+        for key in ("beta", "segment_seconds"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0, open_low=True)
+        for key in ("sample_steps", "build_batch"):
+            check_range(f"{prefix}{key}", getattr(self, key), 1)
+        check_range(f"{prefix}sft_weight", self.sft_weight, 0)
 
 
 class VideoPairMethod(DiffusionPairMethod):

@@ -6,7 +6,7 @@ Pairs: a real clip's latent is taken back to depth `k` of the sampler's schedule
 the current model. The shallower regeneration keeps more of the real motion and is preferred:
 `x_w = Regen(x_real, k_w)`, `x_l = Regen(x_real, k_l)` with `k_w < k_l` (depth 1 = sampling from
 pure noise). Going back is forward noising with fresh noise (default) or ReNoise inversion with the
-current model (`noising: inversion`, the image issue's inversion in the core). Among `candidates`
+current model (`noising: inversion`, SmPO's ReNoise inversion, `mmalign.models.inversion`). Among `candidates`
 negatives, `select: nearest` keeps the one whose latents are closest (L2) to the real clip's —
 a content-matched hard negative [ours: distance at t* = 0] — or `random`.
 
@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mmalign.config import ConfigError, option
+from mmalign.config import ConfigError, check_choice, check_range, option
 from mmalign.data.segments import segment_count
 from mmalign.data.video import tensor_to_frames
 from mmalign.train.rng import keyed_generator
@@ -59,6 +59,20 @@ class RDPOConfig(VideoPairConfig):
     refresh_reference: bool = option("the reference is each stage's starting model (full fine-tuning only)", False)
     inversion_steps: int = option("ReNoise inversion steps (noising: inversion)", 5)
 
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        if not 0 < self.negative_depth <= 1:
+            raise ConfigError(f"config key '{prefix}negative_depth' must be > 0 and ≤ 1, got {self.negative_depth}")
+        depths = self.positive_depths
+        if not depths or any(not 0 < d < self.negative_depth for d in depths):
+            raise ConfigError(f"config key '{prefix}positive_depths' must be one or more depths in (0, "
+                              f"{prefix}negative_depth={self.negative_depth}), got {depths}")  # fmt: skip
+        check_choice(f"{prefix}select", self.select, ("nearest", "random"))
+        check_choice(f"{prefix}noising", self.noising, ("forward", "inversion"))
+        check_choice(f"{prefix}sft_target", self.sft_target, ("positive", "real"))
+        for key in ("num_videos", "candidates", "inversion_steps"):
+            check_range(f"{prefix}{key}", getattr(self, key), 1)
+
 
 class RDPO(VideoPairMethod):
     config_class = RDPOConfig
@@ -66,14 +80,6 @@ class RDPO(VideoPairMethod):
 
     def setup(self, accelerator) -> None:
         c = self.config
-        depths = c.positive_depths
-        if not depths or any(not 0 < d < c.negative_depth for d in depths) or c.negative_depth > 1:
-            raise ConfigError(f"rdpo: need 0 < positive_depths < negative_depth ≤ 1, got {depths}, {c.negative_depth}")
-        if c.select not in ("nearest", "random") or c.noising not in ("forward", "inversion"):
-            raise ConfigError(f"rdpo.select must be nearest or random and rdpo.noising forward or inversion, got "
-                             f"{c.select!r} / {c.noising!r}")  # fmt: skip
-        if c.sft_target not in ("positive", "real"):
-            raise ConfigError(f"rdpo.sft_target must be positive or real, got {c.sft_target!r}")
         if c.refresh_reference and self.run.model.lora_rank is not None:
             raise ConfigError("rdpo.refresh_reference needs full fine-tuning (model.lora_rank: null): with LoRA the "
                              "reference is the base model with adapters disabled")  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import ConfigError, option
+from mmalign.config import ConfigError, check_choice, check_range, option
 from mmalign.losses import AGGREGATIONS, group_advantages, grpo_loss
 from mmalign.models.vlm import Rollout
 from mmalign.train.rollouts import RolloutSchedule, RolloutSource
@@ -43,6 +43,17 @@ class GRPOConfig(VLMConfig):
     aggregation: str = option(f"per-token loss reduction: {', '.join(AGGREGATIONS)}", default="token")
     scale_rewards: bool = option("divide advantages by the group's std (False: Dr. GRPO)", default=True)
 
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        check_range(f"{prefix}num_generations", self.num_generations, 2)  # a group of one has no advantage
+        check_range(f"{prefix}temperature", self.temperature, 0, open_low=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"config key '{prefix}top_p' must be > 0 and ≤ 1, got {self.top_p!r}")
+        check_range(f"{prefix}iterations", self.iterations, 1)
+        for key in ("clip_low", "clip_high", "beta"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0)
+        check_choice(f"{prefix}aggregation", self.aggregation, AGGREGATIONS)
+
 
 @dataclass
 class GroupBatch:
@@ -63,8 +74,6 @@ class GRPO(VLMMethod):
 
     def setup(self, accelerator) -> None:
         c = self.config
-        if c.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"grpo.aggregation must be one of {AGGREGATIONS}, got {c.aggregation!r}")
         schedule = RolloutSchedule.of_run(self.run.train, c.iterations, accelerator.num_processes,
                                           accelerator.process_index, self.run.method_section)  # fmt: skip
         super().setup(accelerator)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import VLMModelConfig, option
+from mmalign.config import ConfigError, VLMModelConfig, check_range, option
 from mmalign.models.vlm import LoraSpec, VisionLanguageModel
 from mmalign.registry import resolve_model_path
 from mmalign.train.method import Method
@@ -41,6 +41,14 @@ class VLMConfig:
         "package.module:function)",
         default_factory=lambda: [RewardTerm("accuracy", 0.9), RewardTerm("format", 0.1)],
     )
+
+    def check_values(self, prefix: str) -> None:
+        """Ranges, and each reward function given once, checked when the config is built."""
+        check_range(f"{prefix}max_new_tokens", self.max_new_tokens, 1)
+        check_range(f"{prefix}eval_batch_size", self.eval_batch_size, 1)
+        names = [term.name for term in self.rewards]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ConfigError(f"config key '{prefix}rewards' lists reward function {twice[0]!r} twice; give it once")
 
 
 def load_vlm(model: VLMModelConfig, device: torch.device, reference_copy: bool = False) -> VisionLanguageModel:

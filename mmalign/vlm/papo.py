@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmalign.config import option
+from mmalign.config import check_range, option
 from mmalign.losses import papo_loss
 from mmalign.models.vlm import PromptBatch
 from mmalign.vlm.grpo import GRPO, GroupBatch, GRPOConfig
@@ -47,6 +47,13 @@ class PAPOConfig(GRPOConfig):
     mask_patch: int = option("side P of the masked squares, in pixels of the raw image", default=14)
     mask_ratio: float = option("probability p that a square is blacked out", default=0.6)
     recompute_masked: bool = option("recompute masked log-probs with gradient at every loss", default=False)
+
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        for key in ("gamma", "entropy_weight", "masked_entropy_weight"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0)
+        check_range(f"{prefix}mask_patch", self.mask_patch, 1)
+        check_range(f"{prefix}mask_ratio", self.mask_ratio, 0, 1)
 
 
 class PAPO(GRPO):

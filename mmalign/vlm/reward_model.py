@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mmalign.config import ConfigError, DataSource, VLMModelConfig, option
+from mmalign.config import DataSource, VLMModelConfig, check_choice, check_range, option
 from mmalign.data.pairs import DataError, decode_image, inside, jsonl_rows, open_dataset
 from mmalign.losses import soft_bradley_terry_loss
 from mmalign.models.vlm import Conversation
@@ -82,6 +82,14 @@ class VLMRewardModelConfig:
         "your pairs without an eval split: share of rows (from the end) held out", default=0.1
     )
     eval_batch_size: int = option("pairs scored at once in evaluation", default=32)
+
+    def check_values(self, prefix: str) -> None:
+        """Ranges and choices, checked when the config is built (keys named under `prefix`)."""
+        check_choice(f"{prefix}ties", self.ties, ("drop", "soft"))
+        check_range(f"{prefix}centring", self.centring, 0)
+        for key in ("train_pairs", "heldout_pairs", "eval_batch_size"):
+            check_range(f"{prefix}{key}", getattr(self, key), 1)
+        check_range(f"{prefix}heldout_fraction", self.heldout_fraction, 0, 1, open_low=True)
 
 
 @dataclass(frozen=True)
@@ -208,8 +216,6 @@ class VLMRewardModel(Method):
 
     def setup(self, accelerator) -> None:
         c = self.config
-        if c.ties not in ("drop", "soft"):
-            raise ConfigError(f"vlm_reward_model.ties must be drop or soft, got {c.ties!r}")
         self.vlm = load_vlm(self.run.model, accelerator.device)
         self.net = VLMRewardNet(self.vlm.model, text_hidden_size(self.vlm.model)).to(accelerator.device)
         self.module: torch.nn.Module = self.net

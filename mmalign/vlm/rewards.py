@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import option
+from mmalign.config import ConfigError, option
 
 RewardFunction = Callable[..., Sequence[float]]
 
@@ -255,16 +255,23 @@ class RewardTerm:
     weight: float = option("its weight in the total reward", default=1.0)
     args: dict[str, Any] = option("keyword arguments of the function, e.g. {rel_tol: 0.01}", default_factory=dict)
 
+    def check_values(self, prefix: str) -> None:
+        """The function must exist when the config is built, not at the first rollout."""
+        try:
+            reward_function(self.name)
+        except ConfigError as exc:
+            raise ConfigError(f"config key '{prefix}name': {exc}") from None
+
 
 def reward_function(name: str) -> RewardFunction:
     """The function a `RewardTerm.name` names: a built-in of `REWARD_FUNCTIONS`, or `package.module:function`.
 
-    Raises ValueError for an unknown built-in, a module or attribute that cannot be imported, or an object that
-    is not callable.
+    Raises a `ConfigError` for an unknown built-in, a module or attribute that cannot be imported, or an object
+    that is not callable.
     """
     if ":" not in name:
         if name not in REWARD_FUNCTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown reward function {name!r}; choose from {sorted(REWARD_FUNCTIONS)} or give your own as "
                 "package.module:function"
             )
@@ -273,9 +280,9 @@ def reward_function(name: str) -> RewardFunction:
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"reward function {name!r} cannot be imported: {error}") from error
+        raise ConfigError(f"reward function {name!r} cannot be imported: {error}") from error
     if not callable(function):
-        raise ValueError(f"reward function {name!r} is a {type(function).__name__}, not a function")
+        raise ConfigError(f"reward function {name!r} is a {type(function).__name__}, not a function")
     return function
 
 
@@ -285,19 +292,19 @@ def weighted_rewards(
     """Total reward `(B,)` and each function's raw values `{name: (B,)}`.
 
     Each term's function is called as `f(list(completions), list(answers), **term.args)` and must return one
-    finite real number per completion; otherwise, or if a name is given twice, a ValueError names the term.
+    finite real number per completion; otherwise, or if a name is given twice, a `ConfigError` names the term.
     """
     completions, answers = list(completions), list(answers)
     total = torch.zeros(len(completions), dtype=torch.float32)
     parts = {}
     for term in terms:
         if term.name in parts:
-            raise ValueError(f"reward function {term.name!r} is listed twice; give it once")
+            raise ConfigError(f"reward function {term.name!r} is listed twice; give it once")
         values = reward_function(term.name)(completions, answers, **term.args)
         if not isinstance(values, Sequence) or len(values) != len(completions):
-            raise ValueError(f"reward function {term.name!r} must return a list of {len(completions)} floats")
+            raise ConfigError(f"reward function {term.name!r} must return a list of {len(completions)} floats")
         if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
-            raise ValueError(f"reward function {term.name!r} returned a value that is not a finite float")
+            raise ConfigError(f"reward function {term.name!r} returned a value that is not a finite float")
         parts[term.name] = torch.tensor([float(v) for v in values], dtype=torch.float32)
         total += term.weight * parts[term.name]
     return total, parts
