@@ -103,9 +103,8 @@ def test_reward_cs_recipe_separates_the_heldout_sets(cs_run):
 
 
 def test_train_draws_below_one_is_refused():
-    method = RewardCS(load_config(ROOT / "configs/mesh/reward_cs.yaml", ["reward_cs.train_draws=0"]))
-    with pytest.raises(ConfigError, match="reward_cs.train_draws must be at least 1"):
-        method.setup(SimpleNamespace(device=torch.device("cpu"), num_processes=1))
+    with pytest.raises(ConfigError, match="'reward_cs.train_draws' must be ≥ 1"):
+        load_config(ROOT / "configs/mesh/reward_cs.yaml", ["reward_cs.train_draws=0"])
 
 
 def test_objective_is_score_regression_minus_lambda_cs_and_pushes_the_sets_apart():
