@@ -50,11 +50,11 @@ def load_reward(name_or_path: str | dict[str, Any], **kwargs: Any) -> Reward:
         return _construct(name_or_path, HttpReward, {"url": name_or_path, **kwargs})
     for prefix in ("video:", "mesh-views:"):
         if name_or_path.startswith(prefix):
-            from mmalign.rewards.media import WRAPPERS
+            from mmalign.rewards.media import WRAPPERS, wrapper_class
 
-            wrapper, own = WRAPPERS[prefix]
+            own = WRAPPERS[prefix][1]
             inner = load_reward(name_or_path[len(prefix) :], **{k: v for k, v in kwargs.items() if k not in own})
-            return wrapper(inner, **{k: v for k, v in kwargs.items() if k in own})
+            return wrapper_class(prefix)(inner, **{k: v for k, v in kwargs.items() if k in own})
     if name_or_path in REWARDS:
         return _construct(name_or_path, load(REWARDS, "reward", name_or_path), kwargs)
     folder = resolve_model_path(name_or_path)

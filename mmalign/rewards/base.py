@@ -109,10 +109,9 @@ class Reward(ABC):
             from mmalign.rewards import media
 
             kind = media.media_kind(samples)
-            if kind == "video":
-                return media.VideoFrames(self)(samples, prompts, progress)
-            if kind == "mesh":
-                return media.MeshViews(self)(samples, prompts, progress)
+            if kind != "image":
+                wrapper = media.wrapper_class("video:" if kind == "video" else "mesh-views:")
+                return wrapper(self)(samples, prompts, progress)
         images = self.as_batch(samples)
         n = len(images)
         prompt_list = broadcast_prompts(prompts, n, self.needs_prompts)

@@ -6,7 +6,7 @@ last frame are always in; a clip of `T ≤ frames` frames gives all of them — 
 the clip's prompt, and pooling the frame scores by `mean` or `min` (the worst frame). The frame rate
 of the file plays no part: a 2 s and a 10 s clip both contribute `frames` frames.
 
-`MeshViews(reward, views=4, size=224, elevation=25, pool="mean")` renders each mesh with the
+`mmalign.mesh.views.MeshViews(reward, views=4, size=224, elevation=25, pool="mean")` renders each mesh with the
 toolkit's software rasteriser (`mmalign.mesh.render`: numpy only, headless, CPU; flat-shaded
 grey-blue front faces, orange back faces, white background, orthographic, mesh in the unit box)
 from `views` azimuths evenly spaced around the vertical axis starting at 35° (4 views: 35°, 125°,
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mmalign.data.video import VIDEO_SUFFIXES
+from mmalign.registry import import_string
 from mmalign.rewards.base import Reward, RewardInputError, broadcast_prompts
 from mmalign.rewards.video import VideoReward, as_video_batch
 
@@ -69,7 +70,7 @@ def pool_scores(scores: torch.Tensor, counts: Sequence[int], pool: str) -> torch
     return torch.stack([part.mean() if pool == "mean" else part.min() for part in parts])
 
 
-def _check_pool(pool: str) -> str:
+def check_pool(pool: str) -> str:
     if pool not in POOLS:
         raise RewardInputError(f"pool={pool!r}: expected one of {', '.join(POOLS)}")
     return pool
@@ -82,7 +83,7 @@ def frame_indices(length: int, frames: int) -> list[int]:
     return [int(i) for i in np.round(np.linspace(0, length - 1, frames))]
 
 
-def _image_reward(reward: Reward, wrapper: str) -> Reward:
+def image_reward(reward: Reward, wrapper: str) -> Reward:
     if getattr(reward, "file_kind", "image") != "image":
         raise RewardInputError(f"{wrapper} takes an image reward; {reward.name!r} scores {reward.file_kind}s")
     return reward
@@ -100,7 +101,7 @@ class VideoFrames(VideoReward):
     def __init__(self, reward: Reward, frames: int = 8, pool: str = "mean"):
         if int(frames) < 1:
             raise RewardInputError(f"frames={frames}: sample at least 1 frame per clip")
-        self.reward, self.frames, self.pool = _image_reward(reward, "video:"), int(frames), _check_pool(pool)
+        self.reward, self.frames, self.pool = image_reward(reward, "video:"), int(frames), check_pool(pool)
         self.name = f"video:{reward.name}"
         self.needs_prompts = reward.needs_prompts
 
@@ -126,65 +127,14 @@ class VideoFrames(VideoReward):
         return self(images, prompts)
 
 
-class MeshViews(Reward):
-    """An image reward on meshes: `views` rendered views of each mesh, each scored, pooled by `pool`.
-
-    Args:
-        reward: the image reward that scores each view.
-        views: azimuths per mesh, evenly spaced from 35° (≥ 1).
-        size: side of each rendered view in pixels.
-        elevation: camera elevation above the horizon in degrees.
-        pool: `mean` or `min` of the view scores.
-    """
-
-    file_suffixes, file_kind = MESH_SUFFIXES, "mesh"  # what `mmalign score` collects from folders
-
-    def __init__(self, reward: Reward, views: int = 4, size: int = 224, elevation: float = 25.0, pool: str = "mean"):
-        if int(views) < 1 or int(size) < 8:
-            raise RewardInputError(f"views={views}, size={size}: need at least 1 view of at least 8 px")
-        self.reward = _image_reward(reward, "mesh-views:")
-        self.views, self.size, self.elevation, self.pool = int(views), int(size), float(elevation), _check_pool(pool)
-        self.name = f"mesh-views:{reward.name}"
-        self.needs_prompts = reward.needs_prompts
-
-    @property
-    def azimuths(self) -> list[float]:
-        """Azimuths in degrees of the rendered views."""
-        return [35.0 + 360.0 * k / self.views for k in range(self.views)]
-
-    def render(self, meshes: Any) -> torch.Tensor:
-        """Meshes (paths, trimesh objects or folders) → views `(M, views, 3, size, size)` in [0, 1]."""
-        from mmalign.mesh.io import load_mesh
-        from mmalign.mesh.render import render_mesh
-        from mmalign.mesh.reward import as_mesh_list
-
-        out = []
-        for i, item in enumerate(as_mesh_list(meshes)):
-            is_file = isinstance(item, (str, Path))
-            mesh = load_mesh(item if is_file else item.copy(), name=None if is_file else f"mesh {i}")
-            views = [render_mesh(mesh, self.size, a, self.elevation) for a in self.azimuths]
-            out.append(torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float())
-        if not out:
-            raise RewardInputError("no meshes to score")
-        return torch.stack(out)
-
-    def __call__(
-        self, samples: Any, prompts: str | Sequence[str] | None = None, progress: bool | None = None
-    ) -> torch.Tensor:
-        """Score meshes (one or a list of paths / trimesh objects, or folders of mesh files) → `(M,)`."""
-        views = self.render(samples)
-        prompt_list = broadcast_prompts(prompts, len(views), self.needs_prompts)
-        view_prompts = None if prompt_list is None else [p for p in prompt_list for _ in range(self.views)]
-        scores = self.reward(views.flatten(0, 1), view_prompts, progress)
-        return pool_scores(scores, [self.views] * len(views), self.pool)
-
-    def score_batch(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        """Not used: meshes arrive through `__call__`; `images (N, 3, H, W)` are scored by the inner reward."""
-        return self.reward.score_batch(images, prompts)
-
-
-#: name prefix → wrapper class and the keyword arguments it takes (the rest go to the inner reward)
-WRAPPERS: dict[str, tuple[type[Reward], tuple[str, ...]]] = {
-    "video:": (VideoFrames, ("frames", "pool")),
-    "mesh-views:": (MeshViews, ("views", "size", "elevation", "pool")),
+#: name prefix → "module:Class" of its wrapper and the keyword arguments it takes (the rest go to the
+#: inner reward); the mesh wrapper lives in the mesh package, imported by string when used
+WRAPPERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "video:": ("mmalign.rewards.media:VideoFrames", ("frames", "pool")),
+    "mesh-views:": ("mmalign.mesh.views:MeshViews", ("views", "size", "elevation", "pool")),
 }
+
+
+def wrapper_class(prefix: str) -> type[Reward]:
+    """The wrapper class of a `video:` / `mesh-views:` name prefix."""
+    return import_string(WRAPPERS[prefix][0])
