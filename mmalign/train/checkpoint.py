@@ -201,6 +201,8 @@ def read_newest_intact(root: Path, process_index: int, say) -> tuple[Path, dict[
     for directory in reversed(checkpoint_dirs(root)):
         try:
             saved = read_checkpoint(directory, process_index)
+        except CheckpointError:
+            raise
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
             say(f"checkpoint {directory} is damaged ({type(exc).__name__}: {exc}); trying the one before it")
             continue
@@ -219,10 +221,25 @@ def read_checkpoint(directory: Path, process_index: int) -> dict[str, Any]:
     rng_name = f"rng-rank{process_index}"
     if not (directory / f"{rng_name}.json").exists():
         rng_name = "rng-rank0"  # resumed with more processes than saved: reuse rank 0's state
-    return {
+    saved = {
         "trainable": load_file(str(directory / "trainable.safetensors")),
         "optimizer": load_state(directory, "optimizer"),
         "scheduler": json.loads((directory / "scheduler.json").read_text()),
         "rng": load_state(directory, rng_name),
         "trainer_state": json.loads((directory / "trainer_state.json").read_text()),
     }
+    optimizer = saved["optimizer"]
+    layouts = {
+        "optimizer.json": isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list),
+        "scheduler.json": isinstance(saved["scheduler"], dict),
+        "trainer_state.json": isinstance(saved["trainer_state"], dict),
+    }
+    for name, whole in layouts.items():
+        if not whole:
+            raise CheckpointError(
+                f"{directory / name} does not hold what a checkpoint writes there (edited?); refusing to resume "
+                "from it (remove the checkpoint to resume from an earlier one)"
+            )
+    return saved
