@@ -306,6 +306,36 @@ def test_vlm_judge_question_is_configurable(tiny_vlm_dir):
         load_reward("vlm-judge", path=str(tiny_vlm_dir), question="Is it good?")
 
 
+def test_the_pairwise_judge_asks_in_both_orders(tiny_vlm_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmalign.rewards.vqascore import PAIRWISE_QUESTION
+
+    a, b = _images(2, size=(56, 56)), _images(2, size=(56, 56)).flip(-1)
+    prompts = ["a red circle", "a cat"]
+    judge = load_reward("vlm-judge", path=str(tiny_vlm_dir), batch_size=2)
+    prefer = judge.prefer(a, b, prompts)
+    assert torch.allclose(prefer + judge.prefer(b, a, prompts), torch.ones(2), atol=1e-5)  # order bias cancels
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_vlm_dir)
+    yes = processor.tokenizer.encode("Yes", add_special_tokens=False)[0]
+    no = processor.tokenizer.encode("No", add_special_tokens=False)[0]
+
+    def first_is_better(first: torch.Tensor, second: torch.Tensor, prompt: str) -> torch.Tensor:
+        text = PAIRWISE_QUESTION.format(prompt=prompt)
+        content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}]
+        chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)  # fmt: skip
+        pils = [Image.fromarray((x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()) for x in (first, second)]
+        with torch.no_grad():
+            logits = model(**processor(text=[chat], images=[pils], return_tensors="pt")).logits[0, -1]
+        return torch.sigmoid(logits[yes] - logits[no])
+
+    expected = [0.5 * (first_is_better(x, y, p) + 1 - first_is_better(y, x, p)) for x, y, p in zip(a, b, prompts)]
+    assert torch.allclose(prefer, torch.stack(expected), atol=1e-4)
+
+
 # ------------------------------------------------------------------ the original packages
 def _import_or_skip(module: str):
     try:
