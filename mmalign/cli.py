@@ -181,10 +181,11 @@ def _methods(args: argparse.Namespace) -> int:
         ("rewards (mmalign score --reward, mmalign.load_reward)", REWARDS),
         ("evaluators (held-out evaluation of a run)", EVALUATORS),
     )
+    width = max(len(name) for _, table in tables for name in table)
     for title, table in tables:
         print(f"{title}:")
         for name, (_, description) in table.items():
-            print(f"  {name:<16} {description}")
+            print(f"  {name:<{width}} {description}")
         print()
     print("data (the data.path a method reads; embedded:<name> sets are built offline):")
     for name, (methods, description) in DATASETS.items():
