@@ -74,7 +74,7 @@ def test_bad_specs_name_the_key():
 def test_sums_go_where_reward_names_go(parts, tiny_clip_dir, tmp_path):
     images, clip, gold = parts
     spec = "{shapes-gold: 0.5, 'video:shapes-gold': 0.5}"
-    # the eval section's reward list takes the spec as one string
+    # a weighted sum written as one string is one entry of eval.rewards
     config = load_config("configs/image/diffusion_dpo.yaml", [f'eval.rewards=["{spec}"]'])
     assert config.eval.rewards == [spec]
     reward = load_reward(config.eval.rewards[0], device="cpu")  # as DiffusionEvaluator loads it
