@@ -10,6 +10,9 @@ It holds a loaded pipeline and gives the pieces every preference method needs:
   frozen reference (LoRA adapters disabled, or a frozen copy for full fine-tuning);
 - `sample(prompts, …)` with classifier-free guidance, optionally starting from a clean latent
   noised part of the way (SDEdit-style, `strength < 1`);
+- `sample_trajectory(prompts, kernel=…)` recording every step and the log-probabilities of the
+  stochastic steps, and `transition(x, x_next, step, …)` recomputing one step's log-probability
+  with gradients (online RL; `mmalign.models.trajectory`);
 - `save_lora(dir)` (loads with `pipe.load_lora_weights(dir)`) and `save_pretrained(dir)`.
 
 Families: SD1.x/2.x UNets (ε or v prediction), SDXL (two text encoders, time ids), SD3-class
@@ -34,6 +37,7 @@ from mmalign.models.families import Conditioning, Family, family_of
 from mmalign.models.inversion import renoise_invert
 from mmalign.models.noise import noise_process
 from mmalign.models.state import load_trainable_state, trainable_state
+from mmalign.models.trajectory import StepGrid, Trajectory, gaussian_log_prob, sampling_grid
 from mmalign.models.weights import reading_weights, use_safetensors
 from mmalign.registry import resolve_model_path
 
@@ -371,23 +375,131 @@ class DiffusionModel:
                 scheduler.set_begin_index(start)
             t0 = timesteps[:1].expand(batch)
             x = self.noise.add_noise(init_latents.to(self.device, torch.float32), noise, t0)
-        guided = guidance_scale != 1.0
-        cond = self.encode_prompt(prompts, resolution)
-        if guided:
-            cond = Conditioning.cat([self.encode_prompt([negative_prompt] * batch, resolution), cond])
+        cond, negative = self.guidance_conditioning(prompts, resolution, guidance_scale, negative_prompt)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         with self._denoiser_for_sampling(use_reference) as denoiser:
             for t in timesteps:
-                x_in = torch.cat([x, x]) if guided else x
-                if hasattr(scheduler, "scale_model_input"):
-                    x_in = scheduler.scale_model_input(x_in, t)
-                t_batch = t.expand(x_in.shape[0]).to(self.device)
-                pred = self.family.denoise(denoiser, x_in.to(self.weight_dtype), t_batch, cond).float()
-                if guided:
-                    uncond, text = pred.chunk(2)
-                    pred = uncond + guidance_scale * (text - uncond)
+                x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+                pred = self.guided_prediction(denoiser, x_in, t, cond, negative, guidance_scale)
                 x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
         return x
+
+    def guidance_conditioning(
+        self, prompts: list[str], resolution: tuple[int, int], guidance_scale: float, negative_prompt: str = ""
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """The prompts' conditioning and, with guidance (`guidance_scale != 1`), the negative prompt's (B rows each)."""
+        cond = self.encode_prompt(prompts, resolution)
+        if guidance_scale == 1.0:
+            return cond, None
+        return cond, self.encode_prompt([negative_prompt] * len(prompts), resolution)
+
+    def guided_prediction(
+        self,
+        denoiser: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: Conditioning,
+        negative: Conditioning | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """`denoiser`'s prediction for `x (B, …)` at the scalar timestep `t`, in float32, with
+        classifier-free guidance `u + g·(c − u)` when `negative` is given (one batched call)."""
+        x_in = x if negative is None else torch.cat([x, x])
+        full = Conditioning.cat([negative, cond]) if negative is not None else cond
+        t_batch = t.to(self.device).expand(x_in.shape[0])
+        pred = self.family.denoise(denoiser, x_in.to(self.weight_dtype), t_batch, full).float()
+        if negative is None:
+            return pred
+        uncond, text = pred.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    # ------------------------------------------------------------------ trajectories (online RL)
+    def sampling_grid(self, kernel: str, noise_level: float, num_steps: int, shape: tuple[int, ...]) -> StepGrid:
+        """The `StepGrid` of `num_steps` steps with `kernel` for latents of `shape` (`mmalign.models.trajectory`)."""
+        return sampling_grid(
+            self.pipe.scheduler, kernel, noise_level, num_steps, lambda s, n: self._set_timesteps(s, n, shape)
+        )
+
+    @torch.no_grad()
+    def sample_trajectory(
+        self,
+        prompts: list[str],
+        *,
+        kernel: str,
+        noise_level: float,
+        num_steps: int = 10,
+        window: tuple[int, ...] | None = None,
+        guidance_scale: float = 1.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        resolution: tuple[int, int] | None = None,
+        num_frames: int | None = None,
+        negative_prompt: str = "",
+    ) -> Trajectory:
+        """Sample `prompts` with the trainable denoiser, recording every step's latents and the
+        log-probability of each `window` step (default: every stochastic step).
+
+        Window steps draw `x' = mean + std·z` with `z` from `generator` (CPU), in window order;
+        all other steps are deterministic. At noise level 0 no log-probability is recorded.
+        Returns a `Trajectory` with `latents (B, T+1, …)` and `log_probs (B, W)`.
+        """
+        resolution = resolution or self.default_resolution
+        shape = self.latent_shape(len(prompts), resolution, num_frames)
+        grid = self.sampling_grid(kernel, noise_level, num_steps, shape)
+        if window is None:
+            window = tuple(i for i in range(grid.num_steps) if grid.is_stochastic(i))
+        for i in window:
+            if not 0 <= i < grid.num_steps or not grid.is_stochastic(i):
+                raise ValueError(f"step {i} of {grid.num_steps} cannot be a stochastic {kernel} step")
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        x = noise.to(self.device, torch.float32)
+        cond, negative = self.guidance_conditioning(prompts, resolution, guidance_scale, negative_prompt)
+        latents, log_probs = [x], []
+        with self._denoiser_for_sampling(False) as denoiser:
+            for i, t in enumerate(grid.timesteps):
+                pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale)
+                if i in window:
+                    mean, std = grid.stochastic_step(x, pred, i)
+                    z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+                    x = mean + std * z
+                    if noise_level > 0:
+                        log_probs.append(gaussian_log_prob(x, mean, std))
+                else:
+                    x = grid.deterministic_step(x, pred, i)
+                latents.append(x)
+        return Trajectory(
+            latents=torch.stack(latents, dim=1),
+            window=tuple(window),
+            log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
+            cond=cond,
+            negative=negative,
+            guidance_scale=guidance_scale,
+            grid=grid,
+        )
+
+    def transition(
+        self,
+        x: torch.Tensor,
+        x_next: torch.Tensor,
+        step: int,
+        grid: StepGrid,
+        cond: Conditioning,
+        negative: Conditioning | None = None,
+        guidance_scale: float = 1.0,
+        use_reference: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step `step` of `grid` from `x` to `x_next` (both `(B, …)`): its log-probability `(B,)`,
+        the Gaussian's mean `(B, …)` and std. With the trainable denoiser (`self.denoiser`, with a
+        graph) or, with `use_reference`, the frozen reference (no graph)."""
+        t = grid.timesteps[step]
+        if use_reference:
+            with torch.no_grad(), self.reference() as denoiser:
+                pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale)
+        else:
+            pred = self.guided_prediction(self.denoiser, x, t, cond, negative, guidance_scale)
+        mean, std = grid.stochastic_step(x.to(self.device, torch.float32), pred, step)
+        return gaussian_log_prob(x_next.to(mean.device), mean, std), mean, std
 
     @staticmethod
     def _sdedit_start_index(num_steps: int, strength: float) -> int:
