@@ -450,3 +450,83 @@ def soft_bradley_terry_loss(
     bce = F.binary_cross_entropy_with_logits(reward_1 - reward_2, y, reduction="none")
     entropy = -(torch.xlogy(y, y) + torch.xlogy(1 - y, 1 - y))
     return (bce - entropy + centring * (reward_1 + reward_2).pow(2)).mean()
+
+
+def reward_advantages(
+    rewards: dict[str, torch.Tensor], weights: dict[str, float], group_size: int, per_reward: bool = False
+) -> torch.Tensor:
+    """Group-normalised advantages `(N,)` of several rewards `{name: (N,)}` with `weights {name: w}`.
+
+    `per_reward=False`: `group_advantages(Σ_k w_k·R_k)`, the sum normalised within each group.
+    `per_reward=True` (GDPO-style): `Σ_k (w_k / Σ_j |w_j|)·group_advantages(R_k)`, each reward
+    normalised within each group before the weighted mean, so no reward dominates by its scale; with
+    one reward it is exactly `group_advantages(R)`.
+    """
+    if set(rewards) != set(weights):
+        raise ValueError(f"rewards {sorted(rewards)} and weights {sorted(weights)} name different rewards")
+    if per_reward:
+        total = sum(abs(w) for w in weights.values())
+        if total == 0:
+            raise ValueError("per-reward advantages need a non-zero weight")
+        return sum((weights[k] / total) * group_advantages(r, group_size) for k, r in rewards.items())
+    return group_advantages(sum(weights[k] * r for k, r in rewards.items()), group_size)
+
+
+def gaussian_mean_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`KL(N(mean, std²) ‖ N(mean_ref, std²))` per element, averaged over all but the batch axis: `(B, …) → (B,)`.
+
+    Two Gaussians of the same std: `‖mean − mean_ref‖² / (2·std²)`; Flow-GRPO's KL of one sampling
+    step to the reference policy. `std` is a scalar or broadcasts against `mean`.
+    """
+    return ((mean - mean_ref) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)
+
+
+def flow_grpo_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float,
+    beta: float = 0.0,
+    kl: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Flow-GRPO's loss over the window steps of a rollout, to minimise.
+
+    `logp`, `logp_old (B, W)`: each sample's log-probability of its window steps under the policy
+    and the policy that sampled them; `advantages (B,)`; `kl (B, W)`: `gaussian_mean_kl` of each
+    step to the reference. `L = −mean_{b,i} min(ρA, clip(ρ, 1 − ε, 1 + ε)A) + β·mean(kl)`,
+    `ρ = exp(logp − logp_old)`: `grpo_loss` with one "token" per window step and a symmetric clip.
+    """
+    loss, metrics = grpo_loss(
+        logp, logp_old, advantages, torch.ones_like(logp), clip_low=clip_range, clip_high=clip_range
+    )
+    if beta:
+        if kl is None:
+            raise ValueError("beta > 0 needs the per-step KL to the reference")
+        loss = loss + beta * kl.mean()
+    if kl is not None:
+        metrics["kl"] = kl.detach().mean()
+    return loss, metrics
+
+
+def nft_optimality(advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability `r = clamp(clip(A, ±A_max) / (2·A_max) + ½, 0, 1)`, `(B,)`."""
+    return (advantages.clamp(-clip, clip) / (2 * clip) + 0.5).clamp(0, 1)
+
+
+def diffusion_nft_loss(
+    v: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DiffusionNFT's negative-aware flow-matching loss (arXiv 2509.16117, velocity form), to minimise.
+
+    `v (B, …)`: the policy's velocity at `x_σ` (with a graph); `v_old`: the old (sampling) policy's;
+    `target = ε − x₀`; `r (B,)`: optimality probabilities (`nft_optimality`). With the implicit
+    positive and negative policies `v⁺ = β·v + (1 − β)·v_old` and `v⁻ = (1 + β)·v_old − β·v`,
+    `L = mean_b( r·‖v⁺ − target‖² + (1 − r)·‖v⁻ − target‖² )` (squared errors averaged over
+    elements). When `v = v_old` it is plain flow matching whatever `r`.
+    """
+    v_old = v_old.detach()
+    positive = per_sample_mse(beta * v + (1 - beta) * v_old, target)
+    negative = per_sample_mse((1 + beta) * v_old - beta * v, target)
+    loss = (r * positive + (1 - r) * negative).mean()
+    return loss, {"positive_mse": positive.detach().mean(), "negative_mse": negative.detach().mean()}
