@@ -164,14 +164,11 @@ def _serve_reward(args: argparse.Namespace) -> int:
     if args.allow_pickle:
         kwargs["allow_pickle"] = True
     reward = mmalign.load_reward(args.reward, **kwargs)
-    kind = getattr(reward, "file_kind", "image")
-    if kind != "image":
-        raise UserInputError(f"{args.reward} scores {kind}s; the server takes images (serve an image reward instead)")
     route = args.route or (args.reward if args.reward in REWARDS else reward.name)
     if "/" in route or not route:
         raise UserInputError(f"route {route!r}: give --route NAME (no slashes) to serve this reward under")
     print(f"serving {reward.name} at http://{args.host}:{args.port}/{route}", flush=True)
-    serve(reward, route, args.host, args.port, args.max_batch, args.max_wait_ms, args.log_level)
+    serve(reward, route, args.host, args.port, args.max_batch, args.max_wait_ms, args.log_level, args.max_request_mb)
     return 0
 
 
@@ -257,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve-reward",
         help="serve a reward over HTTP (batching concurrent requests)",
-        description='Serve a reward at http://HOST:PORT/ROUTE: POST {"images": [base64 PNG, ...], "prompts": '
-        "[...]} returns {\"scores\": [...]}; load_reward('http://HOST:PORT/ROUTE') scores through it. "
-        "Concurrent requests are gathered up to --max-batch images or --max-wait-ms and scored in one call.",
+        description='Serve an image, video or mesh reward at http://HOST:PORT/ROUTE: POST {"kind": "image", '
+        '"images": [base64 PNG, ...], "prompts": [...]} (or "video" with "videos", "mesh" with "meshes"; '
+        "docs/rewards.md) returns {\"scores\": [...]}; load_reward('http://HOST:PORT/ROUTE') scores through it. "
+        "Concurrent requests are gathered up to --max-batch items or --max-wait-ms and scored in one call.",
     )
     serve.add_argument("reward", help="registered reward name, trained reward folder or {reward: weight} mapping")
     serve.add_argument("--path", help="the reward's model folder (same as --reward-arg path=...)")
@@ -271,8 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8300, help="port to listen on")
     serve.add_argument("--route", help="URL path to serve at; default the reward's name")
-    serve.add_argument("--max-batch", type=int, default=64, help="images gathered into one reward call")
+    serve.add_argument(
+        "--max-batch", type=int, default=64, help="items (images, clips or meshes) gathered into one reward call"
+    )
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for more requests to batch")
+    serve.add_argument(
+        "--max-request-mb", type=float, default=128.0, help="largest request body in MiB (larger ones get 413)"
+    )
     serve.add_argument("--log-level", default="info", help="uvicorn log level (warning: no per-request lines)")
     serve.set_defaults(func=_serve_reward)
 

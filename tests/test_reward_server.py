@@ -1,5 +1,6 @@
-"""The HTTP reward server: scores equal in-process ones, concurrent requests are batched, bad requests get
-a 4xx JSON error and the server keeps serving; the client reward goes wherever a reward name goes."""
+"""The HTTP reward server: scores equal in-process ones (images, videos and meshes), concurrent requests are
+batched, bad requests (malformed, of the wrong kind, too large) get a 4xx JSON error and the server keeps
+serving; the client reward goes wherever a reward name of its kind goes."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import trimesh
 
+from mmalign.data import balls_world
 from mmalign.rewards import Reward, RewardInputError, load_reward
-from mmalign.rewards.http import encode_png
+from mmalign.rewards.http import encode_array, encode_png
+from mmalign.rewards.media import wrapper_class
 from mmalign.rewards.server import build_app, free_port, serving
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red circle left of a blue square"]
@@ -184,3 +188,183 @@ def test_serve_reward_command_serves_until_stopped(tiny_clip_dir, clip):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def _clips(n: int, seed: int = 0) -> list[np.ndarray]:
+    """`n` balls-world clips `(17, 32, 32, 3)` uint8."""
+    rng = np.random.default_rng(seed)
+    return [balls_world.render(caption, rng) for caption in balls_world.captions("train")[:n]]
+
+
+def _array(shape: tuple[int, ...], dtype: str = "uint8") -> dict:
+    return encode_array(np.zeros(shape, dtype))
+
+
+@pytest.fixture(scope="module")
+def physics():
+    return load_reward("balls-physics")
+
+
+@pytest.fixture(scope="module")
+def physics_server(physics):
+    """A balls-physics (video) server on a free 127.0.0.1 port, gathering requests for up to 50 ms."""
+    with serving(build_app(physics, "balls-physics", max_wait_ms=50)) as base:
+        yield f"{base}/balls-physics"
+
+
+def test_video_rewards_through_the_server_equal_in_process_scores(clip, physics, physics_server):
+    remote = load_reward(physics_server, batch_size=2)  # 2 requests for 4 clips
+    assert remote.file_kind == "video" and not remote.needs_prompts and ".mp4" in remote.file_suffixes
+    clips = _clips(3) + [_clips(1, seed=1)[0][:9]]  # a shorter clip: scored in its own call
+    assert torch.equal(remote(clips), physics(clips))
+    tensor = torch.from_numpy(np.stack(clips[:3])).permute(0, 4, 1, 2, 3).float() / 255  # (N, 3, T, H, W)
+    assert torch.equal(remote(tensor), physics(tensor))
+    # a video reward with prompts; the client is a video reward wherever the kind is checked
+    framed = wrapper_class("video:")(clip, frames=4)
+    with serving(build_app(framed, "video-clip")) as base:
+        served = load_reward(f"{base}/video-clip")
+        assert served.file_kind == "video" and served.needs_prompts
+        assert torch.allclose(served(clips, PROMPTS), framed(clips, PROMPTS), atol=1e-4)
+        summed = load_reward({f"{base}/video-clip": 0.5, physics_server: 2.0})
+        expected = 0.5 * framed(clips, PROMPTS) + 2 * physics(clips)
+        assert summed.file_kind == "video" and torch.allclose(summed(clips, PROMPTS), expected, atol=1e-4)
+        with pytest.raises(RewardInputError, match="video: takes an image reward"):
+            load_reward(f"video:{base}/video-clip")
+
+
+def test_concurrent_video_clients_are_batched(physics, physics_server):
+    remote = load_reward(physics_server)
+    clips = _clips(6, seed=2)
+    before = json.loads(urllib.request.urlopen(physics_server, timeout=30).read())
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda clip: remote([clip]), clips))
+    assert torch.equal(torch.cat(results), physics(clips))
+    after = json.loads(urllib.request.urlopen(physics_server, timeout=30).read())
+    assert after["requests"] - before["requests"] == 6 and after["scored"] - before["scored"] == 6
+    assert after["calls"] - before["calls"] < 6
+
+
+def test_mesh_rewards_through_the_server_equal_in_process_scores(clip, tmp_path):
+    views = wrapper_class("mesh-views:")(clip, views=2, size=32)
+    trimesh.creation.cylinder(radius=0.3, height=1.0, sections=8).export(tmp_path / "cylinder.ply")
+    meshes = [trimesh.creation.box(), trimesh.creation.icosphere(subdivisions=1), str(tmp_path / "cylinder.ply")]
+    prompts = PROMPTS[:3]
+    with serving(build_app(views, "mesh-views", max_wait_ms=50)) as base:
+        remote = load_reward(f"{base}/mesh-views", batch_size=2)
+        assert remote.file_kind == "mesh" and ".obj" in remote.file_suffixes
+        assert torch.allclose(remote(meshes, prompts), views(meshes, prompts), atol=1e-4)
+        assert torch.allclose(remote(str(tmp_path), "a cube"), views(str(tmp_path), "a cube"), atol=1e-4)  # a folder
+        with pytest.raises(RewardInputError, match="mesh-views: takes an image reward"):
+            load_reward(f"mesh-views:{base}/mesh-views")
+        # malformed meshes: 400 naming the field, and the server keeps serving
+        box = trimesh.creation.box()
+        good = {"vertices": encode_array(box.vertices), "faces": encode_array(box.faces)}
+        flat = {
+            "vertices": encode_array(np.array([[0.0, 0, 0], [1, 0, 0], [2, 0, 0]])),
+            "faces": encode_array(np.array([[0, 1, 2]])),
+        }
+        nan = np.array(box.vertices)
+        nan[0, 0] = np.nan
+        cases = {
+            "meshes[0]: expected a mesh": [{"vertices": good["vertices"]}],
+            "meshes[0].vertices: shape [8, 2]: expected [V, 3]": [{**good, "vertices": _array((8, 2), "float64")}],
+            "meshes[0].faces: dtype 'float32'; expected 'int64' or 'int32'": [
+                {**good, "faces": _array((12, 3), "float32")}
+            ],
+            "meshes[0].faces: index 8 is outside the vertices 0..7": [
+                {**good, "faces": encode_array(np.array([[0, 1, 8]]))}
+            ],
+            "meshes[1].vertices: 1 of 8 vertices have NaN": [good, {**good, "vertices": encode_array(nan)}],
+            "meshes[0]: all 1 faces are degenerate": [flat],
+            "meshes[0].vertices: data: not valid base64": [{**good, "vertices": {**good["vertices"], "data": "@@"}}],
+        }
+        for message, items in cases.items():
+            got, answer = _post(
+                f"{base}/mesh-views", json.dumps({"kind": "mesh", "meshes": items, "prompts": "x"}).encode()
+            )
+            assert got == 400 and message in answer["error"], (message, got, answer)
+        got, answer = _post(
+            f"{base}/mesh-views", json.dumps({"kind": "mesh", "meshes": [good], "prompts": "x"}).encode()
+        )
+        assert got == 200 and answer["scores"][0] == pytest.approx(float(views(box, "x")[0]), abs=1e-4)
+
+
+def test_wrong_kind_and_malformed_videos_get_a_4xx_and_the_server_keeps_serving(clip, physics, physics_server, server):
+    png = encode_png(_images(1)[0])
+    clip_array = encode_array(_clips(1)[0])
+    cases = {
+        (
+            physics_server,
+            json.dumps({"images": [png]}),
+        ): 'this server\'s reward scores videos, not images; send "kind": "video"',
+        (physics_server, json.dumps({"kind": "mesh", "meshes": [{}]})): "scores videos, not meshes",
+        (physics_server, json.dumps({"kind": "video", "images": [png]})): "field 'images': a request of kind 'video'",
+        (physics_server, json.dumps({"kind": "audio", "videos": []})): "field 'kind': expected one of 'image', 'video'",
+        (physics_server, json.dumps({"kind": ["video"], "videos": []})): "field 'kind': expected one of",
+        (f"{server}/clip-score", json.dumps({"kind": "video", "videos": [clip_array], "prompts": "x"})): (
+            'scores images, not videos; send "kind": "image"'
+        ),
+        (physics_server, json.dumps({"kind": "video", "videos": "x"})): "field 'videos': expected a non-empty list",
+        (physics_server, json.dumps({"kind": "video", "videos": [png]})): 'videos[0]: expected an array {"shape"',
+        (physics_server, json.dumps({"kind": "video", "videos": [_array((2, 4, 4, 3), "float32")]})): (
+            "videos[0]: dtype 'float32'; expected 'uint8'"
+        ),
+        (physics_server, json.dumps({"kind": "video", "videos": [_array((17, 32, 32))]})): (
+            "videos[0]: shape [17, 32, 32]: expected [T, H, W, 3]"
+        ),
+        (physics_server, json.dumps({"kind": "video", "videos": [{**_array((2, 4, 4, 3)), "shape": [0, 4, 4, 3]}]})): (
+            "shape [0, 4, 4, 3]"
+        ),
+        (
+            physics_server,
+            json.dumps({"kind": "video", "videos": [{**_array((2, 4, 4, 3)), "shape": [2, 4, 4, 3.5]}]}),
+        ): ("expected [T, H, W, 3]"),
+        (
+            physics_server,
+            json.dumps({"kind": "video", "videos": [clip_array, _array((2, 4, 4, 3)) | {"data": "AAAA"}]}),
+        ): ("videos[1]: 3 bytes of data; shape [2, 4, 4, 3] of uint8 takes 96"),
+        (
+            physics_server,
+            json.dumps({"kind": "video", "videos": [clip_array], "prompts": [1]}),
+        ): "prompts[0]: expected a string",
+    }
+    for (url, body), message in cases.items():
+        got, answer = _post(url, body.encode())
+        assert got == 400 and message in answer["error"], (body[:60], got, answer)
+    clips = _clips(2, seed=3)
+    assert torch.equal(load_reward(physics_server)(clips), physics(clips))
+    assert torch.allclose(load_reward(f"{server}/clip-score")(_images(1), "x"), clip(_images(1), "x"), atol=1e-4)
+
+
+def test_requests_over_the_size_limits_get_413_and_the_client_splits_under_them(physics):
+    clips = _clips(3, seed=4)  # each about 70 kB as base64
+    with serving(build_app(physics, "balls-physics", max_request_items=2, max_request_mb=0.1)) as base:
+        url = f"{base}/balls-physics"
+        info = json.loads(urllib.request.urlopen(url, timeout=30).read())
+        assert info["kind"] == "video" and info["max_request_bytes"] == 104857 and info["max_request_items"] == 2
+        got, answer = _post(url, json.dumps({"kind": "video", "videos": [encode_array(c) for c in clips[:2]]}).encode())
+        assert got == 413 and "at most 104857 bytes (--max-request-mb)" in answer["error"]
+        small = [encode_array(c[:2, :4, :4]) for c in clips]
+        got, answer = _post(url, json.dumps({"kind": "video", "videos": small}).encode())
+        assert got == 413 and "3 videos; this server takes at most 2" in answer["error"]
+        remote = load_reward(url)  # one clip per request: two would pass the byte limit
+        assert torch.equal(remote(clips), physics(clips))
+        assert json.loads(urllib.request.urlopen(url, timeout=30).read())["requests"] == 3
+        with pytest.raises(RewardInputError, match="sample 0: .* bytes encoded; .* at most 104857 bytes"):
+            remote([np.zeros((40, 32, 32, 3), np.uint8)])
+    with serving(build_app(Touchy(), "touchy", max_request_mb=0.1)) as base:  # PNGs decode to ≤ 4 × 0.1 MiB
+        got, answer = _post(
+            f"{base}/touchy", json.dumps({"images": [encode_png(torch.zeros(3, 400, 400))], "prompts": "x"}).encode()
+        )
+        assert got == 413 and "images[0]: a 400×400 image" in answer["error"]
+
+
+def test_serve_reward_command_serves_video_and_mesh_rewards(monkeypatch):
+    from mmalign import cli
+    from mmalign.rewards import server
+
+    served = []
+    monkeypatch.setattr(server, "serve", lambda reward, route, *args: served.append((reward, route, args)))
+    assert cli.main(["serve-reward", "balls-physics", "--max-request-mb", "2"]) == 0
+    reward, route, args = served[0]
+    assert reward.file_kind == "video" and route == "balls-physics" and args[-1] == 2.0
