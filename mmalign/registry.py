@@ -81,6 +81,14 @@ METHODS: dict[str, tuple[str, str]] = {
         "mmalign.vlm.reward_model:VLMRewardModel",
         "VLM reward model: Bradley-Terry head on the last real token, image or response preference pairs",
     ),
+    "flow-grpo": (
+        "mmalign.train.flow_grpo:FlowGRPO",
+        "Flow-GRPO (Liu et al. 2025) / DDPO: online RL on image or video models, SDE rollouts, clipped ratio, KL",
+    ),
+    "diffusion-nft": (
+        "mmalign.train.diffusion_nft:DiffusionNFT",
+        "DiffusionNFT (Zheng et al. 2025): online RL on the forward process, implicit ± policies, no log-probs",
+    ),
 }
 
 #: reward name → "module:Class" and a description. Every class follows `mmalign.rewards.Reward`.
@@ -178,6 +186,11 @@ EVALUATORS: dict[str, tuple[str, str]] = {
 #: `data.path` value or user format → (the methods that read it, what it is). Embedded sets are built
 #: offline on first use and cached under `data.cache_dir`, `$MMALIGN_CACHE` or `~/.cache/mmalign`.
 DATASETS: dict[str, tuple[str, str]] = {
+    "prompts: train": (
+        "flow-grpo, diffusion-nft",
+        "the embedded world's training captions (shapes world for image models, balls world for video models)",
+    ),
+    "prompts file": ("flow-grpo, diffusion-nft", "a text file with one prompt per line, or a .jsonl of {prompt}"),
     "embedded:shapes-prefs": (
         "diffusion-dpo, diffusion-sft, smpo",
         "the shapes world's captions, the model's own samples paired best vs worst by a proxy reward",

@@ -25,6 +25,23 @@ from mmalign.train.rng import keyed_generator
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def load_diffusion_model(m: ModelConfig, device: torch.device, reference: bool) -> DiffusionModel:
+    """The `model` section's pipeline as a `DiffusionModel` on `device`, with a reference when asked."""
+    return DiffusionModel.from_pretrained(
+        m.path,
+        torch_dtype=DTYPES[m.dtype],
+        variant=m.variant,
+        revision=m.revision,
+        allow_pickle=m.allow_pickle,
+        lora_rank=m.lora_rank,
+        lora_alpha=m.lora_alpha,
+        lora_targets=tuple(m.lora_targets) if m.lora_targets else None,
+        reference=reference,
+        flow_sampling=m.flow_sampling,
+        gradient_checkpointing=m.gradient_checkpointing,
+    ).to(device)
+
+
 class DiffusionPairMethod(Method):
     """Loads a `DiffusionModel` and a pair dataset; subclasses write `compute_loss`."""
 
@@ -53,21 +70,8 @@ class DiffusionPairMethod(Method):
 
     def load_model(self, accelerator) -> None:
         """`self.model`: the `model` section's pipeline on the accelerator's device."""
-        m = self.run.model
         self.device = accelerator.device
-        self.model = DiffusionModel.from_pretrained(
-            m.path,
-            torch_dtype=DTYPES[m.dtype],
-            variant=m.variant,
-            revision=m.revision,
-            allow_pickle=m.allow_pickle,
-            lora_rank=m.lora_rank,
-            lora_alpha=m.lora_alpha,
-            lora_targets=tuple(m.lora_targets) if m.lora_targets else None,
-            reference=self.needs_reference,
-            flow_sampling=m.flow_sampling,
-            gradient_checkpointing=m.gradient_checkpointing,
-        ).to(self.device)
+        self.model = load_diffusion_model(self.run.model, self.device, self.needs_reference)
         self.policy = self.model
 
     # ------------------------------------------------------------------ Method plumbing

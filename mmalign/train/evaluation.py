@@ -7,13 +7,12 @@ be compared image by image.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
 
 from mmalign.config import ConfigError, EvalConfig
 from mmalign.data import balls_world, shapes_world
+from mmalign.data.prompts import read_prompts
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.rewards import Reward, load_reward
 from mmalign.train.grids import image_grid, video_grid_frames, video_strips
@@ -22,16 +21,8 @@ from mmalign.train.rng import keyed_generator
 
 
 def eval_prompts(config: EvalConfig, world=shapes_world) -> list[str]:
-    """The evaluation prompts: a split of the embedded `world` (`heldout`, `train`) or a text file."""
-    if config.prompts in ("heldout", "train"):
-        prompts = world.captions(config.prompts)
-    else:
-        path = Path(config.prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"eval.prompts: no such file {path} (or use heldout / train)")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ConfigError(f"eval.prompts: {path} holds no prompts")
+    """The evaluation prompts: a split of the embedded `world` (`heldout`, `train`) or a prompt file."""
+    prompts = read_prompts(config.prompts, world, "eval.prompts")
     return prompts[: config.num_prompts] if config.num_prompts else prompts
 
 

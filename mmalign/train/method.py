@@ -14,7 +14,8 @@ A new method sets:
 
 and overrides `setup`, `compute_loss` (the objective: the maths of the method) and `save_final`,
 plus `train_dataset`/`collate` (offline) or `next_batch` (online; `mmalign.train.rollouts`
-schedules rollouts). `setup` sets the parts the Trainer reaches through the method: the `policy`
+schedules rollouts), and `after_optimizer_step` to update moving averages of its weights.
+`setup` sets the parts the Trainer reaches through the method: the `policy`
 (a `Policy`: `DiffusionModel`, `VisionLanguageModel`; a method that trains its own network
 overrides `trainable_module` instead) and the `evaluator` (an `Evaluator`; or overrides of
 `evaluate` and `gold_metric`). `data_used` and `report_description` say in the report what the
@@ -139,6 +140,10 @@ class Method(RunSections, ABC):
     def next_batch(self, step: int, micro: int) -> Any:
         """Online methods: produce the batch for `(step, micro)` from the current policy."""
         raise RuntimeError(f"{type(self).__name__} has no dataset and does not produce batches")
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after optimizer step `step` (counted from 1), before logging, evaluation and checkpoints:
+        where a method updates moving averages of its weights."""
 
     @abstractmethod
     def compute_loss(self, batch: Any, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

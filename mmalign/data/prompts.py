@@ -1,0 +1,41 @@
+"""Prompt lists: a split of an embedded world, a text file (one prompt per line) or a JSONL file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+from mmalign.config import ConfigError
+
+WORLD_SPLITS = ("train", "heldout")
+
+
+def read_prompts(spec: str, world: ModuleType, key: str) -> list[str]:
+    """The prompts `spec` names: `train` / `heldout` (the captions of that split of `world`), a `.jsonl`
+    file of rows with a `prompt` field, or a text file with one prompt per line. Errors name `key`,
+    the file and the row."""
+    if spec in WORLD_SPLITS:
+        return world.captions(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file {path} (or use {' / '.join(WORLD_SPLITS)})")
+    lines = path.read_text().splitlines()
+    if path.suffix == ".jsonl":
+        prompts = []
+        for row, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}, row {row}: not JSON ({exc.msg})") from None
+            prompt = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ConfigError(f"{path}, row {row}: field 'prompt' must be a non-empty string")
+            prompts.append(prompt.strip())
+    else:
+        prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{key}: {path} holds no prompts")
+    return prompts
