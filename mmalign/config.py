@@ -236,13 +236,53 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The `eval.monitor` section: the reward-hacking monitor every Trainer run has
+    (`mmalign.train.monitor`). It fires when, for `patience` evaluations in a row, the training reward
+    measured on held-out prompts rose and the held-out monitor metric fell (each by more than
+    `min_delta`, against the evaluation before)."""
+
+    action: str = option(
+        "what the reward-hacking monitor does: off; warn: print each firing, log monitor/hacking and list it in "
+        "the report; stop: also end training at the first firing and save the weights of the evaluation with "
+        "the best monitor metric as final/. warn and stop keep those best weights in best/",
+        default="off",
+    )
+    reward: str = option(
+        "the evaluation metric holding the training reward measured on held-out prompts", default="reward"
+    )
+    metric: str | None = option(
+        "the held-out metric to watch (higher is better); null = the method's gold metric", default=None
+    )
+    patience: int = option("consecutive evaluations with reward up and metric down before it fires", default=2)
+    min_delta: float = option("a rise or fall counts when larger than this", default=0.0)
+
+    def __post_init__(self) -> None:
+        check_choice("eval.monitor.action", self.action, ("off", "warn", "stop"))
+        check_range("eval.monitor.patience", self.patience, 1)
+        check_range("eval.monitor.min_delta", self.min_delta, 0)
+        if not self.reward:
+            raise ConfigError("config key 'eval.monitor.reward' must name an evaluation metric, got ''")
+        if self.metric is not None and not self.metric:
+            raise ConfigError("config key 'eval.monitor.metric' must name an evaluation metric or be null, got ''")
+        if self.metric == self.reward:
+            raise ConfigError(
+                f"config key 'eval.monitor.metric' must differ from eval.monitor.reward, both are {self.reward!r}"
+            )
+
+
+@dataclass
 class EvalSchedule:
-    """The `eval` section of methods whose evaluation options live in their own section: when to evaluate."""
+    """The `eval` section of methods whose evaluation options live in their own section: when to evaluate,
+    and the reward-hacking monitor."""
 
     every: int = option("evaluate every N steps (0 = only before and after)", default=100)
+    monitor: MonitorConfig = option("the reward-hacking monitor", default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         check_range("eval.every", self.every, 0)
+        if not isinstance(self.monitor, MonitorConfig):
+            raise ConfigError(f"config key 'eval.monitor' is a section; expected a mapping, got {self.monitor!r}")
 
 
 @dataclass

@@ -13,12 +13,18 @@
    `eval.every`, checkpoints every `checkpoint_every` (and at the last step);
 5. evaluates the final model, saves it, and writes `report.md` / `report.json`.
 
+The reward-hacking monitor (`eval.monitor`, `mmalign.train.monitor`) judges every evaluation when
+its action is not `off`: the best weights by its metric go to `best/`; on `warn` a firing is printed,
+logged and recorded; on `stop` the first firing ends training (a checkpoint is written there), the
+best weights are loaded back, evaluated and saved as `final/`.
+
 Data order: one seeded permutation per epoch; the global micro-batch is split over processes
 by accelerate (`split_batches=True`), so N processes see exactly the samples one process would.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -30,7 +36,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, broadcast, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -38,9 +44,13 @@ from mmalign.config import ConfigError, RunConfig, dump_config
 from mmalign.data.video import write_video
 from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from mmalign.train import checkpoint as ckpt
+from mmalign.train import monitor
 from mmalign.train.method import Evaluation, Method
 from mmalign.train.report import write_report
 from mmalign.train.rundir import check_config
+
+#: the monitor's verdict on an evaluation, as broadcast from the main process
+_GO, _STOP, _FAILED = 0, 1, 2
 
 
 def _has_accelerator() -> bool:
@@ -69,9 +79,16 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     position: int = 0  # samples of the current epoch already consumed (global)
-    evaluations: list[dict[str, Any]] = field(default_factory=list)  # {"step", "metrics"}
+    # {"step", "train_seconds", "metrics"}; "restored_from": step, for the evaluation of weights restored after a stop
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
     train_log: list[dict[str, float]] = field(default_factory=list)  # logged training metrics
     seconds: float = 0.0  # time in training steps (not evaluation), over (possibly interrupted) sessions
+    monitor: list[dict[str, Any]] = field(default_factory=list)  # the monitor's firings (`monitor.event`)
+
+    @property
+    def stopped(self) -> dict[str, Any] | None:
+        """The monitor's stop event, if it stopped the run."""
+        return next((e for e in self.monitor if e["action"] == "stop"), None)
 
 
 class Trainer:
@@ -97,6 +114,8 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.state = TrainerState()
         self.writer = None
+        self.monitor = getattr(run.eval, "monitor", None)
+        self.stopping = False  # the monitor stopped the run (known to every process)
 
     # ------------------------------------------------------------------ run directory
     @property
@@ -120,6 +139,7 @@ class Trainer:
                     shutil.rmtree(stale)
                 for name in ("report.md", "report.json"):
                     (self.out / name).unlink(missing_ok=True)
+                shutil.rmtree(self.out / monitor.BEST_DIR, ignore_errors=True)
             atomic_write_text(config_file, config_text)
         self.accelerator.wait_for_everyone()
         return resume_from
@@ -166,14 +186,18 @@ class Trainer:
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
             self.writer.flush()
 
-    def _evaluate(self, step: int) -> Evaluation | None:
-        """Evaluate on the main process (sampling needs no collective ops); the others wait."""
+    def _evaluate(self, step: int, restored_from: int | None = None) -> Evaluation | None:
+        """Evaluate on the main process (sampling needs no collective ops); the others wait. The monitor
+        judges the evaluation and every process learns whether it stops the run. `restored_from`: the
+        step whose best weights were restored after a stop (an evaluation the monitor passes over)."""
         result = self.method.evaluate(step) if self.is_main else None
+        verdict: int | BaseException = _GO
         if result is not None:
-            self.state.evaluations.append(
-                {"step": step, "train_seconds": round(self.state.seconds, 2), "metrics": result.metrics}
-            )
-            self._log(result.metrics, step, "eval")
+            entry = {"step": step, "train_seconds": round(self.state.seconds, 2), "metrics": result.metrics}
+            if restored_from is not None:
+                entry["restored_from"] = restored_from
+            self.state.evaluations.append(entry)
+            self._log(result.metrics, step, "eval" if restored_from is None else "final")
             if result.grid is not None:
                 samples = self.out / "samples"
                 samples.mkdir(exist_ok=True)
@@ -184,8 +208,74 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.add_image("samples", np.asarray(result.grid), step, dataformats="HWC")
             atomic_write_json(self.out / "evaluations.json", self.state.evaluations)
+            if monitor.is_on(self.monitor) and restored_from is None:
+                try:
+                    verdict = self._watch(step)
+                except Exception as exc:  # raised below, once every process knows
+                    verdict = exc
+        if monitor.is_on(self.monitor) and self._agree(verdict) == _STOP:
+            self.stopping = True
         self.accelerator.wait_for_everyone()
         return result
+
+    def _agree(self, verdict: int | BaseException) -> int:
+        """The main process's verdict, on every process (`_GO`, `_STOP`); `_FAILED` or an exception raises
+        on every process (the exception itself on the process that has it)."""
+        if isinstance(verdict, BaseException):
+            error, verdict = verdict, _FAILED
+        else:
+            error = None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([verdict], dtype=torch.int64, device=self.accelerator.device)
+            verdict = int(broadcast(flag, from_process=0).item())
+        if verdict == _FAILED:
+            if error is not None:
+                raise error
+            raise RuntimeError("the reward-hacking monitor failed on the main process (its error is above)")
+        return verdict
+
+    def _watch(self, step: int) -> int:
+        """The monitor's verdict on the evaluation just appended (main process): keep the best weights,
+        report a firing; `_STOP` when it ends the run."""
+        config = self.monitor
+        metric = monitor.metric_name(config, self.method.gold_metric())
+        verdict = monitor.assess(self.state.evaluations, config, metric)
+        if verdict.new_best:
+            monitor.write_best(self.out, self.method.trainable_state_dict(), verdict.best)
+        if self.writer is not None:
+            self.writer.add_scalar(monitor.HACKING_TAG, float(verdict.firing is not None), step)
+            self.writer.flush()
+        if verdict.firing is None:
+            return _GO
+        record = monitor.event(verdict.firing, config, metric, verdict.best)
+        self.state.monitor.append(record)
+        if config.action == "stop":
+            self.accelerator.print(f"reward hacking at step {step}: {record['message']}; stopping training")
+            return _STOP
+        self.accelerator.print(f"warning: reward hacking? at step {step}, {record['message']}")
+        return _GO
+
+    def _restore_best(self) -> None:
+        """Load the best-by-monitor weights of `best/` into the method on every process (after a stop)."""
+        self.accelerator.wait_for_everyone()
+        verdict: int | BaseException = _GO
+        if self.is_main:
+            try:
+                expected = self.state.stopped["best"]
+                folder = self.out / monitor.BEST_DIR
+                if not (folder / monitor.BEST_JSON).is_file():
+                    raise ckpt.CheckpointError(f"{folder} is missing; the run cannot restore its best weights")
+                recorded = json.loads((folder / monitor.BEST_JSON).read_text())
+                if recorded != expected:
+                    raise ckpt.CheckpointError(
+                        f"{folder / monitor.BEST_JSON} records {recorded}, but the run's evaluations make "
+                        f"{expected} the best; set train.resume=false to start the run over"
+                    )
+            except Exception as exc:  # raised below, once every process knows
+                verdict = exc
+        self._agree(verdict)
+        _, weights = monitor.read_best(self.out)
+        self.method.load_trainable_state_dict(weights)
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> dict[str, Any]:
@@ -224,6 +314,7 @@ class Trainer:
             scheduler.scheduler.load_state_dict(saved["scheduler"])
             ckpt.restore_rng(saved["rng"])
             self.state = TrainerState(**saved["trainer_state"])
+            self.stopping = self.state.stopped is not None
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -242,7 +333,7 @@ class Trainer:
         )
         totals: dict[str, float] = {}
         count = 0
-        while self.state.step < t.max_steps:
+        while self.state.step < t.max_steps and not self.stopping:
             step = self.state.step
             step_start = time.perf_counter()
             for micro in range(t.gradient_accumulation_steps):
@@ -266,6 +357,7 @@ class Trainer:
                     )
                 count += 1
             self.state.step += 1
+            self.method.after_optimizer_step(self.state.step)
             self.state.seconds += time.perf_counter() - step_start
             progress.update(1)
             if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
@@ -277,7 +369,11 @@ class Trainer:
                 totals, count = {}, 0
             if self.run.eval.every and self.state.step % self.run.eval.every == 0 and self.state.step < t.max_steps:
                 self._evaluate(self.state.step)
-            if (t.checkpoint_every and self.state.step % t.checkpoint_every == 0) or self.state.step == t.max_steps:
+            if (
+                (t.checkpoint_every and self.state.step % t.checkpoint_every == 0)
+                or self.state.step == t.max_steps
+                or self.stopping  # a rerun of a stopped run resumes at the stop
+            ):
                 self._checkpoint(optimizer, scheduler)
         progress.close()
         return self._finish()
@@ -308,7 +404,14 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         acc = self.accelerator
         acc.wait_for_everyone()
-        self._evaluate(self.state.step)
+        if not self.stopping:
+            self._evaluate(self.state.step)  # the monitor may stop the run here too
+        if self.stopping:
+            self._restore_best()
+            stopped = self.state.stopped  # None on the other processes, which keep no evaluations
+            self._evaluate(self.state.step, restored_from=stopped["best"]["step"] if stopped else None)
+            if stopped is not None:
+                acc.print(f"{monitor.stop_line(stopped)}; saving them as final/")
         report: dict[str, Any] = {}
         if self.is_main:
             with atomic_directory(self.out / "final") as tmp:
