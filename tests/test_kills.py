@@ -55,6 +55,25 @@ elif moment == "final":  # the final folder written, not yet renamed into place
         return real_replace(src, dst, *args, **kwargs)
     os.replace = replace
 
+elif moment == "rollout":  # inside the third rollout's sampling loop
+    from mmalign.models.diffusion import DiffusionModel
+    real_trajectory, real_prediction, calls = DiffusionModel.sample_trajectory, DiffusionModel.guided_prediction, []
+    def sample_trajectory(self, *args, **kwargs):
+        calls.append("rollout")
+        return real_trajectory(self, *args, **kwargs)
+    def guided_prediction(self, *args, **kwargs):
+        if calls.count("rollout") == 3:
+            calls.append("prediction")
+            if calls.count("prediction") == 2:
+                die()
+        return real_prediction(self, *args, **kwargs)
+    DiffusionModel.sample_trajectory, DiffusionModel.guided_prediction = sample_trajectory, guided_prediction
+elif moment == "update":  # inside this process's first optimizer step, before it writes the weights
+    import torch
+    def step(self, *args, **kwargs):
+        die()
+    torch.optim.AdamW.step = step
+
 from mmalign.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -112,3 +131,29 @@ def test_kills_while_writing_or_deleting_folders_resume_to_the_uninterrupted_res
     pairs_a = next((tmp_path / "cache-straight" / "shapes-prefs").glob("*/pairs.jsonl"))
     pairs_b = next((cache / "shapes-prefs").glob("*/pairs.jsonl"))
     assert pairs_a.read_bytes() == pairs_b.read_bytes()
+
+
+@pytest.mark.slow
+def test_online_rl_killed_mid_rollout_or_mid_update_resumes_to_the_same_weights(
+    tiny_pipelines, tiny_clip_dir, tmp_path
+):
+    recipe = RECIPE.parent / "flow_grpo.yaml"
+
+    def args(name: str) -> list[str]:
+        return ["train", str(recipe), f"model={tiny_pipelines['sd3']}", "model.lora_rank=4",
+                f"output_dir={tmp_path / name}", "train.max_steps=4", "train.batch_size=2",
+                "train.checkpoint_every=2", "train.learning_rate=1e-2", "train.threads=1", "eval.every=0",
+                "eval.num_prompts=2", "eval.num_steps=2", "eval.rewards=[]", "eval.monitor.action=off",
+                "flow_grpo.group_size=2", "flow_grpo.num_steps=3",
+                f"flow_grpo.reward_args={{path: {tiny_clip_dir}}}"]  # fmt: skip
+
+    assert main(args("straight")) == 0
+    killed = tmp_path / "killed"
+    run_killed_at("rollout", args("killed"))  # during step 3's rollout, after the step-2 checkpoint
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000002"]
+    run_killed_at("update", args("killed"))  # resumed at step 2, killed inside step 3's optimizer step
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000002"]
+    assert main(args("killed")) == 0
+    a = load_file(str(tmp_path / "straight" / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(killed / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
