@@ -234,3 +234,27 @@ def test_window_steps():
     assert all(len(w) == 2 and w[1] == w[0] + 1 and 0 <= w[0] <= 8 for w in draws) and len(draws) > 3
     with pytest.raises(ValueError, match="does not fit"):
         window_steps("random", 4, 5)
+
+
+@pytest.mark.parametrize(("family", "kernel", "level"), [("sd3", "sde", 0.7), ("sd3", "cps", 0.8), ("sd", "ddim", 1.0)])
+def test_batched_transitions_equal_one_step_at_a_time(request, family, kernel, level):
+    """Every window step of every sample in one denoiser call (what training does) gives each step's
+    own log-probability and mean."""
+    model = request.getfixturevalue(family)
+    trajectory = model.sample_trajectory(
+        PROMPTS, kernel=kernel, noise_level=level, num_steps=4, guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    window = torch.tensor(trajectory.window)
+    w = len(window)
+    x, x_next = trajectory.latents[:, window].flatten(0, 1), trajectory.latents[:, window + 1].flatten(0, 1)
+    with torch.no_grad():
+        logp, mean, _ = model.transition(
+            x, x_next, window.repeat(2), trajectory.grid, trajectory.cond.repeat(w), trajectory.negative.repeat(w), 2.0
+        )
+        for k, i in enumerate(trajectory.window):
+            one_logp, one_mean, _ = model.transition(
+                *trajectory.step_pair(k), i, trajectory.grid, trajectory.cond, trajectory.negative, 2.0
+            )
+            torch.testing.assert_close(logp.view(2, w)[:, k], one_logp, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mean.view(2, w, *mean.shape[1:])[:, k], one_mean, atol=1e-5, rtol=1e-5)

@@ -402,11 +402,12 @@ class DiffusionModel:
         negative: Conditioning | None,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """`denoiser`'s prediction for `x (B, …)` at the scalar timestep `t`, in float32, with
+        """`denoiser`'s prediction for `x (B, …)` at timestep `t` (a scalar or `(B,)`), in float32, with
         classifier-free guidance `u + g·(c − u)` when `negative` is given (one batched call)."""
         x_in = x if negative is None else torch.cat([x, x])
         full = Conditioning.cat([negative, cond]) if negative is not None else cond
-        t_batch = t.to(self.device).expand(x_in.shape[0])
+        t = t.to(self.device)
+        t_batch = t.expand(x_in.shape[0]) if t.ndim == 0 else t.repeat(x_in.shape[0] // t.shape[0])
         pred = self.family.denoise(denoiser, x_in.to(self.weight_dtype), t_batch, full).float()
         if negative is None:
             return pred
@@ -482,23 +483,25 @@ class DiffusionModel:
         self,
         x: torch.Tensor,
         x_next: torch.Tensor,
-        step: int,
+        steps: int | torch.Tensor,
         grid: StepGrid,
         cond: Conditioning,
         negative: Conditioning | None = None,
         guidance_scale: float = 1.0,
         use_reference: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Step `step` of `grid` from `x` to `x_next` (both `(B, …)`): its log-probability `(B,)`,
-        the Gaussian's mean `(B, …)` and std. With the trainable denoiser (`self.denoiser`, with a
-        graph) or, with `use_reference`, the frozen reference (no graph)."""
-        t = grid.timesteps[step]
+        """Steps `steps` of `grid` (one index, or one per row `(N,)`) from `x` to `x_next` (both `(N, …)`),
+        in one denoiser call: the log-probabilities `(N,)`, the Gaussians' means `(N, …)` and stds. With
+        the trainable denoiser (`self.denoiser`, with a graph) or, with `use_reference`, the frozen
+        reference (no graph)."""
+        index = torch.as_tensor(steps)
+        t = grid.timesteps[index.to(grid.timesteps.device)]
         if use_reference:
             with torch.no_grad(), self.reference() as denoiser:
                 pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale)
         else:
             pred = self.guided_prediction(self.denoiser, x, t, cond, negative, guidance_scale)
-        mean, std = grid.stochastic_step(x.to(self.device, torch.float32), pred, step)
+        mean, std = grid.stochastic_step(x.to(self.device, torch.float32), pred, steps)
         return gaussian_log_prob(x_next.to(mean.device), mean, std), mean, std
 
     @staticmethod

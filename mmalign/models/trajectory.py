@@ -123,15 +123,28 @@ class StepGrid:
             return self.scheduler.step(prediction, self.timesteps[i], x, eta=0.0).prev_sample
         return x + (self.sigmas[i + 1] - self.sigmas[i]) * prediction
 
-    def stochastic_step(self, x: torch.Tensor, prediction: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of the Gaussian transition of step `i` (module doc)."""
+    def stochastic_step(
+        self, x: torch.Tensor, prediction: torch.Tensor, steps: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean `(N, …)` and std (a scalar, or `(N, 1, …)`) of the Gaussian transition of `x (N, …)` at
+        step `steps`: one step index for every row, or one per row `(N,)` (module doc)."""
         if self.kernel == "ddim":
-            t = int(self.timesteps[i])
-            mean = self.scheduler.step(
-                prediction, t, x, eta=self.noise_level, variance_noise=torch.zeros_like(x)
-            ).prev_sample
-            return mean, ddim_std(self.scheduler, t, self.noise_level).to(x.device, x.dtype)
-        sigma, sigma_next = self.sigmas[i].to(x.device), self.sigmas[i + 1].to(x.device)
+            if isinstance(steps, int):
+                t = int(self.timesteps[steps])
+                noiseless = torch.zeros_like(x)
+                mean = self.scheduler.step(prediction, t, x, eta=self.noise_level, variance_noise=noiseless).prev_sample
+                return mean, ddim_std(self.scheduler, t, self.noise_level).to(x.device, x.dtype)
+            mean, std = torch.zeros_like(x), torch.zeros(len(steps), *([1] * (x.ndim - 1)), device=x.device)
+            for i in steps.unique().tolist():  # DDIM's scheduler steps one timestep at a time
+                rows = (steps == i).nonzero().flatten().to(x.device)
+                row_mean, row_std = self.stochastic_step(x[rows], prediction[rows], int(i))
+                mean, std = (
+                    mean.index_put((rows,), row_mean),
+                    std.index_put((rows,), row_std.expand(len(rows), 1, *std.shape[2:])),
+                )
+            return mean, std
+        index = torch.as_tensor(steps).cpu()
+        sigma, sigma_next = (_per_sample(self.sigmas[j], x) for j in (index, index + 1))
         if self.kernel == "sde":
             return flow_sde_step(x, prediction, sigma, sigma_next, float(self.sigmas[1]), self.noise_level)
         if self.kernel == "cps":

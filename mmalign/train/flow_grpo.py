@@ -106,21 +106,24 @@ class FlowGRPO(DiffusionRLMethod):
 
     def compute_loss(self, batch: RolloutBatch, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c, traj = self.config, batch.trajectory
-        logps, kls = [], []
-        for w, i in enumerate(traj.window):
-            x, x_next = traj.step_pair(w)
-            args = (x, x_next, i, traj.grid, traj.cond, traj.negative, traj.guidance_scale)
-            logp, mean, std = self.model.transition(*args)
-            logps.append(logp)
-            if c.beta:
-                _, mean_ref, _ = self.model.transition(*args, use_reference=True)
-                kls.append(gaussian_mean_kl(mean, mean_ref, std))
-        logp = torch.stack(logps, dim=1)
+        window = torch.tensor(traj.window)
+        n, w = traj.latents.shape[0], len(window)
+        # every window step of every sample in one denoiser call: rows sample-major, (n·w, …)
+        x = traj.latents[:, window].flatten(0, 1)
+        x_next = traj.latents[:, window + 1].flatten(0, 1)
+        steps = window.repeat(n)
+        negative = traj.negative.repeat(w) if traj.negative is not None else None
+        args = (x, x_next, steps, traj.grid, traj.cond.repeat(w), negative, traj.guidance_scale)
+        logp, mean, std = self.model.transition(*args)
+        logp = logp.view(n, w)
+        kl = None
+        if c.beta:
+            _, mean_ref, _ = self.model.transition(*args, use_reference=True)
+            kl = gaussian_mean_kl(mean, mean_ref, std).view(n, w)
         metrics = dict(batch.stats)
         if batch.logp_old is None:  # the rollout's first update: the sampling weights
             batch.logp_old = logp.detach()
             metrics["logp_sampling_gap"] = (logp.detach() - traj.log_probs.to(logp.device)).abs().max()
-        kl = torch.stack(kls, dim=1) if kls else None
         loss, loss_metrics = flow_grpo_loss(
             logp, batch.logp_old, batch.advantages, clip_range=c.clip_range, beta=c.beta, kl=kl
         )
