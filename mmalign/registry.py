@@ -238,6 +238,7 @@ DATASETS: dict[str, tuple[str, str]] = {
 #: embedded asset name → folder under mmalign/assets.
 EMBEDDED: dict[str, str] = {
     "shapes-t2i": "shapes-t2i",
+    "shapes-t2i-flow": "shapes-t2i-flow",  # the same world, SD3-class flow matching: scripts/train_shapes_flow.py
     "shapes-clip": "shapes-clip",
     "mesh-reward-cs": "mesh-reward-cs",  # the last round of configs/mesh/reward_cs_rounds.yaml
     "mesh-reward-cs-round0": "mesh-reward-cs-round0",  # its rounds 0–2 (docs/results/mesh.md)

@@ -55,10 +55,14 @@ def render_batch(
 
     With `caption_noise` > 0, that share of images shows a near-miss of its caption (a colour,
     a shape or the relation wrong, objects swapped or one missing), like captions scraped from
-    the web: the model then learns good and bad modes, which is what alignment reweights.
+    the web: the model then learns good and bad modes, which is what alignment reweights. With
+    `colour_bias = (A, B, p)`, an image that would show colour A shows B instead with probability p
+    (a systematic error, the same for every caption).
     """
     caps = shapes_world.sample_captions(n, split, rng)
     shown = [perturb(c, rng) if caption_noise > 0 and rng.random() < caption_noise else c for c in caps]
+    if colour_bias is not None:
+        shown = [recolour(c, *colour_bias, rng) for c in shown]
     images = np.stack([shapes_world.render(c, rng) for c in shown])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, caps
 
@@ -140,6 +144,15 @@ def perturb(caption: str, rng: np.random.Generator) -> str:
         rel = shapes_world.RELATIONS[int(rng.integers(4))]
         return shapes_world.Scene((objs[0], extra), rel).caption
     return shapes_world.Scene(tuple(objs), scene.relation).caption
+
+
+def recolour(caption: str, source: str, target: str, p: float, rng: np.random.Generator) -> str:
+    """`caption` with its `source`-coloured objects drawn in `target` instead, with probability `p`."""
+    scene = shapes_world.parse_caption(caption)
+    if all(o.colour != source for o in scene.objects) or rng.random() >= p:
+        return caption
+    objs = tuple(shapes_world.Shape(target, o.shape) if o.colour == source else o for o in scene.objects)
+    return shapes_world.Scene(objs, scene.relation).caption
 
 
 def pooled(output) -> torch.Tensor:

@@ -71,7 +71,7 @@ FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "sd3")
 
 @dataclass(frozen=True)
 class SDSize:
-    """Sizes of a Stable-Diffusion-class stack (UNet + KL autoencoder + CLIP text encoder)."""
+    """Sizes of a Stable-Diffusion-class stack (UNet or SD3 transformer + KL autoencoder + CLIP text encoders)."""
 
     unet_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
@@ -82,6 +82,11 @@ class SDSize:
     text_heads: int = 4
     max_tokens: int = 20
     image_size: int = 32
+    # the SD3-class MM-DiT (`sd3_pipeline`); its width is heads × head dim
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    transformer_head_dim: int = 8
+    transformer_pos_embed_max_size: int = 96  # side of the stored sin-cos position table, in patches
 
 
 TINY_SD = SDSize()
@@ -93,6 +98,18 @@ EMBEDDED_SD = SDSize(
     text_hidden=64,
     text_layers=3,
     text_heads=4,
+)
+#: The embedded flow-matching model (`embedded:shapes-t2i-flow`, `scripts/train_shapes_flow.py`): the
+#: autoencoder and text-encoder sizes of `EMBEDDED_SD` and a 5-layer MM-DiT of width 128 on 8×8 latents.
+EMBEDDED_SD3 = SDSize(
+    vae_channels=(16, 32, 64),
+    text_hidden=64,
+    text_layers=3,
+    text_heads=4,
+    transformer_layers=5,
+    transformer_heads=4,
+    transformer_head_dim=32,
+    transformer_pos_embed_max_size=8,
 )
 
 
@@ -232,12 +249,13 @@ def sd3_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusion3Pipel
         patch_size=1,
         in_channels=4,
         out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
+        num_layers=size.transformer_layers,
+        attention_head_dim=size.transformer_head_dim,
+        num_attention_heads=size.transformer_heads,
+        caption_projection_dim=size.transformer_heads * size.transformer_head_dim,
         joint_attention_dim=2 * hidden,  # the two CLIP encoders' states, concatenated (no T5 here)
         pooled_projection_dim=2 * hidden,
+        pos_embed_max_size=size.transformer_pos_embed_max_size,
     )
     text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, size, projection_dim=hidden, hidden_act="gelu"))
     text_encoder_2 = CLIPTextModelWithProjection(
