@@ -101,3 +101,14 @@ def test_load_reward_by_folder_manifest_and_unknown_names(tiny_clip_dir, tmp_pat
     with pytest.raises(KeyError, match="did you mean 'clip-score'"):
         load_reward("clip-scor")
     assert torch.allclose(mmalign.score(images, "a red circle", reward=str(folder)), by_name(images, "a red circle"))
+
+
+def test_every_registered_reward_takes_the_device_training_passes():
+    """Training and evaluation load every reward with `device=`; a reward that refused it could not be trained on."""
+    import inspect
+
+    from mmalign.registry import REWARDS, load
+
+    for name in REWARDS:
+        parameters = inspect.signature(load(REWARDS, "reward", name).__init__).parameters
+        assert "device" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values()), name

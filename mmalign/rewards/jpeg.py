@@ -34,15 +34,17 @@ class JpegIncompressibility(Reward):
     Args:
         quality: JPEG quality (DDPO uses 95).
         batch_size: images encoded per batch.
+        device: the device training passes every reward; the encoding runs on the CPU whatever it is.
     """
 
     name = "jpeg-incompressibility"
     needs_prompts = False
     sign = 1.0
 
-    def __init__(self, quality: int = 95, batch_size: int = 64):
+    def __init__(self, quality: int = 95, batch_size: int = 64, device: str | torch.device = "cpu"):
         self.quality = quality
         self.batch_size = batch_size
+        self.device = torch.device(device)
 
     def score_batch(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         return self.sign * jpeg_kilobytes(images, self.quality)
