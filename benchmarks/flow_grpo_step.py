@@ -29,6 +29,9 @@ from accelerate import Accelerator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mmalign.losses import reward_advantages  # noqa: E402
+from mmalign.train.diffusion_rl import RolloutBatch  # noqa: E402
+
 ARMS = {"all": ["flow_grpo.window=all"], "short": ["flow_grpo.window=random", "flow_grpo.window_size=2"]}
 
 
@@ -53,8 +56,6 @@ def sync() -> None:
 
 def timed_step(method, optimizer, step: int) -> dict[str, float]:
     """Seconds of one step's rollout, reward and update."""
-    from mmalign.losses import reward_advantages
-
     c = method.config
     method._rollout_index = step
     prompts = [p for p in method.rollouts.prompts(step, 0) for _ in range(c.group_size)]
@@ -70,8 +71,6 @@ def timed_step(method, optimizer, step: int) -> dict[str, float]:
         scores, weights = method.score(method.model.decode_latents(latents), prompts)
     sync()
     times["reward"] = time.perf_counter() - start
-    from mmalign.train.diffusion_rl import RolloutBatch
-
     advantages = reward_advantages(scores, weights, c.group_size).to(method.device)
     batch = RolloutBatch(prompts, latents, advantages, step, trajectory)
     start = time.perf_counter()

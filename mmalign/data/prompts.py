@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 
 from mmalign.config import ConfigError
+from mmalign.data.pairs import jsonl_rows
 
 WORLD_SPLITS = ("train", "heldout")
 
@@ -20,22 +20,15 @@ def read_prompts(spec: str, world: ModuleType, key: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"{key}: no such file {path} (or use {' / '.join(WORLD_SPLITS)})")
-    lines = path.read_text().splitlines()
     if path.suffix == ".jsonl":
         prompts = []
-        for row, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}, row {row}: not JSON ({exc.msg})") from None
-            prompt = record.get("prompt") if isinstance(record, dict) else None
+        for row, record in jsonl_rows(path, ("prompt",)):
+            prompt = record["prompt"]
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ConfigError(f"{path}, row {row}: field 'prompt' must be a non-empty string")
             prompts.append(prompt.strip())
     else:
-        prompts = [line.strip() for line in lines if line.strip()]
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"{key}: {path} holds no prompts")
     return prompts

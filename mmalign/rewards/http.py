@@ -80,15 +80,21 @@ def encode_png(image: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _base64_bytes(text: Any, where: str, expected: str) -> bytes:
+    """The bytes of base64 `text`; a `RewardInputError` naming `where` when it is not `expected` (a string)
+    or not valid base64."""
+    if not isinstance(text, str):
+        raise RewardInputError(f"{where}: expected {expected}, got {type(text).__name__}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RewardInputError(f"{where}: not valid base64") from None
+
+
 def decode_png(text: Any, where: str, max_pixels: int | None = None) -> torch.Tensor:
     """base64 text of an image → `(3, H, W)` float in [0, 1]; a `RewardInputError` naming `where` otherwise
     (`PayloadTooLarge` for an image of more than `max_pixels` pixels, refused before it is decoded)."""
-    if not isinstance(text, str):
-        raise RewardInputError(f"{where}: expected a base64 PNG string, got {type(text).__name__}")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise RewardInputError(f"{where}: not valid base64") from None
+    data = _base64_bytes(text, where, "a base64 PNG string")
     unreadable = f"{where}: not a readable image (expected a base64-encoded PNG)"
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
@@ -131,12 +137,7 @@ def decode_array(value: Any, where: str, dtypes: Sequence[str], shape: Sequence[
         or any(isinstance(s, int) and d != s for d, s in zip(dims, shape))
     ):
         raise RewardInputError(f"{where}: shape {json.dumps(dims)}: expected {pattern}")
-    if not isinstance(text, str):
-        raise RewardInputError(f"{where}: data: expected a base64 string, got {type(text).__name__}")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise RewardInputError(f"{where}: data: not valid base64") from None
+    data = _base64_bytes(text, f"{where}: data", "a base64 string")
     native = np.dtype(dtype)
     expected = math.prod(dims) * native.itemsize
     if len(data) != expected:
