@@ -239,8 +239,8 @@ class TrainConfig:
 class MonitorConfig:
     """The `eval.monitor` section: the reward-hacking monitor every Trainer run has
     (`mmalign.train.monitor`). It fires when, for `patience` evaluations in a row, the training reward
-    measured on held-out prompts rose and the held-out monitor metric fell (each by more than
-    `min_delta`, against the evaluation before)."""
+    measured on held-out prompts is higher and the held-out monitor metric lower (each by more than
+    `min_delta`) than at the baseline evaluation: the best by the metric so far, or the one before."""
 
     action: str = option(
         "what the reward-hacking monitor does: off; warn: print each firing, log monitor/hacking and list it in "
@@ -254,11 +254,17 @@ class MonitorConfig:
     metric: str | None = option(
         "the held-out metric to watch (higher is better); null = the method's gold metric", default=None
     )
+    baseline: str = option(
+        "what each evaluation is compared with: best = the evaluation with the best metric so far (catches a "
+        "slide below the peak that wobbles); previous = the evaluation just before (only uninterrupted falls)",
+        default="best",
+    )
     patience: int = option("consecutive evaluations with reward up and metric down before it fires", default=2)
     min_delta: float = option("a rise or fall counts when larger than this", default=0.0)
 
     def __post_init__(self) -> None:
         check_choice("eval.monitor.action", self.action, ("off", "warn", "stop"))
+        check_choice("eval.monitor.baseline", self.baseline, ("best", "previous"))
         check_range("eval.monitor.patience", self.patience, 1)
         check_range("eval.monitor.min_delta", self.min_delta, 0)
         if not self.reward:

@@ -44,28 +44,51 @@ def test_the_rule_needs_patience_consecutive_rises_with_falls():
     rewards = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     golds = [0.0, 1.0, 0.9, 1.0, 0.8, 0.7, 0.6]  # falls at 20, then 40, 50, 60
     evaluations = history(rewards, golds)
-    assert fired_at(evaluations, patience=1) == [20, 40, 50, 60]
-    assert fired_at(evaluations, patience=2) == [50, 60]  # the single fall at 20 is interrupted by a rise
-    assert fired_at(evaluations, patience=3) == [60]
-    assert fired_at(evaluations, patience=4) == []
-    assert monitor.streaks(evaluations, "reward", "gold", 0.0) == [0, 0, 1, 0, 1, 2, 3]
-    firing = monitor.firings(evaluations, MonitorConfig(action="warn", patience=2), "gold")[0]
+    for baseline in ("previous", "best"):  # here the evaluation before a fall is always the best one
+        assert fired_at(evaluations, patience=1, baseline=baseline) == [20, 40, 50, 60]
+        assert fired_at(evaluations, patience=2, baseline=baseline) == [50, 60]  # the fall at 20 is followed by a rise
+        assert fired_at(evaluations, patience=3, baseline=baseline) == [60]
+        assert fired_at(evaluations, patience=4, baseline=baseline) == []
+        assert monitor.streaks(evaluations, "reward", "gold", 0.0, baseline) == [0, 0, 1, 0, 1, 2, 3]
+    firing = monitor.firings(evaluations, MonitorConfig(action="warn", patience=2, baseline="previous"), "gold")[0]
     assert firing.steps == [30, 40, 50] and firing.rewards == [3.0, 4.0, 5.0] and firing.metrics == [1.0, 0.8, 0.7]
-    assert "`reward` rose 3.0000 → 5.0000 while `gold` fell 1.0000 → 0.7000" in firing.describe("reward", "gold")
+    assert firing.describe("reward", "gold") == (
+        "`reward` rose 3.0000 → 5.0000 while `gold` fell 1.0000 → 0.7000: 2 evaluations in a row "
+        "(steps 40–50) against step 30"
+    )
+    best = monitor.firings(evaluations, MonitorConfig(action="warn", patience=2), "gold")[0]
+    assert best.steps == [10, 40, 50] and best.rewards == [1.0, 4.0, 5.0]  # the earliest of the equal bests
+
+
+def test_the_best_baseline_catches_a_slide_below_the_peak_that_wobbles():
+    # the held-out history of DiffusionNFT trained on JPEG incompressibility (docs/results/online.md):
+    # the reward rises at every evaluation; gold peaks at step 5 and slides down with rises between falls
+    rewards = [1.208, 1.210, 1.215, 1.217, 1.223, 1.231, 1.240]
+    golds = [0.646, 0.667, 0.664, 0.667, 0.654, 0.662, 0.635]
+    evaluations = history(rewards, golds, every=5)
+    assert fired_at(evaluations, baseline="previous") == []  # no two falls in a row
+    assert monitor.baselines(evaluations, "gold", "best") == [None, 0, 1, 1, 1, 1, 1]
+    assert monitor.streaks(evaluations, "reward", "gold", 0.0, "best") == [0, 0, 1, 0, 1, 2, 3]
+    assert fired_at(evaluations) == [25, 30]  # `best` is the default; 0.005 below the peak at step 25
+    firing = monitor.firings(evaluations, MonitorConfig(action="warn"), "gold")[0]
+    assert firing.steps == [5, 20, 25] and firing.metrics == [0.667, 0.654, 0.662]
+    assert fired_at(evaluations, patience=1, min_delta=0.006) == [20, 30]  # steps 10 and 25 are within 0.006
 
 
 def test_rises_without_falls_and_falls_without_rises_do_not_fire():
-    assert fired_at(history([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]), patience=1) == []  # both rise
-    assert fired_at(history([0, 1, 2, 3, 4], [0, 0, 0, 0, 0]), patience=1) == []  # gold flat
-    assert fired_at(history([4, 3, 2, 1, 0], [4, 3, 2, 1, 0]), patience=1) == []  # both fall
-    assert fired_at(history([0, 0, 0, 0, 0], [4, 3, 2, 1, 0]), patience=1) == []  # reward flat
+    for baseline in ("previous", "best"):
+        assert fired_at(history([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]), patience=1, baseline=baseline) == []  # both rise
+        assert fired_at(history([0, 1, 2, 3, 4], [0, 0, 0, 0, 0]), patience=1, baseline=baseline) == []  # gold flat
+        assert fired_at(history([4, 3, 2, 1, 0], [4, 3, 2, 1, 0]), patience=1, baseline=baseline) == []  # both fall
+        assert fired_at(history([0, 0, 0, 0, 0], [4, 3, 2, 1, 0]), patience=1, baseline=baseline) == []  # reward flat
 
 
 def test_min_delta_ignores_small_changes():
     evaluations = history([0.0, 0.05, 0.5, 1.0], [1.0, 0.99, 0.5, 0.0])
-    assert fired_at(evaluations, patience=1) == [10, 20, 30]
-    assert fired_at(evaluations, patience=1, min_delta=0.1) == [20, 30]  # step 10 moved both by < 0.1
-    assert fired_at(evaluations, patience=3, min_delta=0.1) == []
+    assert fired_at(evaluations, patience=1, baseline="previous") == [10, 20, 30]
+    assert fired_at(evaluations, patience=1, baseline="previous", min_delta=0.1) == [20, 30]  # step 10 moved < 0.1
+    assert fired_at(evaluations, patience=3, baseline="previous", min_delta=0.1) == []
+    assert fired_at(evaluations, patience=1, min_delta=0.1) == [20, 30]  # against the best, step 0
 
 
 def test_best_passes_over_the_evaluation_of_restored_weights():
@@ -93,6 +116,7 @@ def test_a_missing_metric_is_an_error_naming_the_key_and_the_metrics(options, ke
     [
         ("eval.monitor.action=halt", "config key 'eval.monitor.action' must be one of off, warn, stop, got 'halt'"),
         ("eval.monitor.patience=0", "config key 'eval.monitor.patience' must be ≥ 1, got 0"),
+        ("eval.monitor.baseline=last", "eval.monitor.baseline"),
         ("eval.monitor.min_delta=-0.1", "config key 'eval.monitor.min_delta' must be ≥ 0"),
         ("eval.monitor.metric=shapes-gold", None),
         ("eval.monitor.reward=shapes-gold", None),
@@ -110,7 +134,7 @@ def test_monitor_options_are_checked_naming_the_key(override, message):
 
 def test_every_method_help_lists_the_monitor_options():
     text = help_text("diffusion-dpo")
-    for key in ("action", "reward", "metric", "patience", "min_delta"):
+    for key in ("action", "reward", "metric", "baseline", "patience", "min_delta"):
         assert f"eval.monitor.{key} = " in text
     assert load_config(RECIPE).eval.monitor == MonitorConfig()  # off by default
 

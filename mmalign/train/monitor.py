@@ -5,9 +5,12 @@ monitor compares two metrics of each evaluation: `eval.monitor.reward`, the trai
 on held-out prompts, and `eval.monitor.metric`, a held-out metric the method never trains on (the
 method's gold metric by default; higher is better).
 
-The rule (`firings`): an evaluation is *hacked* when, against the evaluation before it, the reward
-rose by more than `min_delta` and the metric fell by more than `min_delta`; the monitor fires at every
-evaluation that ends a run of at least `patience` hacked evaluations in a row.
+The rule (`firings`): an evaluation is *hacked* when, against its baseline, the reward is higher by more
+than `min_delta` and the metric lower by more than `min_delta`; the monitor fires at every evaluation
+that ends a run of at least `patience` hacked evaluations in a row. The baseline (`baseline`) is either
+the evaluation with the best metric so far (`best`: a slow slide below the peak counts even when the
+metric wobbles up between falls) or the evaluation just before (`previous`: only uninterrupted falls
+count).
 
 Everything here is a pure function of the evaluation history the Trainer keeps and checkpoints
 (`TrainerState.evaluations`: `{"step", "train_seconds", "metrics"}` entries), so a resumed run
@@ -65,22 +68,36 @@ def values(evaluation: dict[str, Any], reward: str, metric: str) -> tuple[float,
     return float(metrics[reward]), float(metrics[metric])
 
 
-def streaks(evaluations: list[dict[str, Any]], reward: str, metric: str, min_delta: float) -> list[int]:
+def baselines(evaluations: list[dict[str, Any]], metric: str, baseline: str) -> list[int | None]:
+    """For each evaluation, the index of the evaluation it is compared with (None for the first): the one
+    before it (`previous`), or the earliest with the highest `metric` among those before it (`best`)."""
+    out: list[int | None] = []
+    top: int | None = None
+    for i, evaluation in enumerate(evaluations):
+        out.append(top if baseline == "best" else (i - 1 if i else None))
+        if top is None or float(evaluation["metrics"][metric]) > float(evaluations[top]["metrics"][metric]):
+            top = i
+    return out
+
+
+def streaks(
+    evaluations: list[dict[str, Any]], reward: str, metric: str, min_delta: float, baseline: str = "best"
+) -> list[int]:
     """For each evaluation, how many hacked evaluations in a row end at it (0: this one is not hacked)."""
+    pairs = [values(e, reward, metric) for e in evaluations]
     out: list[int] = []
-    previous: tuple[float, float] | None = None
-    for evaluation in evaluations:
-        current = values(evaluation, reward, metric)
-        hacked = previous is not None and current[0] - previous[0] > min_delta and previous[1] - current[1] > min_delta
-        out.append(out[-1] + 1 if hacked and out else 0)
-        previous = current
+    for current, base in zip(pairs, baselines(evaluations, metric, baseline)):
+        hacked = (
+            base is not None and current[0] - pairs[base][0] > min_delta and pairs[base][1] - current[1] > min_delta
+        )
+        out.append(out[-1] + 1 if hacked else 0)
     return out
 
 
 @dataclass(frozen=True)
 class Firing:
     """The monitor fired at evaluation `step`: `streak` hacked evaluations in a row end there; `steps`,
-    `rewards` and `metrics` hold the evaluations of that window (the one before the streak first)."""
+    `rewards` and `metrics` hold the baseline of the streak's first evaluation, then the streak."""
 
     step: int
     streak: int
@@ -92,19 +109,21 @@ class Firing:
         """One line: what rose and what fell, over which steps."""
         return (
             f"`{reward}` rose {self.rewards[0]:.4f} → {self.rewards[-1]:.4f} while `{metric}` fell "
-            f"{self.metrics[0]:.4f} → {self.metrics[-1]:.4f} over {self.streak} evaluations in a row "
-            f"(steps {self.steps[0]}–{self.steps[-1]})"
+            f"{self.metrics[0]:.4f} → {self.metrics[-1]:.4f}: {self.streak} evaluations in a row "
+            f"(steps {self.steps[1]}–{self.steps[-1]}) against step {self.steps[0]}"
         )
 
 
 def firings(evaluations: list[dict[str, Any]], config: MonitorConfig, metric: str) -> list[Firing]:
     """Every evaluation at which the rule fires (see the module doc), oldest first."""
     history = monitored(evaluations)
-    runs = streaks(history, config.reward, metric, config.min_delta)
+    runs = streaks(history, config.reward, metric, config.min_delta, config.baseline)
+    bases = baselines(history, metric, config.baseline)
     out = []
     for i, streak in enumerate(runs):
         if streak >= config.patience:
-            window = history[i - streak : i + 1]
+            first = i - streak + 1
+            window = [history[bases[first]], *history[first : i + 1]]
             pairs = [values(e, config.reward, metric) for e in window]
             out.append(Firing(history[i]["step"], streak, [e["step"] for e in window],
                               [r for r, _ in pairs], [m for _, m in pairs]))  # fmt: skip

@@ -117,6 +117,7 @@ def monitor_summary(out: Path, run: RunConfig, gold: str, state) -> dict[str, An
         "action": config.action,
         "reward": config.reward,
         "metric": metric,
+        "baseline": config.baseline,
         "patience": config.patience,
         "min_delta": config.min_delta,
         "best": top,
@@ -126,6 +127,10 @@ def monitor_summary(out: Path, run: RunConfig, gold: str, state) -> dict[str, An
         else None,
         "plot": MONITOR_PLOT,
     }
+
+
+#: how the report names each `eval.monitor.baseline`
+_BASELINE_WORDS = {"best": "the best evaluation before", "previous": "the evaluation before"}
 
 
 def _monitor_markdown(summary: dict[str, Any], evaluations: list[dict[str, Any]]) -> str:
@@ -152,8 +157,8 @@ def _monitor_markdown(summary: dict[str, Any], evaluations: list[dict[str, Any]]
     return f"""## Reward-hacking monitor
 
 Action `{summary["action"]}`: it compares the training reward `{reward}`, measured on held-out prompts, with
-`{metric}`, and fires when for {summary["patience"]} evaluations in a row the reward rose and `{metric}` fell
-(each by more than {summary["min_delta"]:g}).
+`{metric}`, and fires when for {summary["patience"]} evaluations in a row the reward is higher and `{metric}` lower
+(each by more than {summary["min_delta"]:g}) than at {_BASELINE_WORDS[summary["baseline"]]}.
 
 {outcome}
 
