@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mmalign.config import ConfigError, EvalSchedule, MonitorConfig, RunConfig, TrainConfig, help_text, load_config
@@ -176,7 +177,8 @@ class Hacker(Method):
     def evaluate(self, step: int) -> Evaluation:
         with torch.no_grad():
             s = float(self.net(torch.ones(1, 2, device=self.net.weight.device)).item())
-        return Evaluation({"reward": s, "gold": -((s - self.config.turn) ** 2)})
+        grid = Image.new("RGB", (4, 4), (min(255, int(50 * s)), 0, 0))  # a picture of the weights
+        return Evaluation({"reward": s, "gold": -((s - self.config.turn) ** 2)}, grid=grid)
 
     def gold_metric(self) -> str:
         return "gold"
@@ -253,6 +255,11 @@ def test_stop_ends_early_and_final_holds_the_best_weights(tmp_path, capsys):
     assert line[0].upper() + line[1:] in md and "## Reward-hacking monitor" in md and report["monitor"]["plot"] in md
     assert (out / "plots" / "monitor.png").is_file()
     assert line in capsys.readouterr().out
+    # the grid of the stopped weights stays beside that of the restored ones, which the comparison shows
+    stopped, restored = out / "samples" / "step-000005.png", out / "samples" / "step-000005-best-000003.png"
+    assert Image.open(stopped).getpixel((0, 0)) != Image.open(restored).getpixel((0, 0))
+    assert Image.open(restored).getpixel((0, 0)) == Image.open(out / "samples" / "step-000003.png").getpixel((0, 0))
+    assert report["samples"]["after"] == "samples/step-000005-best-000003.png"
 
 
 def test_warn_finishes_the_run_and_lists_every_firing(tmp_path, capsys):

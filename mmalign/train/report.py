@@ -173,6 +173,16 @@ Firings: {len(summary["events"])}.
 """
 
 
+def sample_stem(evaluation: dict[str, Any]) -> str:
+    """The file name, without suffix, of an evaluation's sample grid in `samples/`: `step-000300`, or
+    `step-000300-best-000200` for the evaluation of the best weights restored after a stop at step 300
+    (so the grid of the stopped weights at that step is kept beside it)."""
+    stem = f"step-{evaluation['step']:06d}"
+    if "restored_from" in evaluation:
+        stem += f"-best-{evaluation['restored_from']:06d}"
+    return stem
+
+
 def write_report(
     out: Path,
     run: RunConfig,
@@ -192,7 +202,7 @@ def write_report(
     """
     evaluations = state.evaluations
     before, after = evaluations[0], evaluations[-1]
-    samples = {"before": f"samples/step-{before['step']:06d}.png", "after": f"samples/step-{after['step']:06d}.png"}
+    samples = {"before": f"samples/{sample_stem(before)}.png", "after": f"samples/{sample_stem(after)}.png"}
     if (out / samples["before"]).exists() and (out / samples["after"]).exists():
         with Image.open(out / samples["before"]) as b, Image.open(out / samples["after"]) as a:
             side_by_side(b.convert("RGB"), a.convert("RGB")).save(out / "samples" / "before_after.png")

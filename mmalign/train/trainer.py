@@ -46,7 +46,7 @@ from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from mmalign.train import checkpoint as ckpt
 from mmalign.train import monitor
 from mmalign.train.method import Evaluation, Method
-from mmalign.train.report import write_report
+from mmalign.train.report import sample_stem, write_report
 from mmalign.train.rundir import check_config
 
 #: the monitor's verdict on an evaluation, as broadcast from the main process
@@ -201,12 +201,14 @@ class Trainer:
             if result.grid is not None:
                 samples = self.out / "samples"
                 samples.mkdir(exist_ok=True)
-                result.grid.save(samples / f"step-{step:06d}.png")
+                stem = sample_stem(entry)
+                result.grid.save(samples / f"{stem}.png")
                 if result.animation:
                     frames = np.stack([np.asarray(frame.convert("RGB")) for frame in result.animation])
-                    write_video(samples / f"step-{step:06d}.gif", frames, result.fps)
+                    write_video(samples / f"{stem}.gif", frames, result.fps)
                 if self.writer is not None:
-                    self.writer.add_image("samples", np.asarray(result.grid), step, dataformats="HWC")
+                    tag = "samples" if restored_from is None else "final/samples"
+                    self.writer.add_image(tag, np.asarray(result.grid), step, dataformats="HWC")
             atomic_write_json(self.out / "evaluations.json", self.state.evaluations)
             if monitor.is_on(self.monitor) and restored_from is None:
                 try:
