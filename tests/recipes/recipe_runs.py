@@ -5,6 +5,7 @@ runs this folder's tests last, so the CPU work of the other tests and of the rec
 recipe process runs one thread (more threads than cores make OpenMP spin); the test process is left
 as it is.
 
+DiffusionNFT (online RL) trains on its own rollouts and starts with SmPO and GAN-RM.
 The DPO and SmPO recipes share the embedded preference pairs: the DPO run generates them into the
 session's cache (`$MMALIGN_CACHE`, as a user's first run would), the critical path of the whole
 suite, so SmPO and GAN-RM start only once the pairs are there. The GAN-RM recipe runs both rounds at
@@ -35,10 +36,12 @@ GAN_RM_SMALL = [  # the shipped GAN-RM recipe, scaled down; everything else as s
 DPO_STEPS = 100  # a third of the shipped 300: the held-out gain peaks by step 100 (benchmarks/smpo_vs_dpo.py);
 # the DPO run is the suite's critical path (100 steps here: +0.052 gold, clip-score up)
 SMPO_STEPS = 40  # half the shipped 80: measured +0.034 held-out gold at step 40, +0.032 at 80 (eval.every=40)
+NFT_STEPS = 10  # a third of the shipped 30: held-out gold +0.047 at step 10 (docs/results/online.md)
 RECIPES = {  # name: (config, overrides); every run skips intermediate evaluations
     "dpo": ("image/diffusion_dpo.yaml", ["eval.every=0", f"train.max_steps={DPO_STEPS}"]),
     "smpo": ("image/smpo.yaml", ["eval.every=0", f"train.max_steps={SMPO_STEPS}"]),
     "gan_rm": ("image/gan_rm.yaml", GAN_RM_SMALL),
+    "nft": ("image/diffusion_nft.yaml", ["eval.every=0", f"train.max_steps={NFT_STEPS}", "train.checkpoint_every=0"]),
 }
 TIMEOUT = 1800  # seconds any one recipe may take
 
@@ -82,6 +85,7 @@ class RecipeRuns:
             time.sleep(1)
         self._launch("smpo")
         self._launch("gan_rm")
+        self._launch("nft")  # online: needs no pairs, but waits so as not to slow the DPO run that makes them
         self._pairs_done.set()
 
     def result(self, name: str) -> tuple[Path, dict]:

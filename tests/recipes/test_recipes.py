@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.recipes.recipe_runs import DPO_STEPS, SMPO_STEPS
+from tests.recipes.recipe_runs import DPO_STEPS, NFT_STEPS, SMPO_STEPS
 
 pytestmark = pytest.mark.recipes
 GAIN = 0.02  # held-out gold-metric gain every recipe must show (the measured gains are larger)
@@ -23,7 +23,7 @@ GAIN = 0.02  # held-out gold-metric gain every recipe must show (the measured ga
 @pytest.fixture(scope="module")
 def recipe_runs(recipe_runs) -> dict[str, tuple[Path, dict]]:
     """{name: (run directory, report)} of the recipes this folder's conftest started."""
-    return {name: recipe_runs.result(name) for name in ("dpo", "smpo", "gan_rm")}
+    return {name: recipe_runs.result(name) for name in ("dpo", "smpo", "gan_rm", "nft")}
 
 
 @pytest.mark.slow
@@ -74,3 +74,16 @@ def test_gan_rm_recipe_rounds_pick_better_images_by_the_gold_metric(recipe_runs)
         assert (out / f"round-{k}" / "raw").is_dir()  # refresh_raw_negatives: each round's own negatives
     assert report["after"] > report["before"], report  # measured at this scale: +0.04 on 32 prompts
     assert (out / "report.md").exists() and (out / "samples/before_after.png").exists()
+
+
+@pytest.mark.slow
+def test_diffusion_nft_recipe_raises_the_heldout_gold_metric(recipe_runs):
+    out, report = recipe_runs["nft"]
+    assert report["recipe"] == "image/diffusion_nft" and report["method"] == "diffusion-nft"
+    assert report["eval_prompts"] == "heldout" and report["steps"] == NFT_STEPS
+    assert report["after"] > report["before"] + GAIN, report
+    # the training reward (the toy CLIP), measured on the held-out samples, rose with the gold metric
+    assert report["metrics"]["after"]["reward"] > report["metrics"]["before"]["reward"]
+    assert report["monitor"]["events"] == []  # no reward hacking to flag
+    for name in ("samples/before_after.png", "final/lora/pytorch_lora_weights.safetensors", "report.md"):
+        assert (out / name).exists(), name
