@@ -16,14 +16,17 @@ It holds a loaded pipeline and gives the pieces every preference method needs:
 - `save_lora(dir)` (loads with `pipe.load_lora_weights(dir)`) and `save_pretrained(dir)`.
 
 Families: SD1.x/2.x UNets (ε or v prediction), SDXL (two text encoders, time ids), SD3-class
-flow-matching transformers, and for video Wan-class flow-matching 3D transformers (causal VAE, 4×
-in time) and AnimateDiff motion UNets (per-frame VAE). See `mmalign.models.families`.
+flow-matching transformers (SD3, SD3.5), FLUX.1 (packed latents, guidance embedding on dev) and
+Qwen-Image (packed latents, Qwen2.5-VL text states), and for video Wan-class flow-matching 3D
+transformers (causal VAE, 4× in time) and AnimateDiff motion UNets (per-frame VAE). See
+`mmalign.models.families`.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import replace
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +89,9 @@ class DiffusionModel:
         weight_dtype: dtype of the frozen weights; trainable weights stay in float32.
         flow_sampling: σ law for flow-matching families, `logit_normal` or `uniform`.
         gradient_checkpointing: trade compute for activation memory in the denoiser.
+        embedded_guidance: the guidance value a guidance-distilled transformer (FLUX.1-dev) reads in
+            training predictions (`encode_prompt`); sampling reads `guidance_scale`. None = 3.5, the
+            value FLUX.1-dev is sampled with; an error for a model without a guidance input.
     """
 
     def __init__(
@@ -99,9 +105,13 @@ class DiffusionModel:
         weight_dtype: torch.dtype = torch.float32,
         flow_sampling: str = "logit_normal",
         gradient_checkpointing: bool = False,
+        embedded_guidance: float | None = None,
     ):
         self.pipe = pipe
         self.family: Family = family_of(pipe)
+        if embedded_guidance is not None and not self.family.embeds_guidance(getattr(pipe, self.family.denoiser_attr)):
+            raise ValueError(f"embedded_guidance is for guidance-distilled transformers; this {type(pipe).__name__} has none")
+        self.embedded_guidance = 3.5 if embedded_guidance is None else float(embedded_guidance)
         self.noise = noise_process(pipe.scheduler, flow_sampling=flow_sampling)
         self.weight_dtype = weight_dtype
         for name, component in pipe.components.items():
@@ -174,13 +184,18 @@ class DiffusionModel:
 
     @property
     def default_resolution(self) -> tuple[int, int]:
-        """(height, width) in pixels: the denoiser's `sample_size`, else the pipeline's call defaults."""
+        """(height, width) in pixels: the denoiser's `sample_size`, else the pipeline's call defaults, else
+        its `default_sample_size` in latent cells (FLUX.1, Qwen-Image)."""
         size = self.base_denoiser.config.get("sample_size")
         if size is not None:
             size = int(size) * self.vae_scale_factor
             return size, size
         defaults = inspect.signature(type(self.pipe).__call__).parameters
-        return int(defaults["height"].default), int(defaults["width"].default)
+        height, width = defaults["height"].default, defaults["width"].default
+        if height is None or width is None:
+            size = int(self.pipe.default_sample_size) * self.vae_scale_factor
+            return size, size
+        return int(height), int(width)
 
     @property
     def default_num_frames(self) -> int:
@@ -238,8 +253,16 @@ class DiffusionModel:
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], resolution: tuple[int, int] | None = None) -> Conditioning:
-        """Text conditioning for `prompts` (frozen text encoders, no graph)."""
-        return self.family.encode_prompt(self.pipe, list(prompts), resolution or self.default_resolution)
+        """Text conditioning for `prompts` (frozen text encoders, no graph); a guidance-distilled
+        transformer's rows read `embedded_guidance`."""
+        cond = self.family.encode_prompt(self.pipe, list(prompts), resolution or self.default_resolution)
+        return self._with_guidance(cond, self.embedded_guidance)
+
+    def _with_guidance(self, cond: Conditioning, value: float) -> Conditioning:
+        """`cond` with the guidance value `value` on every row, for a transformer that reads one."""
+        if not self.family.embeds_guidance(self.base_denoiser):
+            return cond
+        return replace(cond, guidance=torch.full((cond.embeds.shape[0],), float(value), device=cond.embeds.device))
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -322,7 +345,7 @@ class DiffusionModel:
     # ------------------------------------------------------------------ sampling
     def latent_shape(self, batch: int, resolution: tuple[int, int], num_frames: int | None = None) -> tuple[int, ...]:
         """`(B, C, h, w)`, or `(B, C, F, h, w)` for video with `num_frames` pixel frames (default: the pipeline's)."""
-        channels = int(self.base_denoiser.config.in_channels)
+        channels = self.family.latent_channels(self.base_denoiser)
         f = self.vae_scale_factor
         spatial = (resolution[0] // f, resolution[1] // f)
         if not self.is_video:
@@ -387,8 +410,12 @@ class DiffusionModel:
     def guidance_conditioning(
         self, prompts: list[str], resolution: tuple[int, int], guidance_scale: float, negative_prompt: str = ""
     ) -> tuple[Conditioning, Conditioning | None]:
-        """The prompts' conditioning and, with guidance (`guidance_scale != 1`), the negative prompt's (B rows each)."""
+        """The prompts' conditioning and, with guidance (`guidance_scale != 1`), the negative prompt's (B rows each).
+
+        A guidance-distilled transformer (FLUX.1-dev) reads `guidance_scale` itself: no negative prompt."""
         cond = self.encode_prompt(prompts, resolution)
+        if self.family.embeds_guidance(self.base_denoiser):
+            return self._with_guidance(cond, guidance_scale), None
         if guidance_scale == 1.0:
             return cond, None
         return cond, self.encode_prompt([negative_prompt] * len(prompts), resolution)
@@ -403,7 +430,7 @@ class DiffusionModel:
         guidance_scale: float,
     ) -> torch.Tensor:
         """`denoiser`'s prediction for `x (B, …)` at timestep `t` (a scalar or `(B,)`), in float32, with
-        classifier-free guidance `u + g·(c − u)` when `negative` is given (one batched call)."""
+        the family's classifier-free guidance (`u + g·(c − u)`) when `negative` is given (one batched call)."""
         x_in = x if negative is None else torch.cat([x, x])
         full = Conditioning.cat([negative, cond]) if negative is not None else cond
         t = t.to(self.device)
@@ -412,7 +439,7 @@ class DiffusionModel:
         if negative is None:
             return pred
         uncond, text = pred.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+        return self.family.combine_guidance(uncond, text, guidance_scale)
 
     # ------------------------------------------------------------------ trajectories (online RL)
     def sampling_grid(self, kernel: str, noise_level: float, num_steps: int, shape: tuple[int, ...]) -> StepGrid:
@@ -536,15 +563,22 @@ class DiffusionModel:
             denoiser.train(was_training)
 
     def _set_timesteps(self, scheduler, num_steps: int, shape: tuple[int, ...]) -> None:
+        """Set `scheduler` to `num_steps` steps for latents of `shape` as the family's pipeline does: its
+        own σ grid if it has one, shifted by `mu` from the image token count (2×2 patches) where the
+        scheduler shifts by resolution (FLUX.1, Qwen-Image, SD3.5-style)."""
         kwargs = {}
         config = scheduler.config
-        if config.get("use_dynamic_shifting", False):  # resolution-dependent shift (Flux/SD3.5-style)
+        if config.get("use_dynamic_shifting", False):
             seq_len = int(torch.tensor(shape[2:]).prod()) // 4
             base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
             base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
             slope = (max_shift - base_shift) / (max_len - base_len)
             kwargs["mu"] = base_shift + slope * (seq_len - base_len)
-        scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
+        sigmas = self.family.inference_sigmas(num_steps)
+        if sigmas is not None and not config.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, **kwargs)
+        else:
+            scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
 
     def generate(self, prompts: list[str], **sample_kwargs) -> torch.Tensor:
         """`sample` then `decode_latents`: images `(B, 3, H, W)` in [0, 1]."""
