@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import replace
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -110,7 +110,8 @@ class DiffusionModel:
         self.pipe = pipe
         self.family: Family = family_of(pipe)
         if embedded_guidance is not None and not self.family.embeds_guidance(getattr(pipe, self.family.denoiser_attr)):
-            raise ValueError(f"embedded_guidance is for guidance-distilled transformers; this {type(pipe).__name__} has none")
+            name = type(pipe).__name__
+            raise ValueError(f"embedded_guidance is for guidance-distilled transformers; this {name} reads none")
         self.embedded_guidance = 3.5 if embedded_guidance is None else float(embedded_guidance)
         self.noise = noise_process(pipe.scheduler, flow_sampling=flow_sampling)
         self.weight_dtype = weight_dtype
@@ -564,12 +565,12 @@ class DiffusionModel:
 
     def _set_timesteps(self, scheduler, num_steps: int, shape: tuple[int, ...]) -> None:
         """Set `scheduler` to `num_steps` steps for latents of `shape` as the family's pipeline does: its
-        own σ grid if it has one, shifted by `mu` from the image token count (2×2 patches) where the
-        scheduler shifts by resolution (FLUX.1, Qwen-Image, SD3.5-style)."""
+        own σ grid if it has one, shifted by `mu` from the image token count where the scheduler
+        shifts by resolution (FLUX.1, Qwen-Image; SD3-class with `use_dynamic_shifting`)."""
         kwargs = {}
         config = scheduler.config
         if config.get("use_dynamic_shifting", False):
-            seq_len = int(torch.tensor(shape[2:]).prod()) // 4
+            seq_len = self.family.image_tokens(self.base_denoiser, shape)
             base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
             base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
             slope = (max_shift - base_shift) / (max_len - base_len)

@@ -123,6 +123,11 @@ class Family(ABC):
         """Classifier-free guidance of two predictions `(B, …)`: `u + g·(c − u)`."""
         return uncond + scale * (text - uncond)
 
+    def image_tokens(self, denoiser, shape: tuple[int, ...]) -> int:
+        """The image token count a resolution-dependent scheduler shift reads for latents of `shape`
+        (2×2 patches of the latent cells)."""
+        return int(torch.tensor(shape[2:]).prod()) // 4
+
     def inference_sigmas(self, num_steps: int) -> np.ndarray | None:
         """The σ grid (before the resolution shift) the pipeline hands its scheduler; None = the scheduler's own."""
         return None
@@ -184,10 +189,17 @@ class StableDiffusion3Family(Family):
     denoiser_attr = "transformer"
 
     def encode_prompt(self, pipe, prompts, resolution):
+        # SD3 pads T5 prompts to 256 tokens; a T5 tokenizer with a shorter context bounds it
+        t5 = pipe.tokenizer_3
+        max_tokens = 256 if t5 is None else min(256, int(t5.model_max_length))
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=pipe.device, do_classifier_free_guidance=False
-        )
+            prompt=prompts, prompt_2=None, prompt_3=None, device=pipe.device, do_classifier_free_guidance=False,
+            max_sequence_length=max_tokens,
+        )  # fmt: skip
         return Conditioning(embeds, pooled)
+
+    def image_tokens(self, denoiser, shape):
+        return int(torch.tensor(shape[2:]).prod()) // int(denoiser.config.patch_size) ** 2
 
     def denoise(self, denoiser, latents, t, cond):
         return denoiser(

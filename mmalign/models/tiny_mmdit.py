@@ -27,12 +27,11 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
-from transformers import CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-from mmalign.models.tiny import TINY_SD, WORDS, _text_config, _vae
-from mmalign.models.tiny_video import t5_tokenizer
+from mmalign.models.tiny import TINY_SD, WORDS, _text_config, _vae, t5_encoder
 from mmalign.models.tiny_vlm import VLMSize, qwen_vl_model, vlm_tokenizer
-from mmalign.models.tokenizers import clip_tokenizer
+from mmalign.models.tokenizers import clip_tokenizer, t5_tokenizer
 
 MMDIT_FAMILIES: tuple[str, ...] = ("flux", "flux-schnell", "qwen-image")
 #: The system prompt QwenImagePipeline wraps every prompt in; it drops the first
@@ -71,13 +70,7 @@ def flux_pipeline(size: MMDiTSize = TINY_MMDIT, guidance_embeds: bool = True, se
     clip_tok = clip_tokenizer(WORDS, model_max_length=TINY_SD.max_tokens)
     t5_tok = t5_tokenizer([" ".join(WORDS)], size.max_tokens)
     text_encoder = CLIPTextModel(_text_config(clip_tok, TINY_SD, hidden=size.text_dim))
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok), d_model=size.text_dim, d_kv=8, d_ff=2 * size.text_dim, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=0,
-        )
-    )  # fmt: skip
+    text_encoder_2 = t5_encoder(t5_tok, size.text_dim)
     vae = _vae(TINY_SD, shift_factor=0.1, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=size.layers,

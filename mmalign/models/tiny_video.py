@@ -28,10 +28,10 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from transformers import CLIPTextModel, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import CLIPTextModel, UMT5Config, UMT5EncoderModel
 
 from mmalign.models.tiny import TINY_SD, WORDS, _text_config, _vae
-from mmalign.models.tokenizers import byte_level_bpe, clip_tokenizer
+from mmalign.models.tokenizers import clip_tokenizer, t5_tokenizer
 
 VIDEO_FAMILIES: tuple[str, ...] = ("wan", "animatediff")
 DEFAULT_CAPTIONS: tuple[str, ...] = ("a red ball bounces twice", "a small blue ball falls", "a video")
@@ -63,22 +63,6 @@ EMBEDDED_WAN = WanSize(
     heads=4, head_dim=16, layers=4, ffn=128, text_dim=64, text_layers=2, max_tokens=16, z_dim=8, vae_base_dim=8,
     vae_dim_mult=(1, 2, 2), temporal_downsample=(False, True), flow_shift=1.0,
 )  # fmt: skip
-
-
-def t5_tokenizer(captions: Iterable[str], max_tokens: int, vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `captions` with T5's specials (`<pad>` = 0, `</s>` = 1, `<unk>` = 2)."""
-    bpe = byte_level_bpe(captions, ["<pad>", "</s>", "<unk>"], vocab_size, add_prefix_space=True, repeats=10)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_tokens
-    )
-    tokenizer._tokenizer.post_processor = _append_eos(tokenizer)
-    return tokenizer
-
-
-def _append_eos(tokenizer: PreTrainedTokenizerFast):
-    from tokenizers.processors import TemplateProcessing
-
-    return TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
 
 
 def _eval(*modules: torch.nn.Module) -> None:
