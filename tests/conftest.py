@@ -44,11 +44,20 @@ def _reset_accelerate_state():
 
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One saved tiny pipeline per family: {"sd", "sd-v", "sdxl", "sd3"} → folder."""
+    """One saved tiny pipeline per family: {"sd", "sd-v", "sdxl", "sd3", "sd3.5"} → folder."""
     from mmalign.models.tiny import FAMILIES, build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny-pipelines")
     return {family: build_tiny_pipeline(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_mmdit_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny pipeline per packed-latent family: {"flux", "flux-schnell", "qwen-image"} → folder."""
+    from mmalign.models.tiny_mmdit import MMDIT_FAMILIES, build_tiny_mmdit_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-mmdit-pipelines")
+    return {family: build_tiny_mmdit_pipeline(family, root / family) for family in MMDIT_FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -109,7 +109,7 @@ class DiffusionModel:
     ):
         self.pipe = pipe
         self.family: Family = family_of(pipe)
-        if embedded_guidance is not None and not self.family.embeds_guidance(getattr(pipe, self.family.denoiser_attr)):
+        if embedded_guidance is not None and not self.embeds_guidance:
             name = type(pipe).__name__
             raise ValueError(f"embedded_guidance is for guidance-distilled transformers; this {name} reads none")
         self.embedded_guidance = 3.5 if embedded_guidance is None else float(embedded_guidance)
@@ -178,6 +178,11 @@ class DiffusionModel:
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along height and width."""
         return self.family.spatial_compression(self.pipe.vae)
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """Whether the denoiser reads the guidance value itself (guidance-distilled: FLUX.1-dev)."""
+        return self.family.embeds_guidance(self.base_denoiser)
 
     @property
     def is_video(self) -> bool:
@@ -261,7 +266,7 @@ class DiffusionModel:
 
     def _with_guidance(self, cond: Conditioning, value: float) -> Conditioning:
         """`cond` with the guidance value `value` on every row, for a transformer that reads one."""
-        if not self.family.embeds_guidance(self.base_denoiser):
+        if not self.embeds_guidance:
             return cond
         return replace(cond, guidance=torch.full((cond.embeds.shape[0],), float(value), device=cond.embeds.device))
 
@@ -415,7 +420,7 @@ class DiffusionModel:
 
         A guidance-distilled transformer (FLUX.1-dev) reads `guidance_scale` itself: no negative prompt."""
         cond = self.encode_prompt(prompts, resolution)
-        if self.family.embeds_guidance(self.base_denoiser):
+        if self.embeds_guidance:
             return self._with_guidance(cond, guidance_scale), None
         if guidance_scale == 1.0:
             return cond, None
