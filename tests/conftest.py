@@ -62,7 +62,7 @@ def tiny_mmdit_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
 @pytest.fixture(scope="session")
 def tiny_video_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One saved tiny video pipeline per family: {"wan", "animatediff"} → folder."""
+    """One saved tiny video pipeline per family: {"wan", "wan2.2", "animatediff"} → folder."""
     from mmalign.models.tiny_video import VIDEO_FAMILIES, build_tiny_video_pipeline
 
     root = tmp_path_factory.mktemp("tiny-video-pipelines")

@@ -15,6 +15,9 @@ It holds a loaded pipeline and gives the pieces every preference method needs:
   with gradients (online RL; `mmalign.models.trajectory`);
 - `save_lora(dir)` (loads with `pipe.load_lora_weights(dir)`) and `save_pretrained(dir)`.
 
+A pipeline with two experts split by timestep (Wan 2.2 A14B: `transformer`, `transformer_2`,
+`boundary_ratio`) trains both as one denoiser (`mmalign.models.experts`).
+
 Families: SD1.x/2.x UNets (ε or v prediction), SDXL (two text encoders, time ids), SD3-class
 flow-matching transformers (SD3, SD3.5), FLUX.1 (packed latents, guidance embedding on dev) and
 Qwen-Image (packed latents, Qwen2.5-VL text states), and for video Wan-class flow-matching 3D
@@ -36,8 +39,10 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 
 from mmalign.data.segments import latent_frame_segments
+from mmalign.models.experts import TimestepExperts, timestep_experts
 from mmalign.models.families import Conditioning, Family, family_of
 from mmalign.models.inversion import renoise_invert
+from mmalign.models.lora import EXPERT_LORA_FILE, LORA_FILE
 from mmalign.models.noise import noise_process
 from mmalign.models.state import load_trainable_state, trainable_state
 from mmalign.models.trajectory import StepGrid, Trajectory, gaussian_log_prob, sampling_grid
@@ -109,6 +114,7 @@ class DiffusionModel:
     ):
         self.pipe = pipe
         self.family: Family = family_of(pipe)
+        self.experts: TimestepExperts | None = timestep_experts(pipe)
         if embedded_guidance is not None and not self.embeds_guidance:
             name = type(pipe).__name__
             raise ValueError(f"embedded_guidance is for guidance-distilled transformers; this {name} reads none")
@@ -167,8 +173,15 @@ class DiffusionModel:
     # ------------------------------------------------------------------ properties
     @property
     def base_denoiser(self) -> torch.nn.Module:
-        """The unwrapped denoiser module held by the pipeline (`unet` or `transformer`)."""
-        return getattr(self.pipe, self.family.denoiser_attr)
+        """The unwrapped denoiser module held by the pipeline (`unet` or `transformer`), or both experts
+        of a two-expert pipeline as one `TimestepExperts` module."""
+        return self.experts if self.experts is not None else getattr(self.pipe, self.family.denoiser_attr)
+
+    def denoiser_components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's trainable denoiser component(s) by attribute: one, or Wan 2.2's two experts."""
+        if self.experts is not None:
+            return self.experts.experts
+        return {self.family.denoiser_attr: self.base_denoiser}
 
     @property
     def device(self) -> torch.device:
@@ -592,16 +605,24 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ saving
     def save_lora(self, directory: str | Path) -> None:
-        """Write the LoRA adapter in diffusers' format: `pipe.load_lora_weights(directory)` loads it."""
+        """Write the LoRA adapter in diffusers' format: `pipe.load_lora_weights(directory)` loads it.
+
+        With two experts (Wan 2.2 A14B) the low-noise expert's adapter is a second file,
+        `EXPERT_LORA_FILE`, which `pipe.load_lora_weights(directory, weight_name=EXPERT_LORA_FILE,
+        load_into_transformer_2=True)` loads (`mmalign.models.lora.load_lora` loads both)."""
         if self.lora_rank is None:
             raise RuntimeError("this model is fully fine-tuned; use save_pretrained")
-        # peft's key format (`…to_q.lora_A.weight`) for every target: diffusers' converter would rename only
-        # the attention projections to its older `lora.down` format, which its loader then drops
-        state = get_peft_model_state_dict(self.base_denoiser)
-        config = self.base_denoiser.peft_config["default"].to_dict()
         attr = self.family.denoiser_attr
-        kwargs = {f"{attr}_lora_layers": state, f"{attr}_lora_adapter_metadata": config}
-        type(self.pipe).save_lora_weights(str(directory), safe_serialization=True, **kwargs)
+        for name, module in self.denoiser_components().items():
+            # peft's key format (`…to_q.lora_A.weight`) for every target: diffusers' converter would rename only
+            # the attention projections to its older `lora.down` format, which its loader then drops
+            state = get_peft_model_state_dict(module)
+            config = module.peft_config["default"].to_dict()
+            kwargs = {f"{attr}_lora_layers": state, f"{attr}_lora_adapter_metadata": config}
+            weight_name = LORA_FILE if name == attr else EXPERT_LORA_FILE
+            type(self.pipe).save_lora_weights(
+                str(directory), weight_name=weight_name, safe_serialization=True, **kwargs
+            )
 
     def save(self, directory: str | Path, pipeline: bool = False) -> list[str]:
         """The trained result into `directory`: `lora/` (with LoRA) and `pipeline/` (full fine-tuning, or
@@ -620,16 +641,17 @@ class DiffusionModel:
         return self.base_denoiser
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the whole pipeline with the trained denoiser (LoRA merged into the weights)."""
-        attr = self.family.denoiser_attr
-        original = self.base_denoiser
-        trained = original
-        if self.lora_rank is not None:
-            trained = copy.deepcopy(original)
-            trained.fuse_lora()
-            trained.unload_lora()
-        setattr(self.pipe, attr, trained)
+        """Write the whole pipeline with the trained denoiser(s) (LoRA merged into the weights)."""
+        originals = self.denoiser_components()
+        for name, original in originals.items():
+            trained = original
+            if self.lora_rank is not None:
+                trained = copy.deepcopy(original)
+                trained.fuse_lora()
+                trained.unload_lora()
+            setattr(self.pipe, name, trained)
         try:
             self.pipe.save_pretrained(str(directory), safe_serialization=True)
         finally:
-            setattr(self.pipe, attr, original)
+            for name, original in originals.items():
+                setattr(self.pipe, name, original)

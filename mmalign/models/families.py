@@ -414,11 +414,6 @@ def family_of(pipe) -> Family:
     """The family adapter for a loaded pipeline; a clear error for unsupported classes."""
     for pipeline_class, family in _FAMILIES:
         if isinstance(pipe, pipeline_class):
-            if getattr(pipe, "transformer_2", None) is not None:
-                raise ValueError(
-                    f"{type(pipe).__name__} with two experts (transformer_2: Wan 2.2 A14B) is not supported; "
-                    "mmalign trains single-transformer pipelines (Wan 2.1, Wan 2.2 TI2V-5B)"
-                )
             return family()
     supported = ", ".join(cls.__name__ for cls, _ in _FAMILIES)
     raise ValueError(f"unsupported pipeline class {type(pipe).__name__}; mmalign trains {supported}")

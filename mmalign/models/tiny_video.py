@@ -2,7 +2,8 @@
 
 - `wan_pipeline`: `WanPipeline` = `WanTransformer3DModel` (flow matching, 3D RoPE) + `AutoencoderKLWan`
   (causal in time: T = 1 + 4n pixel frames give 1 + n latent frames) + `UMT5EncoderModel` with a
-  byte-level BPE trained locally on a caption corpus.
+  byte-level BPE trained locally on a caption corpus; `wan2.2`: Wan 2.2 A14B's layout, a high-noise
+  and a low-noise transformer split at `boundary_ratio`.
 - `animatediff_pipeline`: `AnimateDiffPipeline` = SD `UNet2DConditionModel` + `MotionAdapter`
   (→ `UNetMotionModel`), the SD image autoencoder per frame, a CLIP text encoder.
 
@@ -33,7 +34,7 @@ from transformers import CLIPTextModel, UMT5Config, UMT5EncoderModel
 from mmalign.models.tiny import TINY_SD, WORDS, _text_config, _vae
 from mmalign.models.tokenizers import clip_tokenizer, t5_tokenizer
 
-VIDEO_FAMILIES: tuple[str, ...] = ("wan", "animatediff")
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan2.2", "animatediff")
 DEFAULT_CAPTIONS: tuple[str, ...] = ("a red ball bounces twice", "a small blue ball falls", "a video")
 
 
@@ -70,8 +71,15 @@ def _eval(*modules: torch.nn.Module) -> None:
         module.eval()
 
 
-def wan_pipeline(size: WanSize = TINY_WAN, seed: int = 0, captions: Iterable[str] = DEFAULT_CAPTIONS) -> WanPipeline:
-    """A randomly initialised Wan-class pipeline (flow-matching Euler scheduler with `flow_shift`)."""
+def wan_pipeline(
+    size: WanSize = TINY_WAN,
+    seed: int = 0,
+    captions: Iterable[str] = DEFAULT_CAPTIONS,
+    boundary_ratio: float | None = None,
+) -> WanPipeline:
+    """A randomly initialised Wan-class pipeline (flow-matching Euler scheduler with `flow_shift`); with
+    `boundary_ratio`, Wan 2.2 A14B's two experts: a second transformer (`transformer_2`) denoises the
+    timesteps below `boundary_ratio · 1000`."""
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer(captions, size.max_tokens)
     text_encoder = UMT5EncoderModel(
@@ -81,24 +89,38 @@ def wan_pipeline(size: WanSize = TINY_WAN, seed: int = 0, captions: Iterable[str
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
         )
     )  # fmt: skip
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=size.heads, attention_head_dim=size.head_dim,
-        in_channels=size.z_dim, out_channels=size.z_dim, text_dim=size.text_dim, freq_dim=256, ffn_dim=size.ffn,
-        num_layers=size.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )  # fmt: skip
+    experts = [
+        WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=size.heads,
+            attention_head_dim=size.head_dim,
+            in_channels=size.z_dim,
+            out_channels=size.z_dim,
+            text_dim=size.text_dim,
+            freq_dim=256,
+            ffn_dim=size.ffn,
+            num_layers=size.layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )  # fmt: skip
+        for _ in range(1 if boundary_ratio is None else 2)
+    ]
     vae = AutoencoderKLWan(
         base_dim=size.vae_base_dim, z_dim=size.z_dim, dim_mult=list(size.vae_dim_mult), num_res_blocks=1,
         temperal_downsample=list(size.temporal_downsample), latents_mean=[0.0] * size.z_dim,
         latents_std=[1.0] * size.z_dim, scale_factor_temporal=2 ** sum(size.temporal_downsample),
         scale_factor_spatial=2 ** (len(size.vae_dim_mult) - 1),
     )  # fmt: skip
-    _eval(text_encoder, transformer, vae)
+    _eval(text_encoder, vae, *experts)
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        transformer=transformer,
+        transformer=experts[0],
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=size.flow_shift),
+        transformer_2=experts[1] if boundary_ratio is not None else None,
+        boundary_ratio=boundary_ratio,
     )
 
 
@@ -137,6 +159,8 @@ def build_tiny_video_pipeline(
     """Build, `.eval()` and `save_pretrained` a tiny video pipeline of `family` (one of `VIDEO_FAMILIES`)."""
     if family == "wan":
         pipe = wan_pipeline(seed=seed, captions=captions)
+    elif family == "wan2.2":  # A14B's layout (T2V boundary 0.875) at the tiny size
+        pipe = wan_pipeline(seed=seed, captions=captions, boundary_ratio=0.875)
     elif family == "animatediff":
         pipe = animatediff_pipeline(seed=seed)
     else:
