@@ -104,3 +104,11 @@ def test_both_adapters_load_into_diffusers_and_merge(model, tiny_video_pipelines
     merged = DiffusionModel.from_pretrained(tmp_path / "merged", lora_rank=None, reference=False)
     with torch.no_grad():
         torch.testing.assert_close(merged.predict(x, t, cond), trained, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_on_one_expert_still_gives_the_other_a_gradient_for_data_parallel_reduction(model):
+    x = torch.randn(2, *model.latent_shape(1, RESOLUTION, FRAMES)[1:], generator=torch.Generator().manual_seed(0))
+    cond = model.encode_prompt(PROMPTS, RESOLUTION)
+    model.predict(x, torch.tensor([950.0, 990.0]), cond).pow(2).mean().backward()
+    low = [p for n, p in model.base_denoiser.named_parameters() if p.requires_grad and n.startswith("transformer_2.")]
+    assert low and all(p.grad is not None and not p.grad.any() for p in low)  # in the graph, with gradient 0

@@ -59,8 +59,15 @@ class TimestepExperts(torch.nn.Module):
         batch = hidden_states.shape[0]
         high = (timestep >= self.boundary).expand(batch) if timestep.ndim == 0 else timestep >= self.boundary
         if high.all() or not high.any():
-            expert = self.transformer if high.all() else self.transformer_2
-            return expert(hidden_states, timestep=timestep, return_dict=return_dict, **kwargs)
+            expert, idle = (
+                (self.transformer, self.transformer_2) if high.all() else (self.transformer_2, self.transformer)
+            )
+            out = expert(hidden_states, timestep=timestep, return_dict=False, **kwargs)[0]
+            if torch.is_grad_enabled():
+                # the idle expert's trainable weights join the graph with weight 0: data-parallel
+                # training reduces every parameter's gradient each step, used on this rank or not
+                out = out + sum(p.sum() for p in idle.parameters() if p.requires_grad) * 0
+            return Transformer2DModelOutput(sample=out) if return_dict else (out,)
         times = timestep.expand(batch) if timestep.ndim == 0 else timestep
         parts = []
         for expert, rows in ((self.transformer, high), (self.transformer_2, ~high)):
