@@ -23,6 +23,7 @@ BROAD = {
     "flux": [*JOINT, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"],
     "qwen-image": [*JOINT, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
     "wan": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out"],
+    "hunyuan-video": [*JOINT, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "proj_mlp", "proj_out"],
     "animatediff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "conv1", "conv2"],
 }
 CASES = [(family, targets) for family in BROAD for targets in (None, "broad")]

@@ -1,8 +1,9 @@
-"""FLUX.1 (dev and schnell), Qwen-Image and SD3.5 through `DiffusionModel`, loaded with `from_pretrained`
-from tiny pipelines saved with `save_pretrained`: sampling gives what the diffusers pipeline gives from the
-same start latents, an online-RL step recomputes the rollout's log-probabilities with gradients, and a
-Flow-GRPO run on FLUX.1 trains and saves a LoRA diffusers loads. (The Diffusion-DPO step and the LoRA
-round trip of these families are in test_diffusion_model.py and test_lora_roundtrip.py.)"""
+"""FLUX.1 (dev and schnell), Qwen-Image, SD3.5 and HunyuanVideo through `DiffusionModel`, loaded with
+`from_pretrained` from tiny pipelines saved with `save_pretrained`: sampling gives what the diffusers
+pipeline gives from the same start latents, an online-RL step recomputes the rollout's log-probabilities
+with gradients, and a Flow-GRPO run on FLUX.1 trains and saves a LoRA diffusers loads. (The DPO step and
+the LoRA round trip of these families are in test_diffusion_model.py, test_video_core.py and
+test_lora_roundtrip.py.)"""
 
 from __future__ import annotations
 
@@ -17,21 +18,26 @@ from mmalign.models.diffusion import DiffusionModel, load_pipeline
 from mmalign.models.families import pack_latents, unpack_latents
 from mmalign.models.lora import load_lora
 
-FAMILIES = ["flux", "flux-schnell", "qwen-image", "sd3.5"]
+FAMILIES = ["flux", "flux-schnell", "qwen-image", "sd3.5", "hunyuan-video"]
 PROMPTS = ["a red circle", "a blue square above a green circle"]
 RESOLUTION = (32, 32)
+FRAMES = 5  # pixel frames of the video families' clips
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_pipelines, tiny_mmdit_pipelines) -> dict[str, Path]:
-    return {**tiny_pipelines, **tiny_mmdit_pipelines}
+def paths(tiny_pipelines, tiny_mmdit_pipelines, tiny_video_pipelines) -> dict[str, Path]:
+    return {**tiny_pipelines, **tiny_mmdit_pipelines, **tiny_video_pipelines}
+
+
+def _frames(family: str) -> dict:
+    return {"num_frames": FRAMES} if family == "hunyuan-video" else {}
 
 
 def _pipeline_call(pipe, family: str, noise: torch.Tensor, guidance: float, steps: int, output_type: str):
-    """The diffusers pipeline sampling `PROMPTS` from `noise (B, C, h, w)` with the guidance the wrapper's
-    `guidance_scale` means for `family`: latents `(B, C, h, w)` or images in [0, 1]."""
-    packed = family != "sd3.5"
+    """The diffusers pipeline sampling `PROMPTS` from `noise (B, C, [F,] h, w)` with the guidance the
+    wrapper's `guidance_scale` means for `family`: latents like `noise`, or pixels in [0, 1] `(B, 3, [T,] H, W)`."""
+    packed = family in ("flux", "flux-schnell", "qwen-image")
     kwargs = dict(num_inference_steps=steps, height=RESOLUTION[0], width=RESOLUTION[1], output_type=output_type)
     kwargs["latents"] = pack_latents(noise) if packed else noise
     if family == "flux":  # the guidance value goes into the transformer: no negative pass
@@ -42,6 +48,12 @@ def _pipeline_call(pipe, family: str, noise: torch.Tensor, guidance: float, step
         )
     elif family == "qwen-image":
         kwargs.update(true_cfg_scale=guidance, negative_prompt="")
+    elif family == "hunyuan-video":  # guidance-distilled too; its prompts follow a 95-token system prompt
+        kwargs.update(
+            guidance_scale=guidance, num_frames=FRAMES, max_sequence_length=pipe.tokenizer.model_max_length - 95
+        )
+        out = pipe(PROMPTS, **kwargs).frames
+        return out if output_type == "latent" else out.permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W) → (B, 3, T, H, W)
     else:
         kwargs.update(guidance_scale=guidance, max_sequence_length=pipe.tokenizer_3.model_max_length)
     out = pipe(PROMPTS, **kwargs).images
@@ -52,8 +64,11 @@ def _pipeline_call(pipe, family: str, noise: torch.Tensor, guidance: float, step
 def test_sampling_is_the_diffusers_pipelines(family, paths):
     model = DiffusionModel.from_pretrained(paths[family], lora_rank=4)
     pipe = load_pipeline(paths[family])
-    noise = torch.randn(model.latent_shape(2, RESOLUTION), generator=torch.Generator().manual_seed(0))
-    latents = model.sample(PROMPTS, num_steps=3, guidance_scale=4.0, noise=noise, resolution=RESOLUTION)
+    noise = torch.randn(
+        model.latent_shape(2, RESOLUTION, **_frames(family)), generator=torch.Generator().manual_seed(0)
+    )
+    latents = model.sample(PROMPTS, num_steps=3, guidance_scale=4.0, noise=noise, resolution=RESOLUTION,
+                           **_frames(family))  # fmt: skip
     expected = _pipeline_call(pipe, family, noise, 4.0, 3, "latent")
     assert (latents - noise).abs().mean() > 0.1  # it denoised
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
@@ -63,16 +78,17 @@ def test_sampling_is_the_diffusers_pipelines(family, paths):
     assert model.encode_images(images * 2 - 1).shape == latents.shape
 
 
-@pytest.mark.parametrize("family", ["flux", "qwen-image", "sd3.5"])
+@pytest.mark.parametrize("family", ["flux", "qwen-image", "sd3.5", "hunyuan-video"])
 def test_an_online_rl_step_recomputes_the_rollout_with_gradients(family, paths):
     model = DiffusionModel.from_pretrained(paths[family], lora_rank=4)
     guidance = 3.5 if model.embeds_guidance else 1.0
     traj = model.sample_trajectory(PROMPTS, kernel="sde", noise_level=0.7, num_steps=3, guidance_scale=guidance,
-                                   generator=torch.Generator().manual_seed(0), resolution=RESOLUTION)  # fmt: skip
-    assert traj.latents.shape == (2, 4, *model.latent_shape(2, RESOLUTION)[1:])
+                                   generator=torch.Generator().manual_seed(0), resolution=RESOLUTION,
+                                   **_frames(family))  # fmt: skip
+    assert traj.latents.shape == (2, 4, *model.latent_shape(2, RESOLUTION, **_frames(family))[1:])
     assert traj.log_probs.shape == (2, 3)
     if model.embeds_guidance:  # the rollout's guidance rides in the conditioning the transition reuses
-        assert traj.negative is None and torch.equal(traj.cond.guidance, torch.full((2,), 3.5))
+        assert traj.negative is None and torch.equal(traj.cond.guidance, torch.full((2,), guidance))
     total = 0
     for w, step in enumerate(traj.window):
         x, x_next = traj.step_pair(w)

@@ -21,8 +21,8 @@ A pipeline with two experts split by timestep (Wan 2.2 A14B: `transformer`, `tra
 Families: SD1.x/2.x UNets (ε or v prediction), SDXL (two text encoders, time ids), SD3-class
 flow-matching transformers (SD3, SD3.5), FLUX.1 (packed latents, guidance embedding on dev) and
 Qwen-Image (packed latents, Qwen2.5-VL text states), and for video Wan-class flow-matching 3D
-transformers (causal VAE, 4× in time) and AnimateDiff motion UNets (per-frame VAE). See
-`mmalign.models.families`.
+transformers (causal VAE, 4× in time; Wan 2.2's two experts), HunyuanVideo (guidance-distilled)
+and AnimateDiff motion UNets (per-frame VAE). See `mmalign.models.families`.
 """
 
 from __future__ import annotations
@@ -94,9 +94,11 @@ class DiffusionModel:
         weight_dtype: dtype of the frozen weights; trainable weights stay in float32.
         flow_sampling: σ law for flow-matching families, `logit_normal` or `uniform`.
         gradient_checkpointing: trade compute for activation memory in the denoiser.
-        embedded_guidance: the guidance value a guidance-distilled transformer (FLUX.1-dev) reads in
-            training predictions (`encode_prompt`); sampling reads `guidance_scale`. None = 3.5, the
-            value FLUX.1-dev is sampled with; an error for a model without a guidance input.
+        embedded_guidance: the guidance value a guidance-distilled transformer (FLUX.1-dev,
+            HunyuanVideo) reads in training predictions (`encode_prompt`); sampling reads
+            `guidance_scale`. None = the family's default (3.5 for FLUX.1-dev, as its model card
+            samples; 6 for HunyuanVideo, its pipeline's default); an error for a model without a
+            guidance input.
     """
 
     def __init__(
@@ -118,7 +120,8 @@ class DiffusionModel:
         if embedded_guidance is not None and not self.embeds_guidance:
             name = type(pipe).__name__
             raise ValueError(f"embedded_guidance is for guidance-distilled transformers; this {name} reads none")
-        self.embedded_guidance = 3.5 if embedded_guidance is None else float(embedded_guidance)
+        default = self.family.default_embedded_guidance
+        self.embedded_guidance = default if embedded_guidance is None else float(embedded_guidance)
         self.noise = noise_process(pipe.scheduler, flow_sampling=flow_sampling)
         self.weight_dtype = weight_dtype
         for name, component in pipe.components.items():

@@ -21,12 +21,14 @@ import torch
 from diffusers import (
     AnimateDiffPipeline,
     FluxPipeline,
+    HunyuanVideoPipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     WanPipeline,
 )
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE as HUNYUAN_VIDEO_TEMPLATE
 
 
 @dataclass
@@ -103,6 +105,8 @@ class Family(ABC):
     is_video = False
     #: latent frame 0 holds pixel frame 0 alone, then each latent frame `temporal_compression` frames
     causal_time = False
+    #: the guidance value a guidance-distilled denoiser reads in training when none is configured
+    default_embedded_guidance = 3.5
 
     @abstractmethod
     def encode_prompt(self, pipe, prompts: list[str], resolution: tuple[int, int]) -> Conditioning:
@@ -372,6 +376,52 @@ class WanFamily(Family):
         return vae.decode(latents * std + mean).sample
 
 
+class HunyuanVideoFamily(Family):
+    """HunyuanVideo: a guidance-distilled MM-DiT on `(B, C, F, h, w)` latents reading a Llama model's
+    third-to-last hidden states (the pipeline's system prompt cropped off, with a mask) and a CLIP
+    pooled embedding, and a causal video autoencoder (4× in time, 8× in space)."""
+
+    name = "hunyuan-video"
+    denoiser_attr = "transformer"
+    is_video = True
+    causal_time = True
+    default_embedded_guidance = 6.0  # HunyuanVideoPipeline's guidance_scale default
+
+    def encode_prompt(self, pipe, prompts, resolution):
+        # the pipeline pads prompts to 256 tokens after its template; a tokenizer with a shorter context bounds it
+        room = int(pipe.tokenizer.model_max_length) - HUNYUAN_VIDEO_TEMPLATE["crop_start"]
+        embeds, pooled, mask = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_template=HUNYUAN_VIDEO_TEMPLATE,
+            device=pipe.device,
+            max_sequence_length=min(256, room),
+        )
+        return Conditioning(embeds, pooled, mask=mask)
+
+    def denoise(self, denoiser, latents, t, cond):
+        return denoiser(
+            hidden_states=latents,
+            timestep=t.to(latents.dtype),
+            encoder_hidden_states=cond.embeds,
+            encoder_attention_mask=cond.mask,
+            pooled_projections=cond.pooled,
+            guidance=None if cond.guidance is None else cond.guidance.to(latents.dtype) * 1000,
+            return_dict=False,
+        )[0]
+
+    def embeds_guidance(self, denoiser):
+        return bool(denoiser.config.get("guidance_embeds", False))
+
+    def inference_sigmas(self, num_steps):
+        return np.linspace(1.0, 0.0, num_steps + 1)[:-1]
+
+    def spatial_compression(self, vae):
+        return int(vae.config.spatial_compression_ratio)
+
+    def temporal_compression(self, vae):
+        return int(vae.config.temporal_compression_ratio)
+
+
 class AnimateDiffFamily(StableDiffusionFamily):
     """AnimateDiff: an SD UNet with motion modules (`UNetMotionModel`) on `(B, C, F, h, w)` latents;
     frames go through the image autoencoder one by one, so latent frames = pixel frames."""
@@ -407,6 +457,7 @@ _FAMILIES: tuple[tuple[type, type[Family]], ...] = (
     (StableDiffusionPipeline, StableDiffusionFamily),
     (WanPipeline, WanFamily),
     (AnimateDiffPipeline, AnimateDiffFamily),
+    (HunyuanVideoPipeline, HunyuanVideoFamily),
 )
 
 

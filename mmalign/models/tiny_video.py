@@ -6,6 +6,8 @@
   and a low-noise transformer split at `boundary_ratio`.
 - `animatediff_pipeline`: `AnimateDiffPipeline` = SD `UNet2DConditionModel` + `MotionAdapter`
   (→ `UNetMotionModel`), the SD image autoencoder per frame, a CLIP text encoder.
+- `hunyuan_video_pipeline`: `HunyuanVideoPipeline` = `HunyuanVideoTransformer3DModel` (guidance-distilled)
+  + `AutoencoderKLHunyuanVideo` (causal, 4× in time) + a Llama text encoder and CLIP (pooled).
 
 `build_tiny_video_pipeline(family, directory)` saves one with `save_pretrained`; everything else loads
 it through `DiffusionModel.from_pretrained`, the path a real checkpoint takes. Components are put in
@@ -15,26 +17,30 @@ it through `DiffusionModel.from_pretrained`, the path a real checkpoint takes. C
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from diffusers import (
     AnimateDiffPipeline,
+    AutoencoderKLHunyuanVideo,
     AutoencoderKLWan,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     MotionAdapter,
     UNet2DConditionModel,
     WanPipeline,
     WanTransformer3DModel,
 )
-from transformers import CLIPTextModel, UMT5Config, UMT5EncoderModel
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE as HUNYUAN_VIDEO_TEMPLATE
+from transformers import CLIPTextModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from mmalign.models.tiny import TINY_SD, WORDS, _text_config, _vae
-from mmalign.models.tokenizers import clip_tokenizer, t5_tokenizer
+from mmalign.models.tokenizers import byte_level_bpe, clip_tokenizer, t5_tokenizer
 
-VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan2.2", "animatediff")
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan2.2", "animatediff", "hunyuan-video")
 DEFAULT_CAPTIONS: tuple[str, ...] = ("a red ball bounces twice", "a small blue ball falls", "a video")
 
 
@@ -153,6 +159,46 @@ def animatediff_pipeline(seed: int = 0) -> AnimateDiffPipeline:
     return pipe
 
 
+def hunyuan_video_pipeline(seed: int = 0, max_tokens: int = 16) -> HunyuanVideoPipeline:
+    """A randomly initialised HunyuanVideo pipeline: guidance-distilled MM-DiT, a Llama text encoder
+    over a byte-level BPE that splits the pipeline's system prompt into its 95 tokens (the pipeline
+    crops exactly those), CLIP for the pooled embedding, the causal video autoencoder (4× time, 8× space)."""
+    torch.manual_seed(seed)
+    template = HUNYUAN_VIDEO_TEMPLATE["template"]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    bpe = byte_level_bpe([template.format(" ".join(WORDS))], specials, 1024, add_prefix_space=False, repeats=20)
+    crop = HUNYUAN_VIDEO_TEMPLATE["crop_start"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<|end_of_text|>", eos_token="<|eot_id|>", model_max_length=crop + max_tokens
+    )
+    prefix = len(tokenizer(template[: template.index("{}")]).input_ids)
+    if prefix != crop:
+        raise RuntimeError(f"the tiny Llama tokenizer splits HunyuanVideo's system prompt into {prefix} tokens")
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=crop + max_tokens, pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    clip_tok = clip_tokenizer(WORDS, model_max_length=77)  # the pipeline pads CLIP prompts to 77 tokens
+    text_encoder_2 = CLIPTextModel(_text_config(clip_tok, replace(TINY_SD, max_tokens=77)))
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=32, pooled_projection_dim=TINY_SD.text_hidden, rope_axes_dim=(2, 4, 4),
+    )  # fmt: skip
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
+    )  # fmt: skip
+    _eval(text_encoder, text_encoder_2, transformer, vae)
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
+    )  # fmt: skip
+
+
 def build_tiny_video_pipeline(
     family: str, directory: str | Path, seed: int = 0, captions: Iterable[str] = DEFAULT_CAPTIONS
 ) -> Path:
@@ -163,6 +209,8 @@ def build_tiny_video_pipeline(
         pipe = wan_pipeline(seed=seed, captions=captions, boundary_ratio=0.875)
     elif family == "animatediff":
         pipe = animatediff_pipeline(seed=seed)
+    elif family == "hunyuan-video":
+        pipe = hunyuan_video_pipeline(seed=seed)
     else:
         raise ValueError(f"unknown tiny video family {family!r}; expected one of {VIDEO_FAMILIES}")
     directory = Path(directory)
