@@ -148,8 +148,16 @@ def test_conditioning_tile_repeat_and_cat():
 def test_unsupported_pipeline_is_a_clear_error():
     from mmalign.models.families import family_of
 
-    with pytest.raises(ValueError, match="unsupported pipeline class"):
+    with pytest.raises(ValueError, match="unsupported pipeline class") as error:
         family_of(object())
+    for name in (
+        "StableDiffusion3Pipeline",
+        "FluxPipeline",
+        "QwenImagePipeline",
+        "WanPipeline",
+        "HunyuanVideoPipeline",
+    ):
+        assert name in str(error.value)
 
 
 def test_tiny_tokenizer_leaves_no_temporary_folder_and_saves(tmp_path, monkeypatch):
