@@ -241,6 +241,22 @@ class PackedFlowFamily(Family):
 
     denoiser_attr = "transformer"
 
+    def denoise(self, denoiser, latents, t, cond):
+        _, _, h, w = latents.shape
+        out = denoiser(
+            hidden_states=pack_latents(latents),
+            timestep=t.to(latents.dtype) / 1000,
+            guidance=cond.guidance,
+            encoder_hidden_states=cond.embeds,
+            return_dict=False,
+            **self.token_inputs(latents, cond),
+        )[0]
+        return unpack_latents(out, h, w)
+
+    @abstractmethod
+    def token_inputs(self, latents: torch.Tensor, cond: Conditioning) -> dict:
+        """The transformer's other inputs for latents `(B, C, h, w)`: token positions, masks, pooled text."""
+
     def latent_channels(self, denoiser):
         return int(denoiser.config.in_channels) // 4
 
@@ -266,21 +282,11 @@ class FluxFamily(PackedFlowFamily):
         )
         return Conditioning(embeds, pooled)
 
-    def denoise(self, denoiser, latents, t, cond):
+    def token_inputs(self, latents, cond):
         b, _, h, w = latents.shape
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, cond.embeds.dtype)
         txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=cond.embeds.dtype)
-        out = denoiser(
-            hidden_states=pack_latents(latents),
-            timestep=t.to(latents.dtype) / 1000,
-            guidance=cond.guidance,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.embeds,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
-        return unpack_latents(out, h, w)
+        return {"pooled_projections": cond.pooled, "txt_ids": txt_ids, "img_ids": img_ids}
 
 
 class QwenImageFamily(PackedFlowFamily):
@@ -297,18 +303,9 @@ class QwenImageFamily(PackedFlowFamily):
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return Conditioning(embeds, mask=mask)
 
-    def denoise(self, denoiser, latents, t, cond):
+    def token_inputs(self, latents, cond):
         b, _, h, w = latents.shape
-        out = denoiser(
-            hidden_states=pack_latents(latents),
-            timestep=t.to(latents.dtype) / 1000,
-            guidance=cond.guidance,
-            encoder_hidden_states_mask=cond.mask,
-            encoder_hidden_states=cond.embeds,
-            img_shapes=[[(1, h // 2, w // 2)]] * b,
-            return_dict=False,
-        )[0]
-        return unpack_latents(out, h, w)
+        return {"encoder_hidden_states_mask": cond.mask, "img_shapes": [[(1, h // 2, w // 2)]] * b}
 
     def combine_guidance(self, uncond, text, scale):
         guided = pack_latents(super().combine_guidance(uncond, text, scale))
