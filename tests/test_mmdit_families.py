@@ -107,7 +107,9 @@ def test_flux_dev_reads_the_embedded_guidance_and_refuses_it_elsewhere(paths, tm
     x = torch.randn(dev.latent_shape(2, RESOLUTION), generator=torch.Generator().manual_seed(0))
     t = torch.full((2,), 500.0)
     with torch.no_grad():
-        other = dev.predict(x, t, dev._with_guidance(cond, 6.0))
+        sampling, negative = dev.guidance_conditioning(PROMPTS, RESOLUTION, 6.0)  # no negative pass
+        assert negative is None and torch.equal(sampling.guidance, torch.full((2,), 6.0))
+        other = dev.predict(x, t, sampling)
         assert (dev.predict(x, t, cond) - other).abs().max() > 1e-4
     with pytest.raises(ValueError, match="guidance-distilled"):
         DiffusionModel.from_pretrained(paths["flux-schnell"], lora_rank=4, embedded_guidance=2.0)
@@ -131,3 +133,12 @@ def test_flow_grpo_trains_flux_and_diffusers_loads_the_lora(paths, tmp_path):
     pipe = load_pipeline(paths["flux"])
     load_lora(pipe, tmp_path / "run" / "final" / "lora")
     assert any("lora_A" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_resolution_shifted_schedules_train_without_a_fixed_shift(paths):
+    flux = DiffusionModel.from_pretrained(paths["flux"], lora_rank=4)
+    assert flux.pipe.scheduler.config.shift == 3.0 and flux.pipe.scheduler.config.use_dynamic_shifting
+    assert flux.noise.shift == 1.0  # the config's shift is unused at inference too: the grid shifts by resolution
+    small, large = (flux.sampling_grid("sde", 0.5, 4, flux.latent_shape(1, size)) for size in [(32, 32), (256, 256)])
+    assert (large.sigmas[1:-1] > small.sigmas[1:-1]).all()  # more image tokens, more noise at each step
+    assert DiffusionModel.from_pretrained(paths["sd3.5"], lora_rank=4).noise.shift == 3.0  # a fixed shift stays

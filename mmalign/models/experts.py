@@ -33,10 +33,6 @@ class TimestepExperts(torch.nn.Module):
         """The high-noise expert's config (both share the latent layout)."""
         return self.transformer.config
 
-    @property
-    def peft_config(self) -> dict:
-        return self.transformer.peft_config
-
     def add_adapter(self, config) -> None:
         for expert in self.experts.values():
             expert.add_adapter(config)

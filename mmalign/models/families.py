@@ -120,8 +120,9 @@ class Family(ABC):
         return int(denoiser.config.in_channels)
 
     def embeds_guidance(self, denoiser) -> bool:
-        """Whether the denoiser reads the guidance value as an input (guidance-distilled, no negative pass)."""
-        return False
+        """Whether the denoiser reads the guidance value as an input (guidance-distilled, no negative pass:
+        its config's `guidance_embeds`); `denoise` then passes `cond.guidance` on."""
+        return bool(denoiser.config.get("guidance_embeds", False))
 
     def combine_guidance(self, uncond: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
         """Classifier-free guidance of two predictions `(B, …)`: `u + g·(c − u)`."""
@@ -259,9 +260,6 @@ class PackedFlowFamily(Family):
 
     def latent_channels(self, denoiser):
         return int(denoiser.config.in_channels) // 4
-
-    def embeds_guidance(self, denoiser):
-        return bool(denoiser.config.get("guidance_embeds", False))
 
     def inference_sigmas(self, num_steps):
         return np.linspace(1.0, 1 / num_steps, num_steps)
@@ -405,9 +403,6 @@ class HunyuanVideoFamily(Family):
             guidance=None if cond.guidance is None else cond.guidance.to(latents.dtype) * 1000,
             return_dict=False,
         )[0]
-
-    def embeds_guidance(self, denoiser):
-        return bool(denoiser.config.get("guidance_embeds", False))
 
     def inference_sigmas(self, num_steps):
         return np.linspace(1.0, 0.0, num_steps + 1)[:-1]
