@@ -38,8 +38,9 @@ class Conditioning:
     `embeds`: `(B, L, D)` token states; `pooled`: `(B, P)` pooled text embedding (SDXL, SD3, FLUX.1);
     `time_ids`: `(B, 6)` SDXL micro-conditioning (original size, crop, target size); `mask`: `(B, L)`
     1 for the tokens of `embeds` the denoiser attends to, 0 for padding (Qwen-Image, whose prompts
-    are as long as their text); `guidance`: `(B,)` the guidance value a guidance-distilled
-    transformer reads (FLUX.1-dev), in the pipeline's `guidance_scale` units.
+    are as long as their text; HunyuanVideo); `guidance`: `(B,)` the guidance value a
+    guidance-distilled transformer reads (FLUX.1-dev, HunyuanVideo), in the pipeline's
+    `guidance_scale` units.
     """
 
     embeds: torch.Tensor
