@@ -101,6 +101,11 @@ class ModelConfig:
     revision: str | None = option("Hub revision (branch, tag or commit)", default=None)
     gradient_checkpointing: bool = option("recompute denoiser activations in backward to save memory", default=False)
     flow_sampling: str = option("σ law for flow-matching models: logit_normal or uniform", default="logit_normal")
+    embedded_guidance: float | None = option(
+        "guidance value a guidance-distilled transformer (FLUX.1-dev) reads in training predictions; sampling "
+        "reads the guidance_scale options; null = 3.5; only for models with a guidance input",
+        default=None,
+    )
     save_pipeline: bool = option("with LoRA, also save the whole pipeline (LoRA merged) at the end", default=False)
     allow_pickle: bool = option(ALLOW_PICKLE_HELP, default=False)
 
@@ -109,6 +114,7 @@ class ModelConfig:
         check_choice("model.flow_sampling", self.flow_sampling, ("logit_normal", "uniform"))
         check_range("model.lora_rank", self.lora_rank, 1)
         check_range("model.lora_alpha", self.lora_alpha, 1)
+        check_range("model.embedded_guidance", self.embedded_guidance, 0)
 
 
 @dataclass

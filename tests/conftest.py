@@ -44,7 +44,7 @@ def _reset_accelerate_state():
 
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One saved tiny pipeline per family: {"sd", "sd-v", "sdxl", "sd3"} → folder."""
+    """One saved tiny pipeline per family: {"sd", "sd-v", "sdxl", "sd3", "sd3.5"} → folder."""
     from mmalign.models.tiny import FAMILIES, build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny-pipelines")
@@ -52,8 +52,17 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_mmdit_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny pipeline per packed-latent family: {"flux", "flux-schnell", "qwen-image"} → folder."""
+    from mmalign.models.tiny_mmdit import MMDIT_FAMILIES, build_tiny_mmdit_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-mmdit-pipelines")
+    return {family: build_tiny_mmdit_pipeline(family, root / family) for family in MMDIT_FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def tiny_video_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One saved tiny video pipeline per family: {"wan", "animatediff"} → folder."""
+    """One saved tiny video pipeline per family: {"wan", "wan2.2", "animatediff"} → folder."""
     from mmalign.models.tiny_video import VIDEO_FAMILIES, build_tiny_video_pipeline
 
     root = tmp_path_factory.mktemp("tiny-video-pipelines")

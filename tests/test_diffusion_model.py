@@ -13,7 +13,9 @@ from mmalign.image.diffusion_dpo import DiffusionDPO
 from mmalign.models.diffusion import DiffusionModel, load_pipeline
 from mmalign.models.families import Conditioning
 
-FAMILIES = ["sd", "sd-v", "sdxl", "sd3"]
+FAMILIES = ["sd", "sd-v", "sdxl", "sd3", "sd3.5"]
+#: the packed-latent families (tests/test_mmdit_families.py checks their sampling and online RL)
+MMDIT = ["flux", "qwen-image"]
 
 
 def _dpo_method(model_dir, pair_folder, *extra: str) -> DiffusionDPO:
@@ -33,10 +35,10 @@ def _dpo_method(model_dir, pair_folder, *extra: str) -> DiffusionDPO:
     return method
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_one_dpo_step_per_family(family, tiny_pipelines, pair_folder):
-    method = _dpo_method(tiny_pipelines[family], pair_folder)
-    assert type(method.model.pipe).__name__.startswith("StableDiffusion")
+@pytest.mark.parametrize("family", FAMILIES + MMDIT)
+def test_one_dpo_step_per_family(family, tiny_pipelines, tiny_mmdit_pipelines, pair_folder):
+    method = _dpo_method({**tiny_pipelines, **tiny_mmdit_pipelines}[family], pair_folder, "data.resolution=32")
+    assert method.model.family.name == family.removesuffix("-v").removesuffix(".5")
     batch = method.collate([method.dataset[i] for i in range(4)])
     loss, metrics = method.compute_loss(batch, step=0, micro=0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA B starts at zero: policy == reference
@@ -146,8 +148,16 @@ def test_conditioning_tile_repeat_and_cat():
 def test_unsupported_pipeline_is_a_clear_error():
     from mmalign.models.families import family_of
 
-    with pytest.raises(ValueError, match="unsupported pipeline class"):
+    with pytest.raises(ValueError, match="unsupported pipeline class") as error:
         family_of(object())
+    for name in (
+        "StableDiffusion3Pipeline",
+        "FluxPipeline",
+        "QwenImagePipeline",
+        "WanPipeline",
+        "HunyuanVideoPipeline",
+    ):
+        assert name in str(error.value)
 
 
 def test_tiny_tokenizer_leaves_no_temporary_folder_and_saves(tmp_path, monkeypatch):

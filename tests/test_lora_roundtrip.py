@@ -11,13 +11,19 @@ from safetensors.torch import save_file
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.models.lora import LORA_FILE, LoraLoadError, adapter_keys, load_lora
 
+#: an MM-DiT's joint attention: the image stream's projections and the text stream's
+JOINT = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 #: per family: the default targets and a broad set (attention, feed-forward, projections, convolutions)
 BROAD = {
     "sd": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
     "sd-v": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
     "sdxl": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
-    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.2"],
+    "sd3": [*JOINT, "ff.net.2"],
+    "sd3.5": [*JOINT, "ff.net.2"],
+    "flux": [*JOINT, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"],
+    "qwen-image": [*JOINT, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
     "wan": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out"],
+    "hunyuan-video": [*JOINT, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "proj_mlp", "proj_out"],
     "animatediff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "conv1", "conv2"],
 }
 CASES = [(family, targets) for family in BROAD for targets in (None, "broad")]
@@ -36,7 +42,7 @@ def _trained(path, targets, alpha: int | None) -> DiffusionModel:
 
 def _output(model: DiffusionModel) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
-    resolution = (32, 32) if model.is_video else model.default_resolution
+    resolution = (32, 32)  # the tiny image pipelines' own; FLUX.1 / Qwen-Image default to 128 latent cells
     frames = {"num_frames": 5} if model.is_video else {}
     x_t = torch.randn(model.latent_shape(1, resolution, **frames), generator=generator)
     t = model.noise.sample_timesteps(1, generator)
@@ -46,9 +52,9 @@ def _output(model: DiffusionModel) -> torch.Tensor:
 
 @pytest.mark.parametrize(("family", "targets"), CASES, ids=[f"{f}-{t or 'default'}" for f, t in CASES])
 def test_the_loaded_adapter_is_every_trained_tensor_and_gives_the_trained_output(
-    family, targets, tiny_pipelines, tiny_video_pipelines, tmp_path
+    family, targets, tiny_pipelines, tiny_video_pipelines, tiny_mmdit_pipelines, tmp_path
 ):
-    path = {**tiny_pipelines, **tiny_video_pipelines}[family]
+    path = {**tiny_pipelines, **tiny_video_pipelines, **tiny_mmdit_pipelines}[family]
     target_list = tuple(BROAD[family]) if targets else None
     model = _trained(path, target_list, alpha=8 if targets else None)  # alpha ≠ rank must survive the trip
     model.save_lora(tmp_path / "lora")

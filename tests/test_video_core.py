@@ -1,4 +1,4 @@
-"""Video in the shared core: video files, segments of time, and the Wan / AnimateDiff families."""
+"""Video in the shared core: video files, segments of time, and the Wan / AnimateDiff / HunyuanVideo families."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_segment_errors_name_the_clip():
 
 
 # ---------------------------------------------------------------------------------------- families
-@pytest.mark.parametrize("family", ["wan", "animatediff"])
+@pytest.mark.parametrize("family", ["wan", "animatediff", "hunyuan-video"])
 def test_latent_frames_match_the_real_vae(family, tiny_video_pipelines):
     model = DiffusionModel.from_pretrained(tiny_video_pipelines[family], lora_rank=4)
     assert model.is_video
@@ -113,7 +113,7 @@ def test_latent_frames_match_the_real_vae(family, tiny_video_pipelines):
         assert latents.shape[2] == model.latent_frame_count(frames)
         assert latents.shape == model.latent_shape(1, (32, 32), frames)
         assert model.decode_latents(latents).shape == (1, 3, frames, 32, 32)
-    expected = {"wan": (3, 1 + (9 - 1) // 4), "animatediff": (8, 9)}[family]
+    expected = {"wan": (3, 1 + (9 - 1) // 4), "animatediff": (8, 9), "hunyuan-video": (3, 3)}[family]
     assert (model.latent_frame_count(seconds=1.0, fps=8), model.latent_frame_count(9)) == expected
     if family == "wan":
         with pytest.raises(ValueError, match="1 \\+ 4·n frames"):
@@ -122,7 +122,7 @@ def test_latent_frames_match_the_real_vae(family, tiny_video_pipelines):
         assert frame_segment.tolist() == [0, 0, 0, 1, 1] and count == 3
 
 
-@pytest.mark.parametrize("family", ["wan", "animatediff"])
+@pytest.mark.parametrize("family", ["wan", "animatediff", "hunyuan-video"])
 def test_video_dpo_step_lora_round_trip_and_sampling(family, tiny_video_pipelines, tmp_path):
     from mmalign.losses import diffusion_dpo_loss, per_segment_mse
 

@@ -15,9 +15,14 @@ It holds a loaded pipeline and gives the pieces every preference method needs:
   with gradients (online RL; `mmalign.models.trajectory`);
 - `save_lora(dir)` (loads with `pipe.load_lora_weights(dir)`) and `save_pretrained(dir)`.
 
+A pipeline with two experts split by timestep (Wan 2.2 A14B: `transformer`, `transformer_2`,
+`boundary_ratio`) trains both as one denoiser (`mmalign.models.experts`).
+
 Families: SD1.x/2.x UNets (ε or v prediction), SDXL (two text encoders, time ids), SD3-class
-flow-matching transformers, and for video Wan-class flow-matching 3D transformers (causal VAE, 4×
-in time) and AnimateDiff motion UNets (per-frame VAE). See `mmalign.models.families`.
+flow-matching transformers (SD3, SD3.5), FLUX.1 (packed latents, guidance embedding on dev) and
+Qwen-Image (packed latents, Qwen2.5-VL text states), and for video Wan-class flow-matching 3D
+transformers (causal VAE, 4× in time; Wan 2.2's two experts), HunyuanVideo (guidance-distilled)
+and AnimateDiff motion UNets (per-frame VAE). See `mmalign.models.families`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import copy
 import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,8 +39,10 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 
 from mmalign.data.segments import latent_frame_segments
+from mmalign.models.experts import TimestepExperts, timestep_experts
 from mmalign.models.families import Conditioning, Family, family_of
 from mmalign.models.inversion import renoise_invert
+from mmalign.models.lora import EXPERT_LORA_FILE, LORA_FILE
 from mmalign.models.noise import noise_process
 from mmalign.models.state import load_trainable_state, trainable_state
 from mmalign.models.trajectory import StepGrid, Trajectory, gaussian_log_prob, sampling_grid
@@ -86,6 +94,11 @@ class DiffusionModel:
         weight_dtype: dtype of the frozen weights; trainable weights stay in float32.
         flow_sampling: σ law for flow-matching families, `logit_normal` or `uniform`.
         gradient_checkpointing: trade compute for activation memory in the denoiser.
+        embedded_guidance: the guidance value a guidance-distilled transformer (FLUX.1-dev,
+            HunyuanVideo) reads in training predictions (`encode_prompt`); sampling reads
+            `guidance_scale`. None = the family's default (3.5 for FLUX.1-dev, as its model card
+            samples; 6 for HunyuanVideo, its pipeline's default); an error for a model without a
+            guidance input.
     """
 
     def __init__(
@@ -99,9 +112,16 @@ class DiffusionModel:
         weight_dtype: torch.dtype = torch.float32,
         flow_sampling: str = "logit_normal",
         gradient_checkpointing: bool = False,
+        embedded_guidance: float | None = None,
     ):
         self.pipe = pipe
         self.family: Family = family_of(pipe)
+        self.experts: TimestepExperts | None = timestep_experts(pipe)
+        if embedded_guidance is not None and not self.embeds_guidance:
+            name = type(pipe).__name__
+            raise ValueError(f"embedded_guidance is for guidance-distilled transformers; this {name} reads none")
+        default = self.family.default_embedded_guidance
+        self.embedded_guidance = default if embedded_guidance is None else float(embedded_guidance)
         self.noise = noise_process(pipe.scheduler, flow_sampling=flow_sampling)
         self.weight_dtype = weight_dtype
         for name, component in pipe.components.items():
@@ -156,8 +176,15 @@ class DiffusionModel:
     # ------------------------------------------------------------------ properties
     @property
     def base_denoiser(self) -> torch.nn.Module:
-        """The unwrapped denoiser module held by the pipeline (`unet` or `transformer`)."""
-        return getattr(self.pipe, self.family.denoiser_attr)
+        """The unwrapped denoiser module held by the pipeline (`unet` or `transformer`), or both experts
+        of a two-expert pipeline as one `TimestepExperts` module."""
+        return self.experts if self.experts is not None else getattr(self.pipe, self.family.denoiser_attr)
+
+    def denoiser_components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's trainable denoiser component(s) by attribute: one, or Wan 2.2's two experts."""
+        if self.experts is not None:
+            return self.experts.experts
+        return {self.family.denoiser_attr: self.base_denoiser}
 
     @property
     def device(self) -> torch.device:
@@ -169,18 +196,28 @@ class DiffusionModel:
         return self.family.spatial_compression(self.pipe.vae)
 
     @property
+    def embeds_guidance(self) -> bool:
+        """Whether the denoiser reads the guidance value itself (guidance-distilled: FLUX.1-dev)."""
+        return self.family.embeds_guidance(self.base_denoiser)
+
+    @property
     def is_video(self) -> bool:
         return self.family.is_video
 
     @property
     def default_resolution(self) -> tuple[int, int]:
-        """(height, width) in pixels: the denoiser's `sample_size`, else the pipeline's call defaults."""
+        """(height, width) in pixels: the denoiser's `sample_size`, else the pipeline's call defaults, else
+        its `default_sample_size` in latent cells (FLUX.1, Qwen-Image)."""
         size = self.base_denoiser.config.get("sample_size")
         if size is not None:
             size = int(size) * self.vae_scale_factor
             return size, size
         defaults = inspect.signature(type(self.pipe).__call__).parameters
-        return int(defaults["height"].default), int(defaults["width"].default)
+        height, width = defaults["height"].default, defaults["width"].default
+        if height is None or width is None:
+            size = int(self.pipe.default_sample_size) * self.vae_scale_factor
+            return size, size
+        return int(height), int(width)
 
     @property
     def default_num_frames(self) -> int:
@@ -238,8 +275,16 @@ class DiffusionModel:
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], resolution: tuple[int, int] | None = None) -> Conditioning:
-        """Text conditioning for `prompts` (frozen text encoders, no graph)."""
-        return self.family.encode_prompt(self.pipe, list(prompts), resolution or self.default_resolution)
+        """Text conditioning for `prompts` (frozen text encoders, no graph); a guidance-distilled
+        transformer's rows read `embedded_guidance`."""
+        cond = self.family.encode_prompt(self.pipe, list(prompts), resolution or self.default_resolution)
+        return self._with_guidance(cond, self.embedded_guidance)
+
+    def _with_guidance(self, cond: Conditioning, value: float) -> Conditioning:
+        """`cond` with the guidance value `value` on every row, for a transformer that reads one."""
+        if not self.embeds_guidance:
+            return cond
+        return replace(cond, guidance=torch.full((cond.embeds.shape[0],), float(value), device=cond.embeds.device))
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -322,7 +367,7 @@ class DiffusionModel:
     # ------------------------------------------------------------------ sampling
     def latent_shape(self, batch: int, resolution: tuple[int, int], num_frames: int | None = None) -> tuple[int, ...]:
         """`(B, C, h, w)`, or `(B, C, F, h, w)` for video with `num_frames` pixel frames (default: the pipeline's)."""
-        channels = int(self.base_denoiser.config.in_channels)
+        channels = self.family.latent_channels(self.base_denoiser)
         f = self.vae_scale_factor
         spatial = (resolution[0] // f, resolution[1] // f)
         if not self.is_video:
@@ -387,8 +432,12 @@ class DiffusionModel:
     def guidance_conditioning(
         self, prompts: list[str], resolution: tuple[int, int], guidance_scale: float, negative_prompt: str = ""
     ) -> tuple[Conditioning, Conditioning | None]:
-        """The prompts' conditioning and, with guidance (`guidance_scale != 1`), the negative prompt's (B rows each)."""
+        """The prompts' conditioning and, with guidance (`guidance_scale != 1`), the negative prompt's (B rows each).
+
+        A guidance-distilled transformer (FLUX.1-dev) reads `guidance_scale` itself: no negative prompt."""
         cond = self.encode_prompt(prompts, resolution)
+        if self.embeds_guidance:
+            return self._with_guidance(cond, guidance_scale), None
         if guidance_scale == 1.0:
             return cond, None
         return cond, self.encode_prompt([negative_prompt] * len(prompts), resolution)
@@ -403,7 +452,7 @@ class DiffusionModel:
         guidance_scale: float,
     ) -> torch.Tensor:
         """`denoiser`'s prediction for `x (B, …)` at timestep `t` (a scalar or `(B,)`), in float32, with
-        classifier-free guidance `u + g·(c − u)` when `negative` is given (one batched call)."""
+        the family's classifier-free guidance (`u + g·(c − u)`) when `negative` is given (one batched call)."""
         x_in = x if negative is None else torch.cat([x, x])
         full = Conditioning.cat([negative, cond]) if negative is not None else cond
         t = t.to(self.device)
@@ -412,7 +461,7 @@ class DiffusionModel:
         if negative is None:
             return pred
         uncond, text = pred.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+        return self.family.combine_guidance(uncond, text, guidance_scale)
 
     # ------------------------------------------------------------------ trajectories (online RL)
     def sampling_grid(self, kernel: str, noise_level: float, num_steps: int, shape: tuple[int, ...]) -> StepGrid:
@@ -536,15 +585,22 @@ class DiffusionModel:
             denoiser.train(was_training)
 
     def _set_timesteps(self, scheduler, num_steps: int, shape: tuple[int, ...]) -> None:
+        """Set `scheduler` to `num_steps` steps for latents of `shape` as the family's pipeline does: its
+        own σ grid if it has one, shifted by `mu` from the image token count where the scheduler
+        shifts by resolution (FLUX.1, Qwen-Image; SD3-class with `use_dynamic_shifting`)."""
         kwargs = {}
         config = scheduler.config
-        if config.get("use_dynamic_shifting", False):  # resolution-dependent shift (Flux/SD3.5-style)
-            seq_len = int(torch.tensor(shape[2:]).prod()) // 4
+        if config.get("use_dynamic_shifting", False):
+            seq_len = self.family.image_tokens(self.base_denoiser, shape)
             base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
             base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
             slope = (max_shift - base_shift) / (max_len - base_len)
             kwargs["mu"] = base_shift + slope * (seq_len - base_len)
-        scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
+        sigmas = self.family.inference_sigmas(num_steps)
+        if sigmas is not None and not config.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, **kwargs)
+        else:
+            scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
 
     def generate(self, prompts: list[str], **sample_kwargs) -> torch.Tensor:
         """`sample` then `decode_latents`: images `(B, 3, H, W)` in [0, 1]."""
@@ -552,16 +608,24 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ saving
     def save_lora(self, directory: str | Path) -> None:
-        """Write the LoRA adapter in diffusers' format: `pipe.load_lora_weights(directory)` loads it."""
+        """Write the LoRA adapter in diffusers' format: `pipe.load_lora_weights(directory)` loads it.
+
+        With two experts (Wan 2.2 A14B) the low-noise expert's adapter is a second file,
+        `EXPERT_LORA_FILE`, which `pipe.load_lora_weights(directory, weight_name=EXPERT_LORA_FILE,
+        load_into_transformer_2=True)` loads (`mmalign.models.lora.load_lora` loads both)."""
         if self.lora_rank is None:
             raise RuntimeError("this model is fully fine-tuned; use save_pretrained")
-        # peft's key format (`…to_q.lora_A.weight`) for every target: diffusers' converter would rename only
-        # the attention projections to its older `lora.down` format, which its loader then drops
-        state = get_peft_model_state_dict(self.base_denoiser)
-        config = self.base_denoiser.peft_config["default"].to_dict()
         attr = self.family.denoiser_attr
-        kwargs = {f"{attr}_lora_layers": state, f"{attr}_lora_adapter_metadata": config}
-        type(self.pipe).save_lora_weights(str(directory), safe_serialization=True, **kwargs)
+        for name, module in self.denoiser_components().items():
+            # peft's key format (`…to_q.lora_A.weight`) for every target: diffusers' converter would rename only
+            # the attention projections to its older `lora.down` format, which its loader then drops
+            state = get_peft_model_state_dict(module)
+            config = module.peft_config["default"].to_dict()
+            kwargs = {f"{attr}_lora_layers": state, f"{attr}_lora_adapter_metadata": config}
+            weight_name = LORA_FILE if name == attr else EXPERT_LORA_FILE
+            type(self.pipe).save_lora_weights(
+                str(directory), weight_name=weight_name, safe_serialization=True, **kwargs
+            )
 
     def save(self, directory: str | Path, pipeline: bool = False) -> list[str]:
         """The trained result into `directory`: `lora/` (with LoRA) and `pipeline/` (full fine-tuning, or
@@ -580,16 +644,17 @@ class DiffusionModel:
         return self.base_denoiser
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the whole pipeline with the trained denoiser (LoRA merged into the weights)."""
-        attr = self.family.denoiser_attr
-        original = self.base_denoiser
-        trained = original
-        if self.lora_rank is not None:
-            trained = copy.deepcopy(original)
-            trained.fuse_lora()
-            trained.unload_lora()
-        setattr(self.pipe, attr, trained)
+        """Write the whole pipeline with the trained denoiser(s) (LoRA merged into the weights)."""
+        originals = self.denoiser_components()
+        for name, original in originals.items():
+            trained = original
+            if self.lora_rank is not None:
+                trained = copy.deepcopy(original)
+                trained.fuse_lora()
+                trained.unload_lora()
+            setattr(self.pipe, name, trained)
         try:
             self.pipe.save_pretrained(str(directory), safe_serialization=True)
         finally:
-            setattr(self.pipe, attr, original)
+            for name, original in originals.items():
+                setattr(self.pipe, name, original)

@@ -17,6 +17,8 @@ from mmalign.errors import UserInputError
 from mmalign.models.weights import reading_weights, refuse_pickled, use_safetensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: the low-noise expert's adapter of a two-expert pipeline (Wan 2.2 A14B), beside `LORA_FILE`
+EXPERT_LORA_FILE = "pytorch_lora_weights_transformer_2.safetensors"
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora.down.weight", ".lora.up.weight")
 
 
@@ -24,10 +26,10 @@ class LoraLoadError(UserInputError):
     """An adapter whose tensors the pipeline cannot place; the message names them."""
 
 
-def adapter_keys(directory: str | Path, allow_pickle: bool = False) -> list[str]:
-    """The tensor names of the LoRA folder's safetensors file; a pickled `pytorch_lora_weights.bin`
-    only with `allow_pickle` (read with `weights_only=True`)."""
-    file = Path(directory) / LORA_FILE
+def adapter_keys(directory: str | Path, allow_pickle: bool = False, weight_name: str = LORA_FILE) -> list[str]:
+    """The tensor names of the LoRA folder's safetensors file `weight_name`; a pickled
+    `pytorch_lora_weights.bin` only with `allow_pickle` (read with `weights_only=True`)."""
+    file = Path(directory) / weight_name
     if file.is_file():
         with safe_open(str(file), framework="pt") as opened:
             return list(opened.keys())
@@ -40,13 +42,14 @@ def adapter_keys(directory: str | Path, allow_pickle: bool = False) -> list[str]
     raise LoraLoadError(f"{directory}: no {LORA_FILE} (a LoRA folder written by a run: run_dir/final/lora)")
 
 
-def unplaced(pipe, keys: list[str]) -> list[str]:
-    """The keys whose layer in `pipe` holds no LoRA adapter (`<component>.<module path>.<lora suffix>`)."""
+def unplaced(pipe, keys: list[str], into: str | None = None) -> list[str]:
+    """The keys whose layer in `pipe` holds no LoRA adapter (`<component>.<module path>.<lora suffix>`),
+    looked up in the component `into` instead where given (an adapter loaded into `transformer_2`)."""
     missing = []
     for key in keys:
         component, _, rest = key.partition(".")
         suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
-        module = getattr(pipe, component, None)
+        module = getattr(pipe, into or component, None)
         if suffix is None or module is None:
             missing.append(key)
             continue
@@ -63,11 +66,23 @@ def unplaced(pipe, keys: list[str]) -> list[str]:
 def load_lora(pipe, directory: str | Path, allow_pickle: bool = False) -> None:
     """`pipe.load_lora_weights(directory)`, then a `LoraLoadError` if any saved tensor was not placed.
 
-    A pickled adapter (`pytorch_lora_weights.bin`) is read only with `allow_pickle`."""
+    A folder that also holds `EXPERT_LORA_FILE` (a two-expert pipeline's low-noise adapter) loads it
+    into `transformer_2`. A pickled adapter (`pytorch_lora_weights.bin`) is read only with `allow_pickle`."""
     keys = adapter_keys(directory, allow_pickle)
     with reading_weights(directory, allow_pickle):
         pipe.load_lora_weights(str(directory), use_safetensors=use_safetensors(allow_pickle))
-    missing = unplaced(pipe, keys)
+    _check_placed(pipe, directory, keys, None)
+    if (Path(directory) / EXPERT_LORA_FILE).is_file():
+        if getattr(pipe, "transformer_2", None) is None:
+            raise LoraLoadError(f"{directory}: {EXPERT_LORA_FILE} is a second expert's adapter; "
+                                f"this {type(pipe).__name__} has no transformer_2")  # fmt: skip
+        keys = adapter_keys(directory, weight_name=EXPERT_LORA_FILE)
+        pipe.load_lora_weights(str(directory), weight_name=EXPERT_LORA_FILE, load_into_transformer_2=True)
+        _check_placed(pipe, directory, keys, "transformer_2")
+
+
+def _check_placed(pipe, directory: str | Path, keys: list[str], into: str | None) -> None:
+    missing = unplaced(pipe, keys, into)
     if missing:
         raise LoraLoadError(
             f"{directory}: {len(missing)} of {len(keys)} LoRA tensors have no layer in this "

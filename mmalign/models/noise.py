@@ -4,7 +4,7 @@ Two families cover the diffusers checkpoints mmalign trains:
 
 - `VariancePreserving` (DDPM-style; SD1.x/2.x, SDXL, AnimateDiff): integer timesteps
   `t ∈ [0, T)`, `x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε`, target `ε` or `v = √ᾱ_t ε − √(1−ᾱ_t) x0`.
-- `FlowMatching` (rectified flow; SD3, Wan): `σ ∈ (0, 1)`, `x_σ = (1−σ) x0 + σ ε`, target the
+- `FlowMatching` (rectified flow; SD3, FLUX.1, Qwen-Image, Wan): `σ ∈ (0, 1)`, `x_σ = (1−σ) x0 + σ ε`, target the
   velocity `ε − x0`; the denoiser reads `t = 1000 σ`.
 
 Every tensor may carry any number of trailing axes after the batch axis (`(B, C, H, W)` images,
@@ -80,7 +80,9 @@ class FlowMatching:
     """Rectified-flow forward process. Timesteps are `1000 σ` (float), as diffusers' flow models read them.
 
     `sampling` draws σ as SD3's training script does: `"logit_normal"` (u = sigmoid(N(mean, std)))
-    or `"uniform"`, then applies the scheduler's `shift`: σ = shift·u / (1 + (shift − 1)·u).
+    or `"uniform"`, then applies the scheduler's `shift`: σ = shift·u / (1 + (shift − 1)·u). A
+    scheduler that shifts by resolution at inference (`use_dynamic_shifting`: FLUX.1, Qwen-Image)
+    applies no fixed shift, and neither does training here, as diffusers' FLUX training script.
     """
 
     def __init__(
@@ -89,7 +91,8 @@ class FlowMatching:
         if sampling not in ("logit_normal", "uniform"):
             raise ValueError(f"unknown timestep sampling {sampling!r}; expected logit_normal or uniform")
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
-        self.shift = float(scheduler_config.get("shift", 1.0))
+        dynamic = scheduler_config.get("use_dynamic_shifting", False)
+        self.shift = 1.0 if dynamic else float(scheduler_config.get("shift", 1.0))
         self.sampling, self.logit_mean, self.logit_std = sampling, logit_mean, logit_std
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:

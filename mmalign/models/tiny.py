@@ -1,7 +1,7 @@
 """Offline builders of tiny instances of real diffusers architectures.
 
 Each builder assembles a real pipeline class (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
-`StableDiffusion3Pipeline`) from small randomly initialised components and a local tokenizer,
+`StableDiffusion3Pipeline` as SD3 or SD3.5) from small randomly initialised components and a local tokenizer,
 saves it with `save_pretrained`, and returns the folder. Everything downstream then loads it
 with `from_pretrained`, exactly as it loads a real checkpoint. Modules built from a config start
 in train mode (dropout on), so every component is put in `.eval()` before saving.
@@ -34,10 +34,13 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
 )
 
 from mmalign.data import shapes_world
-from mmalign.models.tokenizers import clip_tokenizer
+from mmalign.models.tokenizers import clip_tokenizer, t5_tokenizer
 
 #: Words every tiny tokenizer covers as whole tokens: the shapes world plus a few common ones.
 WORDS: tuple[str, ...] = tuple(
@@ -66,7 +69,7 @@ WORDS: tuple[str, ...] = tuple(
         )
     )
 )
-FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "sd3")
+FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "sd3", "sd3.5")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ class SDSize:
     transformer_heads: int = 4
     transformer_head_dim: int = 8
     transformer_pos_embed_max_size: int = 96  # side of the stored sin-cos position table, in patches
+    # SD3.5 options: RMS norm on queries and keys, the MMDiT-X second attention in these blocks, a T5
+    # text encoder of this width (0 = none, as the SD3 pipeline allows)
+    transformer_qk_norm: str | None = None
+    transformer_dual_attention_layers: tuple[int, ...] = ()
+    t5_dim: int = 0
 
 
 TINY_SD = SDSize()
@@ -99,6 +107,8 @@ EMBEDDED_SD = SDSize(
     text_layers=3,
     text_heads=4,
 )
+#: SD3.5-class: QK RMS norm (SD3.5 Large and Medium), a dual-attention block (Medium's MMDiT-X), T5.
+TINY_SD35 = SDSize(transformer_qk_norm="rms_norm", transformer_dual_attention_layers=(0,), t5_dim=64)
 #: The embedded flow-matching model (`embedded:shapes-t2i-flow`, `scripts/train_shapes_flow.py`): the
 #: autoencoder and text-encoder sizes of `EMBEDDED_SD` and a 5-layer MM-DiT of width 128 on 8×8 latents.
 EMBEDDED_SD3 = SDSize(
@@ -127,6 +137,17 @@ def _text_config(tokenizer: CLIPTokenizer, size: SDSize, hidden: int | None = No
         pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
+
+
+def t5_encoder(tokenizer: PreTrainedTokenizerFast, width: int) -> T5EncoderModel:
+    """A randomly initialised 2-layer `T5EncoderModel` of `width` over `tokenizer` (`t5_tokenizer`)."""
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+        )
+    )  # fmt: skip
 
 
 def _vae(size: SDSize, **extra) -> AutoencoderKL:
@@ -240,10 +261,15 @@ def sdxl_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusionXLPip
 
 
 def sd3_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusion3Pipeline:
-    """A randomly initialised SD3-class pipeline: MM-DiT transformer, flow-matching scheduler."""
+    """A randomly initialised SD3-class pipeline: MM-DiT transformer, flow-matching scheduler; with
+    `size.t5_dim` a T5 third text encoder, whose states the two CLIP encoders' are padded to."""
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(WORDS, model_max_length=size.max_tokens)
     hidden = size.text_hidden
+    text_encoder_3 = tokenizer_3 = None
+    if size.t5_dim:
+        tokenizer_3 = t5_tokenizer([" ".join(WORDS)], size.max_tokens)
+        text_encoder_3 = t5_encoder(tokenizer_3, size.t5_dim)
     transformer = SD3Transformer2DModel(
         sample_size=size.image_size // 2 ** (len(size.vae_channels) - 1),
         patch_size=1,
@@ -253,16 +279,18 @@ def sd3_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusion3Pipel
         attention_head_dim=size.transformer_head_dim,
         num_attention_heads=size.transformer_heads,
         caption_projection_dim=size.transformer_heads * size.transformer_head_dim,
-        joint_attention_dim=2 * hidden,  # the two CLIP encoders' states, concatenated (no T5 here)
+        joint_attention_dim=size.t5_dim or 2 * hidden,  # T5's width, else the two CLIP encoders' concatenated
         pooled_projection_dim=2 * hidden,
         pos_embed_max_size=size.transformer_pos_embed_max_size,
+        qk_norm=size.transformer_qk_norm,
+        dual_attention_layers=size.transformer_dual_attention_layers,
     )
     text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, size, projection_dim=hidden, hidden_act="gelu"))
     text_encoder_2 = CLIPTextModelWithProjection(
         _text_config(tokenizer, size, projection_dim=hidden, hidden_act="gelu")
     )
     vae = _vae(size, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False)
-    _eval(transformer, text_encoder, text_encoder_2, vae)
+    _eval(*(m for m in (transformer, text_encoder, text_encoder_2, text_encoder_3, vae) if m is not None))
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -271,8 +299,8 @@ def sd3_pipeline(size: SDSize = TINY_SD, seed: int = 0) -> StableDiffusion3Pipel
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
 
 
@@ -286,6 +314,8 @@ def build_tiny_pipeline(family: str, directory: str | Path, seed: int = 0) -> Pa
         pipe = sdxl_pipeline(seed=seed)
     elif family == "sd3":
         pipe = sd3_pipeline(seed=seed)
+    elif family == "sd3.5":
+        pipe = sd3_pipeline(TINY_SD35, seed=seed)
     else:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
     directory = Path(directory)

@@ -2,9 +2,12 @@
 
 - `wan_pipeline`: `WanPipeline` = `WanTransformer3DModel` (flow matching, 3D RoPE) + `AutoencoderKLWan`
   (causal in time: T = 1 + 4n pixel frames give 1 + n latent frames) + `UMT5EncoderModel` with a
-  byte-level BPE trained locally on a caption corpus.
+  byte-level BPE trained locally on a caption corpus; `wan2.2`: Wan 2.2 A14B's layout, a high-noise
+  and a low-noise transformer split at `boundary_ratio`.
 - `animatediff_pipeline`: `AnimateDiffPipeline` = SD `UNet2DConditionModel` + `MotionAdapter`
   (→ `UNetMotionModel`), the SD image autoencoder per frame, a CLIP text encoder.
+- `hunyuan_video_pipeline`: `HunyuanVideoPipeline` = `HunyuanVideoTransformer3DModel` (guidance-distilled)
+  + `AutoencoderKLHunyuanVideo` (causal, 4× in time) + a Llama text encoder and CLIP (pooled).
 
 `build_tiny_video_pipeline(family, directory)` saves one with `save_pretrained`; everything else loads
 it through `DiffusionModel.from_pretrained`, the path a real checkpoint takes. Components are put in
@@ -14,26 +17,30 @@ it through `DiffusionModel.from_pretrained`, the path a real checkpoint takes. C
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from diffusers import (
     AnimateDiffPipeline,
+    AutoencoderKLHunyuanVideo,
     AutoencoderKLWan,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     MotionAdapter,
     UNet2DConditionModel,
     WanPipeline,
     WanTransformer3DModel,
 )
-from transformers import CLIPTextModel, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE as HUNYUAN_VIDEO_TEMPLATE
+from transformers import CLIPTextModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from mmalign.models.tiny import TINY_SD, WORDS, _text_config, _vae
-from mmalign.models.tokenizers import byte_level_bpe, clip_tokenizer
+from mmalign.models.tokenizers import byte_level_bpe, clip_tokenizer, t5_tokenizer
 
-VIDEO_FAMILIES: tuple[str, ...] = ("wan", "animatediff")
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan2.2", "animatediff", "hunyuan-video")
 DEFAULT_CAPTIONS: tuple[str, ...] = ("a red ball bounces twice", "a small blue ball falls", "a video")
 
 
@@ -65,29 +72,20 @@ EMBEDDED_WAN = WanSize(
 )  # fmt: skip
 
 
-def t5_tokenizer(captions: Iterable[str], max_tokens: int, vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `captions` with T5's specials (`<pad>` = 0, `</s>` = 1, `<unk>` = 2)."""
-    bpe = byte_level_bpe(captions, ["<pad>", "</s>", "<unk>"], vocab_size, add_prefix_space=True, repeats=10)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_tokens
-    )
-    tokenizer._tokenizer.post_processor = _append_eos(tokenizer)
-    return tokenizer
-
-
-def _append_eos(tokenizer: PreTrainedTokenizerFast):
-    from tokenizers.processors import TemplateProcessing
-
-    return TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
-
-
 def _eval(*modules: torch.nn.Module) -> None:
     for module in modules:
         module.eval()
 
 
-def wan_pipeline(size: WanSize = TINY_WAN, seed: int = 0, captions: Iterable[str] = DEFAULT_CAPTIONS) -> WanPipeline:
-    """A randomly initialised Wan-class pipeline (flow-matching Euler scheduler with `flow_shift`)."""
+def wan_pipeline(
+    size: WanSize = TINY_WAN,
+    seed: int = 0,
+    captions: Iterable[str] = DEFAULT_CAPTIONS,
+    boundary_ratio: float | None = None,
+) -> WanPipeline:
+    """A randomly initialised Wan-class pipeline (flow-matching Euler scheduler with `flow_shift`); with
+    `boundary_ratio`, Wan 2.2 A14B's two experts: a second transformer (`transformer_2`) denoises the
+    timesteps below `boundary_ratio · 1000`."""
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer(captions, size.max_tokens)
     text_encoder = UMT5EncoderModel(
@@ -97,24 +95,38 @@ def wan_pipeline(size: WanSize = TINY_WAN, seed: int = 0, captions: Iterable[str
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
         )
     )  # fmt: skip
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=size.heads, attention_head_dim=size.head_dim,
-        in_channels=size.z_dim, out_channels=size.z_dim, text_dim=size.text_dim, freq_dim=256, ffn_dim=size.ffn,
-        num_layers=size.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )  # fmt: skip
+    experts = [
+        WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=size.heads,
+            attention_head_dim=size.head_dim,
+            in_channels=size.z_dim,
+            out_channels=size.z_dim,
+            text_dim=size.text_dim,
+            freq_dim=256,
+            ffn_dim=size.ffn,
+            num_layers=size.layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )  # fmt: skip
+        for _ in range(1 if boundary_ratio is None else 2)
+    ]
     vae = AutoencoderKLWan(
         base_dim=size.vae_base_dim, z_dim=size.z_dim, dim_mult=list(size.vae_dim_mult), num_res_blocks=1,
         temperal_downsample=list(size.temporal_downsample), latents_mean=[0.0] * size.z_dim,
         latents_std=[1.0] * size.z_dim, scale_factor_temporal=2 ** sum(size.temporal_downsample),
         scale_factor_spatial=2 ** (len(size.vae_dim_mult) - 1),
     )  # fmt: skip
-    _eval(text_encoder, transformer, vae)
+    _eval(text_encoder, vae, *experts)
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        transformer=transformer,
+        transformer=experts[0],
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=size.flow_shift),
+        transformer_2=experts[1] if boundary_ratio is not None else None,
+        boundary_ratio=boundary_ratio,
     )
 
 
@@ -147,14 +159,58 @@ def animatediff_pipeline(seed: int = 0) -> AnimateDiffPipeline:
     return pipe
 
 
+def hunyuan_video_pipeline(seed: int = 0, max_tokens: int = 16) -> HunyuanVideoPipeline:
+    """A randomly initialised HunyuanVideo pipeline: guidance-distilled MM-DiT, a Llama text encoder
+    over a byte-level BPE that splits the pipeline's system prompt into its 95 tokens (the pipeline
+    crops exactly those), CLIP for the pooled embedding, the causal video autoencoder (4× time, 8× space)."""
+    torch.manual_seed(seed)
+    template = HUNYUAN_VIDEO_TEMPLATE["template"]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    bpe = byte_level_bpe([template.format(" ".join(WORDS))], specials, 1024, add_prefix_space=False, repeats=20)
+    crop = HUNYUAN_VIDEO_TEMPLATE["crop_start"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<|end_of_text|>", eos_token="<|eot_id|>", model_max_length=crop + max_tokens
+    )
+    prefix = len(tokenizer(template[: template.index("{}")]).input_ids)
+    if prefix != crop:
+        raise RuntimeError(f"the tiny Llama tokenizer splits HunyuanVideo's system prompt into {prefix} tokens")
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=crop + max_tokens, pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    clip_tok = clip_tokenizer(WORDS, model_max_length=77)  # the pipeline pads CLIP prompts to 77 tokens
+    text_encoder_2 = CLIPTextModel(_text_config(clip_tok, replace(TINY_SD, max_tokens=77)))
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=32, pooled_projection_dim=TINY_SD.text_hidden, rope_axes_dim=(2, 4, 4),
+    )  # fmt: skip
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
+    )  # fmt: skip
+    _eval(text_encoder, text_encoder_2, transformer, vae)
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
+    )  # fmt: skip
+
+
 def build_tiny_video_pipeline(
     family: str, directory: str | Path, seed: int = 0, captions: Iterable[str] = DEFAULT_CAPTIONS
 ) -> Path:
     """Build, `.eval()` and `save_pretrained` a tiny video pipeline of `family` (one of `VIDEO_FAMILIES`)."""
     if family == "wan":
         pipe = wan_pipeline(seed=seed, captions=captions)
+    elif family == "wan2.2":  # A14B's layout (T2V boundary 0.875) at the tiny size
+        pipe = wan_pipeline(seed=seed, captions=captions, boundary_ratio=0.875)
     elif family == "animatediff":
         pipe = animatediff_pipeline(seed=seed)
+    elif family == "hunyuan-video":
+        pipe = hunyuan_video_pipeline(seed=seed)
     else:
         raise ValueError(f"unknown tiny video family {family!r}; expected one of {VIDEO_FAMILIES}")
     directory = Path(directory)

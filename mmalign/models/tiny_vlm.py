@@ -112,17 +112,15 @@ def _text_config(tokenizer: PreTrainedTokenizerFast, size: VLMSize, **extra) -> 
     )
 
 
-def _qwen(family: str, tokenizer: PreTrainedTokenizerFast, size: VLMSize):
+def qwen_vl_model(family: str, tokenizer: PreTrainedTokenizerFast, size: VLMSize = TINY_VLM):
+    """A randomly initialised `Qwen2VLForConditionalGeneration` (`qwen2-vl`) or
+    `Qwen2_5_VLForConditionalGeneration` (`qwen2.5-vl`) over `tokenizer`'s vocabulary and specials."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
     )
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     ids = tokenizer.convert_tokens_to_ids
     half = size.hidden // size.heads // 2  # M-RoPE splits head_dim/2 frequencies over (t, h, w)
@@ -146,22 +144,28 @@ def _qwen(family: str, tokenizer: PreTrainedTokenizerFast, size: VLMSize):
             spatial_merge_size=2,
             temporal_patch_size=2,
         )
-        config, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    else:
-        vision = dict(
-            depth=size.vision_layers,
-            hidden_size=size.vision_width,
-            intermediate_size=2 * size.vision_width,
-            out_hidden_size=size.hidden,
-            num_heads=4,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[size.vision_layers - 1],
-        )
-        config, model_class, processor_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    model = model_class(config(text_config=text, vision_config=vision, **tokens))
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **tokens))
+    vision = dict(
+        depth=size.vision_layers,
+        hidden_size=size.vision_width,
+        intermediate_size=2 * size.vision_width,
+        out_hidden_size=size.hidden,
+        num_heads=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[size.vision_layers - 1],
+    )
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens))
+
+
+def _qwen(family: str, tokenizer: PreTrainedTokenizerFast, size: VLMSize):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    model = qwen_vl_model(family, tokenizer, size)
+    processor_class = Qwen2VLProcessor if family == "qwen2-vl" else Qwen2_5_VLProcessor
     pixels = size.image_size**2
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2),

@@ -7,7 +7,8 @@ merges); other text falls back to smaller pieces, down to single bytes. The resu
 `transformers.CLIPTokenizer` with `vocab.json` + `merges.txt`, the format every diffusers
 pipeline loads.
 
-`byte_level_bpe` trains a small byte-level BPE on a corpus (the tiny T5 and VLM tokenizers).
+`byte_level_bpe` trains a small byte-level BPE on a corpus (the tiny VLM tokenizers), and
+`t5_tokenizer` one with T5's specials that appends `</s>` (the tiny T5 / UMT5 text encoders).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import CLIPTokenizer
+from tokenizers.processors import TemplateProcessing
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -120,3 +122,17 @@ def byte_level_bpe(
     )  # fmt: skip
     bpe.train_from_iterator([text for text in corpus for _ in range(repeats)], trainer)
     return bpe
+
+
+def t5_tokenizer(captions: Iterable[str], max_tokens: int, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `captions` with T5's specials (`<pad>` = 0, `</s>` = 1, `<unk>` = 2)."""
+    bpe = byte_level_bpe(captions, ["<pad>", "</s>", "<unk>"], vocab_size, add_prefix_space=True, repeats=10)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_tokens
+    )
+    tokenizer._tokenizer.post_processor = _append_eos(tokenizer)
+    return tokenizer
+
+
+def _append_eos(tokenizer: PreTrainedTokenizerFast) -> TemplateProcessing:
+    return TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])

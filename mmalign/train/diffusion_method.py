@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import DataConfig, EvalConfig, ModelConfig
+from mmalign.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from mmalign.data.pairs import collate_pairs, load_pairs
 from mmalign.data.sources import resolve_pairs_path
 from mmalign.models.diffusion import DiffusionModel
@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def load_diffusion_model(m: ModelConfig, device: torch.device, reference: bool) -> DiffusionModel:
     """The `model` section's pipeline as a `DiffusionModel` on `device`, with a reference when asked."""
-    return DiffusionModel.from_pretrained(
+    model = DiffusionModel.from_pretrained(
         m.path,
         torch_dtype=DTYPES[m.dtype],
         variant=m.variant,
@@ -40,6 +40,14 @@ def load_diffusion_model(m: ModelConfig, device: torch.device, reference: bool) 
         flow_sampling=m.flow_sampling,
         gradient_checkpointing=m.gradient_checkpointing,
     ).to(device)
+    if m.embedded_guidance is not None:
+        if not model.embeds_guidance:
+            raise ConfigError(
+                f"config key 'model.embedded_guidance': this {type(model.pipe).__name__} has no guidance input "
+                "(guidance-distilled transformers such as FLUX.1-dev have one)"
+            )
+        model.embedded_guidance = m.embedded_guidance
+    return model
 
 
 class DiffusionPairMethod(Method):

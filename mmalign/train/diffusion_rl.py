@@ -170,7 +170,7 @@ class DiffusionRLMethod(Method):
             frames = self.num_frames or self.model.default_num_frames
             self.evaluator = VideoEvaluator(self.run.eval, self.model, self.resolution, frames, d.fps, self.device)
         else:
-            self.evaluator = DiffusionEvaluator(self.run.eval, self.model, self.device)
+            self.evaluator = DiffusionEvaluator(self.run.eval, self.model, self.device, self.resolution)
         named = [(n, p) for n, p in self.model.base_denoiser.named_parameters() if p.requires_grad]
         self.trainable_names = [n for n, _ in named]
         self.ema = EMA([p for _, p in named], max_decay=c.ema_decay) if c.ema else None

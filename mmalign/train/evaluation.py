@@ -27,13 +27,21 @@ def eval_prompts(config: EvalConfig, world=shapes_world) -> list[str]:
 
 
 class DiffusionEvaluator:
-    """The `Evaluator` of a diffusion `model`: samples every prompt `samples_per_prompt` times and scores
-    the samples with the gold and other rewards."""
+    """The `Evaluator` of a diffusion `model`: samples every prompt `samples_per_prompt` times at
+    `resolution` (height, width in pixels; default: the model's) and scores the samples with the gold
+    and other rewards."""
 
     world = shapes_world  #: the embedded world whose caption splits `eval.prompts` may name
 
-    def __init__(self, config: EvalConfig, model: DiffusionModel, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        config: EvalConfig,
+        model: DiffusionModel,
+        device: torch.device | str = "cpu",
+        resolution: tuple[int, int] | None = None,
+    ):
         self.config, self.model = config, model
+        self.resolution = resolution or model.default_resolution
         self.prompts = [p for p in eval_prompts(config, self.world) for _ in range(config.samples_per_prompt)]
         names = ([config.gold] if config.gold else []) + [r for r in config.rewards if r != config.gold]
         if not names:
@@ -80,10 +88,10 @@ class DiffusionEvaluator:
 
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's latents (no batch axis)."""
-        return self.model.latent_shape(1, self.model.default_resolution)[1:]
+        return self.model.latent_shape(1, self.resolution)[1:]
 
     def sample_kwargs(self) -> dict:
-        return {}
+        return {"resolution": self.resolution}
 
     def score(self, images: torch.Tensor) -> dict[str, float]:
         metrics = {}
@@ -116,14 +124,11 @@ class VideoEvaluator(DiffusionEvaluator):
         fps: float,
         device: torch.device | str = "cpu",
     ):
-        super().__init__(config, model, device)
-        self.resolution, self.num_frames, self.fps = resolution, num_frames, fps
+        super().__init__(config, model, device, resolution)
+        self.num_frames, self.fps = num_frames, fps
 
     def latent_shape(self) -> tuple[int, ...]:
         return self.model.latent_shape(1, self.resolution, self.num_frames)[1:]
-
-    def sample_kwargs(self) -> dict:
-        return {"resolution": self.resolution}
 
     def evaluate(self, step: int, show_progress: bool = False) -> Evaluation:
         videos = self.sample(show_progress=show_progress)
