@@ -40,7 +40,7 @@ from mmalign.models.state import full_tensor, holds_whole_state, named_parameter
 from mmalign.models.trajectory import Trajectory
 from mmalign.rewards import load_reward
 from mmalign.rewards.combine import WeightedSum
-from mmalign.train.diffusion_method import load_diffusion_model
+from mmalign.train.diffusion_method import check_sharded_save, load_diffusion_model
 from mmalign.train.ema import EMA
 from mmalign.train.evaluation import DiffusionEvaluator, VideoEvaluator
 from mmalign.train.method import Evaluation, Method
@@ -179,6 +179,7 @@ class DiffusionRLMethod(Method):
     def set_trainable_module(self, module: torch.nn.Module) -> None:
         """Train `module` (the prepared denoiser: DDP-wrapped, or sharded in place by FSDP2, whose parameters
         are then new objects) and average its trained parameters."""
+        check_sharded_save(self.run.model, self.model.base_denoiser)
         self.model.denoiser = module
         self.average_parameters(self.model.base_denoiser)
 

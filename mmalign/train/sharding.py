@@ -63,7 +63,8 @@ def check_supported(accelerator) -> None:
 @contextlib.contextmanager
 def whole_state_dicts(module: torch.nn.Module) -> Iterator[None]:
     """Inside the block, `state_dict()` of FSDP2-sharded `module` (or of a module holding it) returns whole
-    tensors instead of DTensor shards. Each gather is a collective: every process must run the same
+    tensors instead of DTensor shards, and its modules have their own classes (for saving, not for
+    forwards). Each gather is a collective: every process must run the same
     code inside the block (the same `state_dict()` calls in the same order)."""
     if not is_sharded(module):
         yield
@@ -75,9 +76,18 @@ def whole_state_dicts(module: torch.nn.Module) -> Iterator[None]:
             if value is not None and key in state:
                 state[key] = full_tensor(state[key])
 
+    from torch.distributed.fsdp import FSDPModule
+
     handles = [m.register_state_dict_post_hook(gather) for m in module.modules()]
+    # FSDP2 gives each sharded module a subclass `FSDP<Class>`; saved configs (`model_index.json`,
+    # `config.json`) must name the model's own class
+    sharded = {m: type(m) for m in module.modules() if isinstance(m, FSDPModule)}
+    for m, cls in sharded.items():
+        m.__class__ = next(base for base in cls.__bases__ if base is not FSDPModule)
     try:
         yield
     finally:
+        for m, cls in sharded.items():
+            m.__class__ = cls
         for handle in handles:
             handle.remove()
