@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from mmalign.errors import UserInputError
 from mmalign.io import atomic_write_json
+from mmalign.models.state import is_sharded, named_parameters
 
 PREFIX = "step-"
 
@@ -74,19 +75,48 @@ def load_state(directory: Path, name: str) -> Any:
     return _unflatten_tensors(json.loads((directory / f"{name}.json").read_text()), tensors)
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer state dict with integer parameter keys made JSON-safe (restored on load)."""
-    state = optimizer.state_dict()
-    return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+def optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The optimizer state dict with integer parameter keys made JSON-safe (restored on load).
+
+    With `module`, a module sharded by FSDP2 that `optimizer` trains: the state is gathered whole onto
+    the main process (`get_optimizer_state_dict(full_state_dict=True, cpu_offload=True)`, a collective:
+    every process calls it, the others get an empty state) and keyed by the integer ids an unsharded
+    optimizer uses, so the checkpoint is the one a single process writes."""
+    if module is None or not is_sharded(module):
+        state = optimizer.state_dict()
+        return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_optimizer_state_dict(module, optimizer, options=options)
+    ids = {name: i for i, name in enumerate(n for group in full.get("param_groups", []) for n in group["params"])}
+    groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in full.get("param_groups", [])]
+    return {"state": {str(ids[n]): v for n, v in full.get("state", {}).items()}, "param_groups": groups}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], module: torch.nn.Module | None = None
+) -> None:
+    """Load what `optimizer_state` wrote; with an FSDP2-sharded `module`, each process takes its shard
+    (every process calls it with the same `saved`)."""
     state = {int(k): v for k, v in saved["state"].items()}
     for group in saved["param_groups"]:
         for key in ("betas",):
             if key in group and isinstance(group[key], list):
                 group[key] = tuple(group[key])
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    if module is None or not is_sharded(module):
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in named_parameters(module).items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(params) != sum(len(g["params"]) for g in saved["param_groups"]) or any(id(p) not in names for p in params):
+        raise ValueError("the optimizer state does not hold this run's trainable parameters")
+    order = [names[id(p)] for p in params]  # the integer ids' names
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
+    full = {"state": {order[i]: v for i, v in state.items()}, "param_groups": groups}
+    set_optimizer_state_dict(module, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def rng_state() -> dict[str, Any]:
@@ -151,14 +181,15 @@ def write_checkpoint(
     step: int,
     *,
     trainable: dict[str, torch.Tensor],
-    optimizer,
+    optimizer: dict[str, Any],
     scheduler,
     trainer_state: dict[str, Any],
     process_index: int,
     is_main: bool,
     barrier,
 ) -> Path:
-    """Write every part into a temporary folder, then (main process) rename it to `step-N`.
+    """Write every part into a temporary folder, then (main process) rename it to `step-N`. `trainable`
+    and `optimizer` (`optimizer_state`) are read on the main process only.
 
     `barrier()` synchronises processes: every rank writes its RNG state before the rename.
     """
@@ -170,7 +201,7 @@ def write_checkpoint(
     save_state(tmp, f"rng-rank{process_index}", rng_state())
     if is_main:
         save_file(trainable, str(tmp / "trainable.safetensors"))
-        save_state(tmp, "optimizer", optimizer_state(optimizer))
+        save_state(tmp, "optimizer", optimizer)
         atomic_write_json(tmp / "scheduler.json", scheduler.state_dict())
     barrier()
     final = root / f"{PREFIX}{step:06d}"

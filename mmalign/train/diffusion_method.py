@@ -17,6 +17,7 @@ from mmalign.data.pairs import collate_pairs, load_pairs
 from mmalign.data.sources import resolve_pairs_path
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.models.families import Conditioning
+from mmalign.models.state import is_sharded
 from mmalign.registry import resolve_model_path
 from mmalign.train.evaluation import DiffusionEvaluator
 from mmalign.train.method import Method
@@ -48,6 +49,17 @@ def load_diffusion_model(m: ModelConfig, device: torch.device, reference: bool) 
             )
         model.embedded_guidance = m.embedded_guidance
     return model
+
+
+def check_sharded_save(m: ModelConfig, denoiser: torch.nn.Module) -> None:
+    """Refuse `model.save_pipeline` with LoRA on an FSDP-sharded denoiser: merging the adapter copies the
+    denoiser, which FSDP2 cannot copy."""
+    if m.save_pipeline and m.lora_rank is not None and is_sharded(denoiser):
+        raise ConfigError(
+            "model.save_pipeline=true with LoRA merges the adapter into a copy of the denoiser, which FSDP cannot "
+            "copy: train with model.save_pipeline=false and fuse final/lora afterwards "
+            "(pipe.load_lora_weights(...); pipe.fuse_lora())"
+        )
 
 
 class DiffusionPairMethod(Method):
@@ -84,7 +96,8 @@ class DiffusionPairMethod(Method):
 
     # ------------------------------------------------------------------ Method plumbing
     def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self.model.denoiser = module  # the prepared (possibly DDP-wrapped) denoiser that training calls
+        check_sharded_save(self.run.model, self.model.base_denoiser)
+        self.model.denoiser = module  # the prepared (possibly DDP-wrapped or sharded) denoiser that training calls
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         return self.dataset

@@ -22,6 +22,7 @@ import torch
 
 from mmalign.config import check_range, option
 from mmalign.losses import diffusion_nft_loss, nft_optimality
+from mmalign.models.state import named_parameters
 from mmalign.models.trajectory import Trajectory
 from mmalign.train.diffusion_rl import DiffusionRLConfig, DiffusionRLMethod, RolloutBatch
 from mmalign.train.ema import EMA
@@ -33,8 +34,8 @@ OLD_PREFIX = "old/"
 class OldPolicy(EMA):
     """The sampling policy of DiffusionNFT: an average whose decay grows linearly to a ceiling."""
 
-    def __init__(self, params, rate: float, ceiling: float):
-        super().__init__(params, max_decay=ceiling)
+    def __init__(self, params, rate: float, ceiling: float, module: torch.nn.Module | None = None):
+        super().__init__(params, max_decay=ceiling, module=module)
         self.rate = rate
 
     def decay(self, step: int) -> float:
@@ -64,11 +65,11 @@ class DiffusionNFT(DiffusionRLMethod):
     config_class = DiffusionNFTConfig
     config: DiffusionNFTConfig
 
-    def setup(self, accelerator) -> None:
-        super().setup(accelerator)
+    def average_parameters(self, denoiser: torch.nn.Module) -> None:
+        super().average_parameters(denoiser)
         c = self.config
-        params = [p for p in self.model.base_denoiser.parameters() if p.requires_grad]
-        self.old = OldPolicy(params, c.old_decay_rate, c.old_decay_max)
+        params = [p for p in named_parameters(denoiser).values() if p.requires_grad]
+        self.old = OldPolicy(params, c.old_decay_rate, c.old_decay_max, module=denoiser)
         self.averages[OLD_PREFIX] = self.old
 
     def generate(self, prompts: list[str]) -> tuple[torch.Tensor, Trajectory | None]:

@@ -36,10 +36,11 @@ from mmalign.config import ConfigError, EvalConfig, ModelConfig, check_range, op
 from mmalign.data import balls_world, shapes_world
 from mmalign.data.prompts import read_prompts
 from mmalign.losses import reward_advantages
+from mmalign.models.state import full_tensor, holds_whole_state, named_parameters, shard_like
 from mmalign.models.trajectory import Trajectory
 from mmalign.rewards import load_reward
 from mmalign.rewards.combine import WeightedSum
-from mmalign.train.diffusion_method import load_diffusion_model
+from mmalign.train.diffusion_method import check_sharded_save, load_diffusion_model
 from mmalign.train.ema import EMA
 from mmalign.train.evaluation import DiffusionEvaluator, VideoEvaluator
 from mmalign.train.method import Evaluation, Method
@@ -171,16 +172,25 @@ class DiffusionRLMethod(Method):
             self.evaluator = VideoEvaluator(self.run.eval, self.model, self.resolution, frames, d.fps, self.device)
         else:
             self.evaluator = DiffusionEvaluator(self.run.eval, self.model, self.device, self.resolution)
-        named = [(n, p) for n, p in self.model.base_denoiser.named_parameters() if p.requires_grad]
-        self.trainable_names = [n for n, _ in named]
-        self.ema = EMA([p for _, p in named], max_decay=c.ema_decay) if c.ema else None
-        #: moving averages of the trained weights, checkpointed under their key prefix
-        self.averages: dict[str, EMA] = {EMA_PREFIX: self.ema} if self.ema is not None else {}
+        self.set_trainable_module(self.model.denoiser)
         self.rollouts = RolloutSource(self.schedule, self.prompt_at, self.rollout)
         self._rollout_index = 0
 
     def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self.model.denoiser = module  # the prepared (possibly DDP-wrapped) denoiser that training calls
+        """Train `module` (the prepared denoiser: DDP-wrapped, or sharded in place by FSDP2, whose parameters
+        are then new objects) and average its trained parameters."""
+        check_sharded_save(self.run.model, self.model.base_denoiser)
+        self.model.denoiser = module
+        self.average_parameters(self.model.base_denoiser)
+
+    def average_parameters(self, denoiser: torch.nn.Module) -> None:
+        """Start the moving averages of `denoiser`'s trained parameters (`averages`, by key prefix)."""
+        named = [(n, p) for n, p in named_parameters(denoiser).items() if p.requires_grad]
+        self.trainable_names = [n for n, _ in named]
+        c = self.config
+        self.ema = EMA([p for _, p in named], max_decay=c.ema_decay, module=denoiser) if c.ema else None
+        #: moving averages of the trained weights, checkpointed under their key prefix
+        self.averages: dict[str, EMA] = {EMA_PREFIX: self.ema} if self.ema is not None else {}
 
     # ------------------------------------------------------------------ prompts and rollouts
     def prompt_at(self, index: int) -> str:
@@ -249,10 +259,13 @@ class DiffusionRLMethod(Method):
             yield
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights and every moving average (`<prefix><name>`), for checkpoints."""
+        """The trained weights and every moving average (`<prefix><name>`), for checkpoints (gathered whole
+        onto the main process under FSDP: every process calls this)."""
         state = self.model.trainable_state_dict()
         for prefix, average in self.averages.items():
-            state.update({prefix + n: a.detach().cpu() for n, a in zip(self.trainable_names, average.average)})
+            whole = {prefix + n: full_tensor(a) for n, a in zip(self.trainable_names, average.average)}
+            if holds_whole_state(self.model.base_denoiser):
+                state.update(whole)
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -264,7 +277,7 @@ class DiffusionRLMethod(Method):
                 raise KeyError(f"the checkpoint lacks the moving average {prefix!r} of the trained weights")
             with torch.no_grad():
                 for name, tensor in zip(self.trainable_names, average.average):
-                    tensor.copy_(values[name])
+                    tensor.copy_(shard_like(values[name], tensor))
 
     # ------------------------------------------------------------------ evaluation and saving
     def evaluate(self, step: int) -> Evaluation:

@@ -4,6 +4,10 @@
 weights with decay `min(max_decay, (1 + step) / (10 + step))` (the warm-up of diffusers'
 `EMAModel`: early steps forget the random start quickly); `with ema.applied():` swaps the average
 into the parameters and restores the trained weights on exit.
+
+Under FSDP2 the parameters are the shards each process holds, and so is the average; `module` (the
+sharded module) has its gathered copies dropped around a swap, so that its next forward gathers
+the weights now in the shards.
 """
 
 from __future__ import annotations
@@ -13,12 +17,18 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from mmalign.models.state import reshard
+
 
 class EMA:
-    """An average of `params` (kept as detached copies on their devices)."""
+    """An average of `params` (kept as detached copies on their devices); `module`: the module holding
+    them when it may be sharded by FSDP2."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], max_decay: float = 0.999):
+    def __init__(
+        self, params: Sequence[torch.nn.Parameter], max_decay: float = 0.999, module: torch.nn.Module | None = None
+    ):
         self.params = list(params)
+        self.module = module
         self.max_decay = max_decay
         self.average = [p.detach().clone() for p in self.params]
 
@@ -36,6 +46,7 @@ class EMA:
     def applied(self) -> Iterator[None]:
         """The parameters hold the average inside the block and their trained values after it."""
         trained = [p.detach().clone() for p in self.params]
+        self._drop_gathered()
         with torch.no_grad():
             for average, param in zip(self.average, self.params):
                 param.copy_(average)
@@ -45,3 +56,8 @@ class EMA:
             with torch.no_grad():
                 for value, param in zip(trained, self.params):
                     param.copy_(value)
+            self._drop_gathered()
+
+    def _drop_gathered(self) -> None:
+        if self.module is not None:
+            reshard(self.module)

@@ -118,7 +118,8 @@ class Method(RunSections, ABC):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable weights by name, for checkpoints: the policy's, else the parameters of
-        `trainable_module()` that require grad."""
+        `trainable_module()` that require grad. Under FSDP every process calls it and the main process
+        gets the whole tensors (`mmalign.models.state.trainable_state`)."""
         if self.policy is not None:
             return self.policy.trainable_state_dict()
         return trainable_state(self.trainable_module())
@@ -150,12 +151,15 @@ class Method(RunSections, ABC):
         """Loss (a scalar with a graph) and detached scalar metrics for one micro-batch."""
 
     def evaluate(self, step: int) -> Evaluation:
-        """Measure the current model: the evaluator's evaluation by default."""
+        """Measure the current model: the evaluator's evaluation by default. Called on the main process,
+        and under FSDP on every process (a sharded forward needs them all)."""
         return self._part("evaluator", "evaluate").evaluate(step)
 
     @abstractmethod
     def save_final(self, directory: Path) -> list[str]:
-        """Write the trained result into `directory`; return the paths written (relative)."""
+        """Write the trained result into `directory`; return the paths written (relative). Under FSDP every
+        process calls it (the trainable module's `state_dict()` then gathers whole tensors); the main
+        process's directory is kept."""
 
     def gold_metric(self) -> str:
         """Name of the metric reported as `gold_metric`: the evaluator's by default."""

@@ -24,10 +24,13 @@ by accelerate (`split_batches=True`), so N processes see exactly the samples one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from mmalign.config import ConfigError, RunConfig, dump_config
 from mmalign.data.video import write_video
 from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from mmalign.train import checkpoint as ckpt
-from mmalign.train import monitor
+from mmalign.train import monitor, sharding
 from mmalign.train.method import Evaluation, Method
 from mmalign.train.report import sample_stem, write_report
 from mmalign.train.rundir import check_config
@@ -56,6 +59,12 @@ _GO, _STOP, _FAILED = 0, 1, 2
 def _has_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+@contextlib.contextmanager
+def _scratch_directory() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as scratch:
+        yield Path(scratch)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -106,6 +115,8 @@ class Trainer:
             ),
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
+        sharding.use_fsdp_on_cpu(self.accelerator)
+        sharding.check_supported(self.accelerator)
         if t.batch_size % self.accelerator.num_processes:
             raise ConfigError(
                 f"train.batch_size={t.batch_size} must be divisible by the {self.accelerator.num_processes} processes"
@@ -121,6 +132,12 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the trainable module is sharded, so its forwards and the reads of its state are collectives
+        every process joins (evaluation, checkpoints, the final save)."""
+        return self.accelerator.is_fsdp2
 
     def _prepare_run_dir(self) -> tuple[Path, dict[str, Any]] | None:
         """Create or check the run directory; return the checkpoint to resume from and its contents, if any."""
@@ -190,9 +207,10 @@ class Trainer:
         """Evaluate on the main process (sampling needs no collective ops); the others wait. The monitor
         judges the evaluation and every process learns whether it stops the run. `restored_from`: the
         step whose best weights were restored after a stop (an evaluation the monitor passes over)."""
-        result = self.method.evaluate(step) if self.is_main else None
+        result = self.method.evaluate(step) if self.is_main or self.sharded else None
+        weights = self.method.trainable_state_dict() if self.sharded and monitor.is_on(self.monitor) else None
         verdict: int | BaseException = _GO
-        if result is not None:
+        if result is not None and self.is_main:
             entry = {"step": step, "train_seconds": round(self.state.seconds, 2), "metrics": result.metrics}
             if restored_from is not None:
                 entry["restored_from"] = restored_from
@@ -212,7 +230,7 @@ class Trainer:
             atomic_write_json(self.out / "evaluations.json", self.state.evaluations)
             if monitor.is_on(self.monitor) and restored_from is None:
                 try:
-                    verdict = self._watch(step)
+                    verdict = self._watch(step, weights)
                 except Exception as exc:  # raised below, once every process knows
                     verdict = exc
         if monitor.is_on(self.monitor) and self._agree(verdict) == _STOP:
@@ -236,14 +254,15 @@ class Trainer:
             raise RuntimeError("the reward-hacking monitor failed on the main process (its error is above)")
         return verdict
 
-    def _watch(self, step: int) -> int:
-        """The monitor's verdict on the evaluation just appended (main process): keep the best weights,
-        report a firing; `_STOP` when it ends the run."""
+    def _watch(self, step: int, weights: dict[str, torch.Tensor] | None) -> int:
+        """The monitor's verdict on the evaluation just appended (main process): keep the best weights
+        (`weights`, when already gathered), report a firing; `_STOP` when it ends the run."""
         config = self.monitor
         metric = monitor.metric_name(config, self.method.gold_metric())
         verdict = monitor.assess(self.state.evaluations, config, metric)
         if verdict.new_best:
-            monitor.write_best(self.out, self.method.trainable_state_dict(), verdict.best)
+            best = self.method.trainable_state_dict() if weights is None else weights
+            monitor.write_best(self.out, best, verdict.best)
         if self.writer is not None:
             self.writer.add_scalar(monitor.HACKING_TAG, float(verdict.firing is not None), step)
             self.writer.flush()
@@ -300,6 +319,7 @@ class Trainer:
             t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
         )
         module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP2's shards are new objects
         self.method.set_trainable_module(module)
 
         if resume_from is not None:
@@ -312,7 +332,7 @@ class Trainer:
                     f"{resume_from / 'trainable.safetensors'} does not fit this run's model ({message}); remove "
                     "the checkpoint to resume from an earlier one"
                 ) from None
-            ckpt.restore_optimizer(optimizer.optimizer, saved["optimizer"])
+            ckpt.restore_optimizer(optimizer.optimizer, saved["optimizer"], module)
             scheduler.scheduler.load_state_dict(saved["scheduler"])
             ckpt.restore_rng(saved["rng"])
             self.state = TrainerState(**saved["trainer_state"])
@@ -376,7 +396,7 @@ class Trainer:
                 or self.state.step == t.max_steps
                 or self.stopping  # a rerun of a stopped run resumes at the stop
             ):
-                self._checkpoint(optimizer, scheduler)
+                self._checkpoint(module, optimizer, scheduler)
         progress.close()
         return self._finish()
 
@@ -385,15 +405,16 @@ class Trainer:
         norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
         return float(norm)
 
-    def _checkpoint(self, optimizer, scheduler) -> None:
+    def _checkpoint(self, module, optimizer, scheduler) -> None:
         acc = self.accelerator
         root = self.out / "checkpoints"
         state = self.state.__dict__.copy()
+        gather = self.is_main or self.sharded  # a sharded state is gathered by every process
         ckpt.write_checkpoint(
             root,
             self.state.step,
-            trainable=self.method.trainable_state_dict() if self.is_main else {},
-            optimizer=optimizer.optimizer,
+            trainable=self.method.trainable_state_dict() if gather else {},
+            optimizer=ckpt.optimizer_state(optimizer.optimizer, module) if gather else {},
             scheduler=scheduler.scheduler,
             trainer_state=state,
             process_index=acc.process_index,
@@ -402,6 +423,13 @@ class Trainer:
         )
         if self.is_main:
             ckpt.prune(root, self.run.train.keep_checkpoints)
+
+    def _final_directory(self) -> contextlib.AbstractContextManager[Path]:
+        """Where `save_final` writes: `final/` (atomically) on the main process; a scratch folder, removed
+        afterwards, on the others (which save only to join the gathers of a sharded model)."""
+        if self.is_main:
+            return atomic_directory(self.out / "final")
+        return _scratch_directory()
 
     def _finish(self) -> dict[str, Any]:
         acc = self.accelerator
@@ -415,9 +443,10 @@ class Trainer:
             if stopped is not None:
                 acc.print(f"{monitor.stop_line(stopped)}; saving them as final/")
         report: dict[str, Any] = {}
+        if self.is_main or self.sharded:  # a sharded save gathers the weights: every process runs it
+            with self._final_directory() as directory, sharding.whole_state_dicts(self.method.trainable_module()):
+                saved = self.method.save_final(directory)
         if self.is_main:
-            with atomic_directory(self.out / "final") as tmp:
-                saved = self.method.save_final(tmp)
             report = write_report(
                 self.out,
                 self.run,
