@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from mmalign.config import ConfigError, load_config
 from mmalign.data.latent_cache import MANIFEST, cache_key, cached_pairs
@@ -19,46 +18,36 @@ from mmalign.data.pairs import load_pairs
 from mmalign.image.diffusion_dpo import DiffusionDPO
 from mmalign.models.families import Conditioning
 from tests.conftest import write_pair_folder
+from tests.test_diffusion_model import _dpo_method
 
 
 def _dpo(model_dir: Path, data: Path, cache: Path, *extra: str) -> DiffusionDPO:
-    run = load_config(
-        None,
-        [
-            f"model={model_dir}",
-            f"data={data}",
-            f"data.cache_dir={cache}",
-            "data.max_pairs=6",
-            "data.random_flip=true",
-            "model.lora_rank=4",
-            "eval.rewards=[]",
-            *extra,
-        ],
-    )
-    method = DiffusionDPO(run)
-    method.setup(Accelerator(cpu=True))
-    return method
+    return _dpo_method(model_dir, data, f"data.cache_dir={cache}", "data.max_pairs=6", "data.random_flip=true", *extra)
 
 
 class EncodeCounter:
-    """Counts the autoencoder's `encode` calls of every `AutoencoderKL` while active."""
+    """Counts the calls of `AutoencoderKL.encode` (`calls["vae"]`) and `CLIPTextModel.forward` (`calls["text"]`)."""
 
     def __enter__(self):
         from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel
 
-        self.calls, self.original = 0, AutoencoderKL.encode
+        self.calls = {"vae": 0, "text": 0}
+        self.originals = []
+        for kind, cls, name in (("vae", AutoencoderKL, "encode"), ("text", CLIPTextModel, "forward")):
+            original = getattr(cls, name)
 
-        def encode(vae, *args, **kwargs):
-            self.calls += 1
-            return self.original(vae, *args, **kwargs)
+            def counted(module, *args, _kind=kind, _original=original, **kwargs):
+                self.calls[_kind] += 1
+                return _original(module, *args, **kwargs)
 
-        AutoencoderKL.encode = encode
+            setattr(cls, name, counted)
+            self.originals.append((cls, name, original))
         return self
 
     def __exit__(self, *exc):
-        from diffusers import AutoencoderKL
-
-        AutoencoderKL.encode = self.original
+        for cls, name, original in self.originals:
+            setattr(cls, name, original)
 
 
 def _batch(method: DiffusionDPO, indices=(0, 3, 5)) -> dict:
@@ -69,7 +58,7 @@ def test_cached_training_matches_uncached_and_a_hit_never_encodes(tiny_pipelines
     model = tiny_pipelines["sd"]
     with EncodeCounter() as built:
         cached = _dpo(model, pair_folder, tmp_path, "data.cache_latents=true")
-    assert built.calls > 0
+    assert built.calls["vae"] > 0 and built.calls["text"] > 0
     uncached = _dpo(model, pair_folder, tmp_path)
     for epoch in (0, 1):  # epoch 1 flips other images
         cached.dataset.set_epoch(epoch), uncached.dataset.set_epoch(epoch)
@@ -82,7 +71,7 @@ def test_cached_training_matches_uncached_and_a_hit_never_encodes(tiny_pipelines
     with EncodeCounter() as hit:
         again = _dpo(model, pair_folder, tmp_path, "data.cache_latents=true")
         again.compute_loss(_batch(again), step=0, micro=0)
-    assert hit.calls == 0
+    assert hit.calls == {"vae": 0, "text": 0}
     assert again.dataset.directory == cached.dataset.directory
     assert again.data_used()["latent_cache"] == str(cached.dataset.directory)
     # prompt dropout reads the empty prompt's embeddings from the cache too
@@ -142,7 +131,7 @@ def test_a_changed_key_builds_a_new_cache(tiny_pipelines, pair_folder, tmp_path)
     first = _dpo(tiny_pipelines["sd"], pair_folder, tmp_path, "data.cache_latents=true")
     with EncodeCounter() as miss:
         other = _dpo(tiny_pipelines["sd"], pair_folder, tmp_path, "data.cache_latents=true", "data.resolution=16")
-    assert miss.calls > 0 and other.dataset.directory != first.dataset.directory
+    assert miss.calls["vae"] > 0 and other.dataset.directory != first.dataset.directory
     assert other.dataset[0]["posterior_w"].shape[-1] == first.dataset[0]["posterior_w"].shape[-1] // 2
 
 
@@ -160,7 +149,7 @@ def test_a_damaged_cache_is_rebuilt(damage, tiny_pipelines, pair_folder, tmp_pat
         (directory / "prompts.safetensors").write_bytes(b"\0" * 8)
     with EncodeCounter() as rebuilt:
         again = _dpo(tiny_pipelines["sd"], pair_folder, tmp_path, "data.cache_latents=true")
-    assert rebuilt.calls > 0
+    assert rebuilt.calls["vae"] > 0
     assert "damaged" in capsys.readouterr().out
     assert torch.allclose(again.dataset[2]["posterior_l"], reference, atol=1e-6)
 

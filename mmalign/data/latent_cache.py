@@ -50,6 +50,7 @@ MANIFEST = "manifest.json"
 PROMPTS_FILE = "prompts.safetensors"
 PROMPTS_INDEX = "prompts.json"
 SHARD_BYTES = 256 * 2**20  # a shard holds about this much (at least one pair)
+BATCH_PIXELS = 8 * 512 * 512  # pixels the autoencoder encodes at once while building (at least one pair)
 CONDITIONING_FIELDS = ("embeds", "pooled", "time_ids")
 
 
@@ -160,10 +161,11 @@ def _encode_prompts(pairs: PreferencePairs, model, batch_size: int) -> tuple[lis
     return prompts, {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
 
 
-def build_cache(directory: Path, pairs: PreferencePairs, model, key: dict[str, Any], batch_size: int = 16) -> None:
+def build_cache(directory: Path, pairs: PreferencePairs, model, key: dict[str, Any]) -> None:
     """Encode `pairs` with `model` into `directory` (see the module doc); the folder appears complete or not at all."""
     n = len(pairs)
     variants = _variants(pairs.random_flip)
+    batch_size = max(1, BATCH_PIXELS // (pairs.resolution**2 * len(variants)))
     side = -(-pairs.resolution // model.vae_scale_factor)
     pair_bytes = 4 * 2 * model.pipe.vae.config.latent_channels * side * side * len(variants)  # float32
     per_shard = max(1, SHARD_BYTES // pair_bytes)
@@ -298,15 +300,6 @@ class CachedPairs(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         w, lo = self.posteriors(index)
         return {"prompt": self.pairs.records[index].prompt, "index": index, "posterior_w": w, "posterior_l": lo}
-
-
-def collate_cached_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "prompt": [it["prompt"] for it in items],
-        "posterior_w": torch.stack([it["posterior_w"] for it in items]),
-        "posterior_l": torch.stack([it["posterior_l"] for it in items]),
-        "index": torch.tensor([it["index"] for it in items]),
-    }
 
 
 def cached_pairs(

@@ -297,12 +297,12 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "prompt": [it["prompt"] for it in items],
-        "pixels_w": torch.stack([it["pixels_w"] for it in items]),
-        "pixels_l": torch.stack([it["pixels_l"] for it in items]),
-        "index": torch.tensor([it["index"] for it in items]),
-    }
+    """Pair items → a batch: `prompt` a list, `index (B,)`, and every other (tensor) key stacked `(B, …)`."""
+    batch = {"prompt": [it["prompt"] for it in items], "index": torch.tensor([it["index"] for it in items])}
+    for key in items[0]:
+        if key not in batch:
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
 
 
 def load_pairs(

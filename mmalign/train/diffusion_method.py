@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mmalign.config import DataConfig, EvalConfig, ModelConfig
-from mmalign.data.latent_cache import CachedPairs, cached_pairs, collate_cached_pairs
+from mmalign.data.latent_cache import CachedPairs, cached_pairs
 from mmalign.data.pairs import collate_pairs, load_pairs
 from mmalign.data.sources import cache_root, resolve_pairs_path
 from mmalign.models.diffusion import DiffusionModel
@@ -87,7 +87,7 @@ class DiffusionPairMethod(Method):
         return self.dataset
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_cached_pairs(items) if isinstance(self.dataset, CachedPairs) else collate_pairs(items)
+        return collate_pairs(items)
 
     def data_used(self) -> dict[str, Any]:
         used = super().data_used()
