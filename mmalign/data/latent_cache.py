@@ -82,8 +82,10 @@ def data_identity(pairs: PreferencePairs) -> str:
 
 
 def _config_dict(module: Any) -> dict[str, Any]:
+    """A module's config without what records where and by which library version it was saved."""
     config = module.config
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
 
 
 def module_identity(module: torch.nn.Module) -> str:
@@ -96,10 +98,14 @@ def module_identity(module: torch.nn.Module) -> str:
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
-    """A digest of a tokenizer: its full serialisation when it is a fast one, else its vocabulary."""
+    """A digest of a tokenizer: its serialisation when it is a fast one (without the truncation and padding
+    state that each call sets), else its vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return _digest([type(tokenizer).__name__, getattr(tokenizer, "model_max_length", None), text])
+    if backend is not None:
+        described = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        described = tokenizer.get_vocab()
+    return _digest([type(tokenizer).__name__, getattr(tokenizer, "model_max_length", None), described])
 
 
 def model_identity(model) -> dict[str, str]:
