@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -17,7 +18,7 @@ from mmalign.data.latent_cache import MANIFEST, cache_key, cached_pairs
 from mmalign.data.pairs import load_pairs
 from mmalign.image.diffusion_dpo import DiffusionDPO
 from mmalign.models.families import Conditioning
-from tests.conftest import write_pair_folder
+from tests.conftest import tiny_run_overrides, write_pair_folder
 from tests.test_diffusion_model import _dpo_method
 
 
@@ -204,3 +205,21 @@ def test_two_processes_build_one_cache(tmp_path):
     assert len(writers) == 1  # one process encoded, the other waited and read its cache
     a, b = (torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(2))
     assert a["directory"] == b["directory"] and torch.equal(a["w"], b["w"])
+
+
+@pytest.mark.slow
+def test_a_cached_run_trains_like_an_uncached_one(tiny_pipelines, pair_folder, tmp_path):
+    import mmalign
+
+    logged = {}
+    for arm, extra in (("cached", ["data.cache_latents=true"]), ("uncached", [])):
+        out = tmp_path / arm
+        overrides = tiny_run_overrides(tiny_pipelines["sd"], pair_folder, out, steps=2)
+        common = ["data.random_flip=true", "train.learning_rate=1e-3", "eval.num_prompts=1", "eval.grid_size=1"]
+        mmalign.train(load_config(None, [*overrides, *common, f"data.cache_dir={tmp_path}", *extra]))
+        logged[arm] = json.loads((out / "report.json").read_text())["train"]  # step 2's, after one update
+    for name in ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l"):
+        assert logged["cached"][name] == pytest.approx(logged["uncached"][name], rel=1e-5)
+    # β·(error differences) magnifies the encoders' float differences in the loss
+    assert logged["cached"]["loss"] == pytest.approx(logged["uncached"]["loss"], rel=1e-3)
+    assert any((tmp_path / "latents").iterdir())
