@@ -91,7 +91,7 @@ class DiffusionPairMethod(Method):
 
     def data_used(self) -> dict[str, Any]:
         used = super().data_used()
-        if isinstance(self.dataset, CachedPairs):
+        if isinstance(getattr(self, "dataset", None), CachedPairs):
             used["latent_cache"] = str(self.dataset.directory)
         return used
 
