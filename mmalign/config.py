@@ -178,7 +178,8 @@ class CachedDataSource(DataSource):
     """A `data` section whose embedded sets are generated once and cached."""
 
     cache_dir: str | None = option(
-        "where generated embedded data is cached; null = $MMALIGN_CACHE or ~/.cache/mmalign", default=None
+        "where generated embedded data and data caches are kept; null = $MMALIGN_CACHE or ~/.cache/mmalign",
+        default=None,
     )
 
 
@@ -197,6 +198,13 @@ class DataConfig(CachedDataSource):
     random_crop: bool = option("random instead of centre crop after resizing", default=False)
     random_flip: bool = option("horizontal flip with probability 1/2, per image", default=False)
     max_pairs: int | None = option("use at most this many pairs (after dropping ties)", default=None)
+    cache_latents: bool = option(
+        "encode every image's autoencoder posterior (mean and variance: each step still draws its own sample) and "
+        "every prompt's embeddings once, store them under <cache_dir>/latents/<key> and train on them; the key "
+        "covers the data, the autoencoder, text encoders and tokenizers, resolution, flips and dtype. With "
+        "random_flip both flips are cached; random_crop cannot be cached",
+        default=False,
+    )
     embedded: EmbeddedPrefsConfig = option(
         "generation of the embedded preference set", default_factory=EmbeddedPrefsConfig
     )
@@ -205,6 +213,11 @@ class DataConfig(CachedDataSource):
         self.refuse_unless(self.path.startswith(EMBEDDED_PREFIX), ("embedded",), "embedded:shapes-prefs only")
         check_range("data.resolution", self.resolution, 8)
         check_range("data.max_pairs", self.max_pairs, 1)
+        if self.cache_latents and self.random_crop:
+            raise ConfigError(
+                "config key 'data.cache_latents' cannot be combined with data.random_crop: every epoch draws new "
+                "crops, which encoded images cannot hold; turn one off (random_flip can be cached)"
+            )
 
 
 @dataclass

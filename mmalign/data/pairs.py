@@ -236,7 +236,9 @@ class PreferencePairs(torch.utils.data.Dataset):
             )
         return decode_image(record.image_w, record.where), decode_image(record.image_l, record.where)
 
-    def _transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+    def _crop(self, image: Image.Image, rng: np.random.Generator | None) -> Image.Image:
+        """`image` resized (bilinear, short side R) and cropped to R×R: at random with `random_crop` (drawn
+        from `rng`), else centred."""
         r = self.resolution
         w, h = image.size
         scale = r / min(w, h)
@@ -246,15 +248,39 @@ class PreferencePairs(torch.utils.data.Dataset):
             left, top = int(rng.integers(size[0] - r + 1)), int(rng.integers(size[1] - r + 1))
         else:
             left, top = (size[0] - r) // 2, (size[1] - r) // 2
-        image = image.crop((left, top, left + r, top + r))
-        if self.random_flip and rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return image.crop((left, top, left + r, top + r))
+
+    def _flip(self, rng: np.random.Generator) -> bool:
+        """Whether to flip an image (drawn only with `random_flip`)."""
+        return self.random_flip and rng.random() < 0.5
+
+    def _transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        image = self._crop(image, rng)
+        pixels = image_tensor(image)
+        return pixels.flip(-1) if self._flip(rng) else pixels
+
+    def item_rng(self, index: int) -> np.random.Generator:
+        """The generator of item `index`'s random crops and flips in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def flips(self, index: int) -> tuple[bool, bool]:
+        """Whether item `index` flips its winner and its loser this epoch, as `__getitem__` draws them
+        (without `random_crop`, whose draws come first)."""
+        if self.random_crop:
+            raise ValueError("flips are drawn after random crops; without crops only")
+        rng = self.item_rng(index)
+        return self._flip(rng), self._flip(rng)
+
+    def centred_pixels(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair `index`'s (winner, loser) pixels `(3, R, R)` in [-1, 1], centre-cropped and unflipped."""
+        if self.random_crop:
+            raise ValueError("centred_pixels needs random_crop off")
+        image_w, image_l = self.pair_images(index)
+        return image_tensor(self._crop(image_w, None)), image_tensor(self._crop(image_l, None))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = self.item_rng(index)
         image_w, image_l = self.pair_images(index)
         return {
             "prompt": record.prompt,
@@ -264,13 +290,19 @@ class PreferencePairs(torch.utils.data.Dataset):
         }
 
 
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image → pixels `(3, H, W)` in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "prompt": [it["prompt"] for it in items],
-        "pixels_w": torch.stack([it["pixels_w"] for it in items]),
-        "pixels_l": torch.stack([it["pixels_l"] for it in items]),
-        "index": torch.tensor([it["index"] for it in items]),
-    }
+    """Pair items → a batch: `prompt` a list, `index (B,)`, and every other (tensor) key stacked `(B, …)`."""
+    batch = {"prompt": [it["prompt"] for it in items], "index": torch.tensor([it["index"] for it in items])}
+    for key in items[0]:
+        if key not in batch:
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
 
 
 def load_pairs(

@@ -77,10 +77,9 @@ class DiffusionDPO(DiffusionPairMethod):
 
     def compute_loss(self, batch: dict[str, Any], step: int, micro: int):
         index, n = batch["index"], len(batch["prompt"])
-        pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
-        x0, noise, t, x_t = self.noised_latents(pixels, index, step)
+        x0, noise, t, x_t = self.noise_latents(self.clean_latents(batch, ("w", "l"), step), index, step)
         prompts = self.prompts_with_dropout(batch["prompt"], index, step)
-        cond = self.conditioning(prompts, 2, tuple(pixels.shape[-2:]))
+        cond = self.conditioning(prompts, 2)
         x_t, noise = self.training_latents(x0, noise, t, x_t, cond)
         target = self.model.noise.target(x0, noise, t)
         err = per_sample_mse(self.model.predict(x_t, t, cond), target)

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from mmalign.losses import per_sample_mse
 from mmalign.train.diffusion_method import DiffusionPairMethod
 
@@ -26,9 +24,8 @@ class DiffusionSFT(DiffusionPairMethod):
     needs_reference = False
 
     def compute_loss(self, batch: dict[str, Any], step: int, micro: int):
-        pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]) if self.config.both_images else batch["pixels_w"]
-        groups = pixels.shape[0] // batch["index"].shape[0]
-        x0, noise, t, x_t = self.noised_latents(pixels, batch["index"], step)
-        cond = self.conditioning(batch["prompt"], groups, tuple(pixels.shape[-2:]))
+        roles = ("w", "l") if self.config.both_images else ("w",)
+        x0, noise, t, x_t = self.noise_latents(self.clean_latents(batch, roles, step), batch["index"], step)
+        cond = self.conditioning(batch["prompt"], len(roles))
         err = per_sample_mse(self.model.predict(x_t, t, cond), self.model.noise.target(x0, noise, t))
         return err.mean(), {"mse": err.mean().detach()}

@@ -79,11 +79,11 @@ class SmPO(DiffusionDPO):
         """Label-reward scores of every pair's (first, second) image: two `(N,)` tensors."""
         reward = load_reward(self.config.label_reward, device=self.device, **self.config.label_reward_args)
         score_w, score_l = [], []
-        n = len(self.dataset)
+        n = len(self.pairs)
         for start in tqdm(range(0, n, batch_size), desc=f"soft labels ({self.config.label_reward})", unit="batch"):
             indices = range(start, min(n, start + batch_size))
-            pairs = [self.dataset.pair_images(i) for i in indices]
-            prompts = [self.dataset.records[i].prompt for i in indices]
+            pairs = [self.pairs.pair_images(i) for i in indices]
+            prompts = [self.pairs.records[i].prompt for i in indices]
             score_w.append(reward([w.convert("RGB") for w, _ in pairs], prompts).float().cpu())
             score_l.append(reward([lo.convert("RGB") for _, lo in pairs], prompts).float().cpu())
         return torch.cat(score_w), torch.cat(score_l)

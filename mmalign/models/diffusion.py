@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig, get_peft_model_state_dict
 
 from mmalign.data.segments import latent_frame_segments
@@ -297,6 +298,25 @@ class DiffusionModel:
             layout = "(B, 3, T, H, W)" if self.is_video else "(B, 3, H, W)"
             raise ValueError(f"{self.family.name} encodes pixels {layout}, got shape {tuple(pixels.shape)}")
         return self.family.vae_encode(self.pipe.vae, pixels.to(self.device, torch.float32), generator)
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [-1, 1] → the autoencoder's posterior `(B, 2C, H/f, W/f)`: mean and
+        log-variance along channels (diffusers' `DiagonalGaussianDistribution.parameters`), unnormalised.
+        `sample_posterior(encode_posterior(x), g)` equals `encode_images(x, g)`."""
+        if self.is_video or type(self.family).vae_encode is not Family.vae_encode:
+            raise ValueError(f"the {self.family.name} family encodes its own way, not one posterior per image")
+        if pixels.ndim != 4:
+            raise ValueError(f"encode_posterior takes images (B, 3, H, W), got shape {tuple(pixels.shape)}")
+        return self.pipe.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
+
+    @torch.no_grad()
+    def sample_posterior(
+        self, parameters: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Normalised latents `(B, C, h, w)` drawn from posteriors `(B, 2C, h, w)` that `encode_posterior` gave."""
+        posterior = DiagonalGaussianDistribution(parameters.to(self.device, torch.float32))
+        return self.family.posterior_sample(self.pipe.vae, posterior, generator)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

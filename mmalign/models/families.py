@@ -28,6 +28,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     WanPipeline,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE as HUNYUAN_VIDEO_TEMPLATE
 
 
@@ -155,8 +156,13 @@ class Family(ABC):
 
     def vae_encode(self, vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """`pixels` in [-1, 1] → normalised latents (a posterior sample)."""
-        dist = vae.encode(pixels).latent_dist
-        latents = dist.sample(generator=generator) if generator is not None else dist.sample()
+        return self.posterior_sample(vae, vae.encode(pixels).latent_dist, generator)
+
+    def posterior_sample(
+        self, vae, posterior: DiagonalGaussianDistribution, generator: torch.Generator | list | None
+    ) -> torch.Tensor:
+        """A draw from the autoencoder's posterior over `(B, C, …)` latents, normalised as the denoiser reads it."""
+        latents = posterior.sample(generator=generator) if generator is not None else posterior.sample()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
@@ -361,9 +367,8 @@ class WanFamily(Family):
     def temporal_compression(self, vae):
         return int(vae.config.scale_factor_temporal)
 
-    def vae_encode(self, vae, pixels, generator):
-        dist = vae.encode(pixels).latent_dist
-        latents = dist.sample(generator=generator) if generator is not None else dist.sample()
+    def posterior_sample(self, vae, posterior, generator):
+        latents = posterior.sample(generator=generator) if generator is not None else posterior.sample()
         mean, std = channel_stats(vae, latents)
         return (latents - mean) / std
 

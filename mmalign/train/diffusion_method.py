@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from mmalign.config import ConfigError, DataConfig, EvalConfig, ModelConfig
+from mmalign.data.latent_cache import CachedPairs, cached_pairs
 from mmalign.data.pairs import collate_pairs, load_pairs
-from mmalign.data.sources import resolve_pairs_path
+from mmalign.data.sources import cache_root, resolve_pairs_path
 from mmalign.models.diffusion import DiffusionModel
 from mmalign.models.families import Conditioning
 from mmalign.models.state import is_sharded
@@ -74,9 +75,10 @@ class DiffusionPairMethod(Method):
         self.load_model(accelerator)
         m, d = self.run.model, self.run.data
         resolution = d.resolution or self.model.default_resolution[0]
+        self.resolution = (resolution, resolution)
         with accelerator.main_process_first():
             path = resolve_pairs_path(d, self.model, resolve_model_path(m.path))
-            self.dataset = load_pairs(
+            self.pairs = load_pairs(
                 path,
                 split=d.split,
                 resolution=resolution,
@@ -86,6 +88,9 @@ class DiffusionPairMethod(Method):
                 random_flip=d.random_flip,
                 seed=self.run.seed,
             )
+            self.dataset = self.pairs
+            if d.cache_latents:
+                self.dataset = cached_pairs(self.pairs, self.model, cache_root(d), m.dtype, log=accelerator.print)
         self.evaluator = DiffusionEvaluator(self.run.eval, self.model, device=self.device)
 
     def load_model(self, accelerator) -> None:
@@ -105,6 +110,12 @@ class DiffusionPairMethod(Method):
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_pairs(items)
 
+    def data_used(self) -> dict[str, Any]:
+        used = super().data_used()
+        if isinstance(getattr(self, "dataset", None), CachedPairs):
+            used["latent_cache"] = str(self.dataset.directory)
+        return used
+
     def report_description(self) -> str:
         e = self.run.eval
         return (
@@ -122,25 +133,23 @@ class DiffusionPairMethod(Method):
         it is in a large batch, a micro-batch of an accumulated step, or on another process."""
         return [keyed_generator(self.run.seed, step, int(i), stream) for i in index.tolist()]
 
-    def noised_latents(
-        self, pixels: torch.Tensor, index: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents, noise, timesteps and noised latents for `pixels (k·B, 3, H, W)`.
-
-        `index (B,)` holds the sample ids; the `k` groups of B images (e.g. winners then losers)
-        share each id's noise and timestep, as Diffusion-DPO requires. Returns `x0`, `noise`,
-        `t` (each with k·B rows) and `x_t`.
-        """
-        groups = pixels.shape[0] // index.shape[0]
-        vae_gens = [g for k in range(groups) for g in self.sample_generators(index, step, f"vae{k}")]
-        x0 = self.model.encode_images(pixels, generator=vae_gens)
-        return self.noise_latents(x0, index, step)
+    def clean_latents(self, batch: dict[str, Any], roles: tuple[str, ...], step: int) -> torch.Tensor:
+        """Latents `x0 (k·B, C, h, w)` of the batch's images `roles` (`("w", "l")`: winners then losers):
+        encoded from `pixels_<role>`, or drawn from the cached `posterior_<role>` (`data.cache_latents`).
+        Group k draws its posterior samples from the stream `vae<k>` of each sample id, so both give the
+        same latents."""
+        index = batch["index"]
+        generators = [g for k in range(len(roles)) for g in self.sample_generators(index, step, f"vae{k}")]
+        if f"posterior_{roles[0]}" in batch:
+            return self.model.sample_posterior(torch.cat([batch[f"posterior_{r}"] for r in roles]), generators)
+        return self.model.encode_images(torch.cat([batch[f"pixels_{r}"] for r in roles]), generator=generators)
 
     def noise_latents(
         self, x0: torch.Tensor, index: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`noised_latents` for latents `x0 (k·B, …)` already encoded: the k groups share each id's
-        noise and timestep. Returns `x0`, `noise`, `t` and `x_t`."""
+        """Noise, timesteps and noised latents for clean latents `x0 (k·B, …)` (`index (B,)`: the sample
+        ids). The k groups of B latents (e.g. winners then losers) share each id's noise and timestep,
+        as Diffusion-DPO requires. Returns `x0`, `noise`, `t` (each with k·B rows) and `x_t`."""
         groups = x0.shape[0] // index.shape[0]
         noise_gens = self.sample_generators(index, step, "noise")
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noise_gens]).to(x0.device)
@@ -148,6 +157,11 @@ class DiffusionPairMethod(Method):
         noise, t = noise.repeat(groups, *[1] * (noise.ndim - 1)), t.repeat(groups)
         return x0, noise, t, self.model.noise.add_noise(x0, noise, t)
 
-    def conditioning(self, prompts: list[str], groups: int, resolution: tuple[int, int]) -> Conditioning:
-        """Prompt conditioning tiled over `groups` ([p1..pB, p1..pB, …])."""
-        return self.model.encode_prompt(prompts, resolution).tile(groups)
+    def conditioning(self, prompts: list[str], groups: int, resolution: tuple[int, int] | None = None) -> Conditioning:
+        """Prompt conditioning tiled over `groups` ([p1..pB, p1..pB, …]) at `resolution` (default: the
+        training resolution); read from the latent cache when the run has one."""
+        if isinstance(getattr(self, "dataset", None), CachedPairs):
+            cond = self.dataset.prompts.conditioning(prompts).to(self.device)
+        else:
+            cond = self.model.encode_prompt(prompts, resolution or self.resolution)
+        return cond.tile(groups)

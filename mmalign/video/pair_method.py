@@ -122,13 +122,6 @@ class VideoPairMethod(DiffusionPairMethod):
                                  resolution=(x0.shape[-2] * f, x0.shape[-1] * f), **kwargs)  # fmt: skip
 
     # ------------------------------------------------------------------ training
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = {"index": torch.tensor([it["index"] for it in items]), "prompt": [it["prompt"] for it in items]}
-        for key in items[0]:
-            if key not in batch:
-                batch[key] = torch.stack([it[key] for it in items])
-        return batch
-
     def sft_target(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Latents of the supervised term (None: video 0 of each pair)."""
         return None
