@@ -39,6 +39,7 @@ def load_diffusion_model(m: ModelConfig, device: torch.device, reference: bool) 
         reference=reference,
         flow_sampling=m.flow_sampling,
         gradient_checkpointing=m.gradient_checkpointing,
+        offload_frozen=m.offload_frozen,
     ).to(device)
 
 
