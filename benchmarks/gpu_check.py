@@ -3,6 +3,7 @@ family, throughput and peak memory as JSON.
 
     python benchmarks/gpu_check.py [--families sd15,sdxl,...] [--recipes dpo-lora,...] [--steps 5] [--out FILE]
     python benchmarks/gpu_check.py --tiny        # the same code on shrunk configs: a minute or two on a CPU
+    python benchmarks/gpu_check.py --recipes dpo-full train.optimizer=adamw8bit model.gradient_checkpointing=true
 
 Each family's model is built from the published configs (`mmalign.models.real_configs`: SD1.5 and SDXL
 UNets, SD3.5-medium and FLUX.1-dev transformers, Wan2.1 1.3B, Qwen2.5-VL-3B) with random weights, saved
@@ -83,6 +84,7 @@ class Setting:
     device: torch.device
     dtype: str
     work: Path
+    overrides: tuple[str, ...] = ()
     pairs: Path | None = None
 
     @property
@@ -143,7 +145,13 @@ def method_for(name: str, recipe_file: str | None, overrides: list[str], setting
 
     config = load_config(
         ROOT / recipe_file if recipe_file else None,
-        [f"method={name}", f"output_dir={setting.work / 'run'}", "eval.monitor.action=off", *overrides],
+        [
+            f"method={name}",
+            f"output_dir={setting.work / 'run'}",
+            "eval.monitor.action=off",
+            *overrides,
+            *setting.overrides,
+        ],
     )
     method = load(METHODS, "method", config.method)(config)
     method.setup(Accelerator(cpu=setting.device.type == "cpu"))
@@ -327,6 +335,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tiny", action="store_true", help="shrunk configs, float32: the same code on a CPU")
     parser.add_argument("--cap-scale", type=float, default=1.0, help="multiply every family's time cap")
     parser.add_argument("--out", default="gpu_check.json", help="where the JSON goes (also printed)")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides for every recipe, e.g. train.optimizer=adamw8bit "
+        "model.gradient_checkpointing=true (a key a recipe's method does not read is that recipe's error)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     families = _names(args.families, tuple(FAMILIES), "family")
     wanted = _names(args.recipes, RECIPES, "recipe")
@@ -334,12 +346,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = "bfloat16" if device.type == "cuda" and not args.tiny else "float32"
     work = Path(tempfile.mkdtemp(prefix="mmalign-gpu-check-"))
     os.environ.setdefault("MMALIGN_CACHE", str(work / "cache"))
-    setting = Setting(args.tiny, args.steps or (2 if args.tiny else 5), device, dtype, work)
+    setting = Setting(args.tiny, args.steps or (2 if args.tiny else 5), device, dtype, work, tuple(args.overrides))
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "tiny": args.tiny,
         "dtype": dtype,
         "steps": setting.steps,
+        "overrides": list(setting.overrides),
         "families": {},
     }
     start = time.perf_counter()

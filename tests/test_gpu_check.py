@@ -31,11 +31,13 @@ def test_tiny_run_writes_the_report_and_records_a_failing_family(gpu_check, monk
     broken = gpu_check.Family("no-such-model", ("dpo-lora",), 10)
     monkeypatch.setitem(gpu_check.FAMILIES, "broken", broken)
     out = tmp_path / "report.json"
-    argv = ["--tiny", "--families", "broken,sd15", "--recipes", "dpo-lora,sft-lora", "--steps", "1", "--out", str(out)]
+    argv = ["--tiny", "--families", "broken,sd15", "--recipes", "dpo-lora,sft-lora", "--steps", "1", "--out", str(out),
+            "model.offload_frozen=true"]  # fmt: skip
     returned = gpu_check.main(argv)
     report = json.loads(out.read_text())
     assert report == returned and not list(tmp_path.glob(".*.tmp"))
-    assert {"device", "tiny", "dtype", "steps", "families", "total_s", "ok"} <= report.keys()
+    assert {"device", "tiny", "dtype", "steps", "overrides", "families", "total_s", "ok"} <= report.keys()
+    assert report["overrides"] == ["model.offload_frozen=true"]
     assert report["tiny"] is True and report["ok"] is False and list(report["families"]) == ["broken", "sd15"]
     failed = report["families"]["broken"]
     assert failed["ok"] is False and "unknown model 'no-such-model'" in failed["error"]
