@@ -1,6 +1,10 @@
 """Diffusion-DPO step cost against SFT on the same 2B images, measured in one run.
 
     python benchmarks/dpo_step.py [--model embedded:shapes-t2i] [--pairs 8] [--steps 30]
+    python benchmarks/dpo_step.py --real sd15 --resolution 64 [--pairs 2] [--steps 5]
+
+`--real NAME` builds a random-weight pipeline from a published config (`mmalign.models.real_configs`:
+sd15 is Stable Diffusion 1.5's 860 M-parameter UNet, its VAE and CLIP-L) and measures that instead.
 
 Prints, for LoRA training on the same batch of B pairs:
 - time: median DPO step ÷ median SFT step, where the SFT step trains on the same 2B images
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build_method(name: str, model: str, data: str, lora_rank: int):
+def build_method(name: str, model: str, data: str, lora_rank: int, resolution: int | None = None):
     from mmalign.config import load_config
     from mmalign.registry import METHODS, load
 
@@ -45,6 +49,8 @@ def build_method(name: str, model: str, data: str, lora_rank: int):
     ]
     if name == "diffusion-sft":
         overrides.append("diffusion_sft.both_images=true")
+    if resolution:
+        overrides.append(f"data.resolution={resolution}")
     run = load_config(None, overrides)
     method = load(METHODS, "method", name)(run)
     method.setup(Accelerator(cpu=not torch.cuda.is_available()))
@@ -63,9 +69,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory(name: str, model: str, data: str, pairs: int, lora_rank: int, steps: int = 3) -> dict:
+def peak_memory(
+    name: str, model: str, data: str, pairs: int, lora_rank: int, resolution: int | None = None, steps: int = 3
+) -> dict:
     """Peak memory of a few training steps of one method (run in its own process on CPU)."""
-    method = build_method(name, model, data, lora_rank)
+    method = build_method(name, model, data, lora_rank, resolution)
     batch = method.collate([method.dataset[i] for i in range(pairs)])
     optimizer = torch.optim.AdamW(method.model.trainable_parameters(), lr=1e-5)
     train_step(method, batch, optimizer, 0)  # allocate optimizer state and caches
@@ -97,17 +105,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--real", default=None, help="build this real_configs model (random weights) as --model")
+    parser.add_argument("--resolution", type=int, default=None, help="training resolution; default: the model's")
     parser.add_argument("--memory-child", choices=["diffusion-dpo", "diffusion-sft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     data = args.data or str(_render_pairs(Path(tempfile.mkdtemp(prefix="mmalign-bench-")), args.pairs))
+    if args.real:
+        from mmalign.models.real_configs import build_real
+
+        args.model = str(build_real(args.real, Path(tempfile.mkdtemp(prefix="mmalign-real-")) / args.real))
     if args.memory_child:
-        print(json.dumps(peak_memory(args.memory_child, args.model, data, args.pairs, args.lora_rank)))
+        print(json.dumps(peak_memory(args.memory_child, args.model, data, args.pairs, args.lora_rank, args.resolution)))
         return
 
-    dpo = build_method("diffusion-dpo", args.model, data, args.lora_rank)
-    sft = build_method("diffusion-sft", args.model, data, args.lora_rank)
+    dpo = build_method("diffusion-dpo", args.model, data, args.lora_rank, args.resolution)
+    sft = build_method("diffusion-sft", args.model, data, args.lora_rank, args.resolution)
     batch = dpo.collate([dpo.dataset[i] for i in range(args.pairs)])
     opt_dpo = torch.optim.AdamW(dpo.model.trainable_parameters(), lr=1e-5)
     opt_sft = torch.optim.AdamW(sft.model.trainable_parameters(), lr=1e-5)
@@ -121,11 +135,12 @@ def main() -> None:
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     t_dpo, t_sft = statistics.median(times["dpo"]), statistics.median(times["sft"])
+    ratios = [d / s for d, s in zip(times["dpo"], times["sft"])]  # per interleaved round
 
     memory = {}
     for name in ("diffusion-dpo", "diffusion-sft"):
         if torch.cuda.is_available():
-            memory[name] = peak_memory(name, args.model, data, args.pairs, args.lora_rank)
+            memory[name] = peak_memory(name, args.model, data, args.pairs, args.lora_rank, args.resolution)
         else:
             cmd = [
                 sys.executable,
@@ -143,16 +158,22 @@ def main() -> None:
             ]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.resolution:
+                cmd += ["--resolution", str(args.resolution)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             memory[name] = json.loads(out.strip().splitlines()[-1])
     d, s = memory["diffusion-dpo"], memory["diffusion-sft"]
     result = {
-        "model": args.model,
+        "model": args.real or args.model,
+        "resolution": args.resolution,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "pairs": args.pairs,
         "dpo_step_s": round(t_dpo, 5),
         "sft_step_s": round(t_sft, 5),
         "time_ratio": round(t_dpo / t_sft, 3),
+        "time_ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)],
+        "step_s_spread": {k: [round(min(v), 5), round(max(v), 5)] for k, v in times.items()},
+        "rounds": len(ratios),
         "peak_ratio": round(d["peak_bytes"] / s["peak_bytes"], 3),
         "step_memory_ratio": round((d["peak_bytes"] - d["base_bytes"]) / max(1, s["peak_bytes"] - s["base_bytes"]), 3),
         "peak_mib": {"dpo": round(d["peak_bytes"] / 2**20, 1), "sft": round(s["peak_bytes"] / 2**20, 1)},

@@ -80,6 +80,8 @@ def check_range(
                           f"got {value!r}")  # fmt: skip
 
 
+#: `train.optimizer` choices (`mmalign.train.optim.build_optimizer`)
+OPTIMIZERS = ("adamw", "adamw8bit")
 #: `train.lr_scheduler` choices: the schedules `diffusers.optimization.get_scheduler` builds from a step count
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -95,11 +97,24 @@ class ModelConfig:
         "module names to adapt; null = the family's attention projections", default=None
     )
     dtype: str = option(
-        "dtype of frozen weights: float32, float16 or bfloat16 (trainable weights stay fp32)", default="float32"
+        "dtype of the frozen weights (text encoders, reference, the base under LoRA): float32, float16 or "
+        "bfloat16; trainable weights stay float32 and the denoiser runs under torch.autocast in this dtype "
+        "(the autoencoder stays float32)",
+        default="float32",
     )
     variant: str | None = option("weights variant to load, e.g. fp16", default=None)
     revision: str | None = option("Hub revision (branch, tag or commit)", default=None)
-    gradient_checkpointing: bool = option("recompute denoiser activations in backward to save memory", default=False)
+    gradient_checkpointing: bool = option(
+        "recompute the denoiser's activations in backward instead of keeping them (less memory, about a third "
+        "more compute per step; gradients unchanged)",
+        default=False,
+    )
+    offload_frozen: bool = option(
+        "keep the text encoders and the autoencoder on the CPU, moving each onto the training device only "
+        "while it encodes prompts, encodes images or decodes latents (less accelerator memory, a host-device "
+        "copy per use)",
+        default=False,
+    )
     flow_sampling: str = option("σ law for flow-matching models: logit_normal or uniform", default="logit_normal")
     embedded_guidance: float | None = option(
         "guidance value a guidance-distilled transformer (FLUX.1-dev) reads in training predictions; sampling "
@@ -129,8 +144,17 @@ class VLMModelConfig:
     lora_targets: list[str] | None = option(
         "module names to adapt; null = the attention and MLP projections", default=None
     )
-    dtype: str = option("dtype of the weights: float32, float16 or bfloat16", default="float32")
+    dtype: str = option(
+        "dtype of the frozen weights (the base under LoRA, the reference copy): float32, float16 or bfloat16; "
+        "trainable weights stay float32 and the model runs under torch.autocast in this dtype",
+        default="float32",
+    )
     revision: str | None = option("Hub revision (branch, tag or commit)", default=None)
+    gradient_checkpointing: bool = option(
+        "recompute the decoder layers' activations in backward instead of keeping them (less memory, more "
+        "compute; gradients unchanged)",
+        default=False,
+    )
     allow_pickle: bool = option(ALLOW_PICKLE_HELP, default=False)
 
     def __post_init__(self) -> None:
@@ -226,6 +250,12 @@ class TrainConfig:
     batch_size: int = option("global batch per optimizer micro-step (pairs for DPO), split over processes", default=8)
     gradient_accumulation_steps: int = option("micro-steps per optimizer step", default=1)
     learning_rate: float = option("peak learning rate", default=1e-4)
+    optimizer: str = option(
+        "adamw (torch.optim.AdamW, float32 state) or adamw8bit (bitsandbytes' AdamW8bit: moments stored in 8 bits "
+        "with block-wise scales, a quarter of AdamW's state memory; tensors under 4096 elements keep float32 "
+        "state; needs `pip install bitsandbytes`)",
+        default="adamw",
+    )
     lr_scheduler: str = option(f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}", default="constant_with_warmup")
     warmup_steps: int = option("learning-rate warm-up steps", default=0)
     weight_decay: float = option("AdamW weight decay", default=1e-2)
@@ -251,6 +281,7 @@ class TrainConfig:
         check_range("train.adam_beta2", self.adam_beta2, 0, 1)
         check_range("train.threads", self.threads, 1)
         check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
 
 

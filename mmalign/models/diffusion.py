@@ -50,6 +50,9 @@ from mmalign.models.trajectory import StepGrid, Trajectory, gaussian_log_prob, s
 from mmalign.models.weights import reading_weights, use_safetensors
 from mmalign.registry import resolve_model_path
 
+#: where `offload_frozen` keeps the text encoders and the autoencoder between uses
+OFFLOAD_DEVICE = torch.device("cpu")
+
 
 def load_pipeline(
     path: str | Path,
@@ -92,9 +95,14 @@ class DiffusionModel:
         lora_alpha: LoRA scaling numerator (default: equal to the rank, as the DPO papers use).
         lora_targets: module names to adapt (default: the family's attention projections).
         reference: keep a reference (adapters off / frozen copy); not needed for SFT.
-        weight_dtype: dtype of the frozen weights; trainable weights stay in float32.
+        weight_dtype: dtype of the frozen weights (text encoders, the reference, the base under LoRA);
+            trainable weights stay float32, and with a half-precision `weight_dtype` every denoiser call
+            runs under `torch.autocast` in it. The autoencoder stays float32.
         flow_sampling: σ law for flow-matching families, `logit_normal` or `uniform`.
-        gradient_checkpointing: trade compute for activation memory in the denoiser.
+        gradient_checkpointing: recompute the denoiser's activations in backward instead of storing them.
+        offload_frozen: keep the text encoders and the autoencoder on the CPU; `to(device)` moves only the
+            denoiser (and the reference copy), and each frozen component moves onto that device only while
+            `encode_prompt`, `encode_images` or `decode_latents` uses it.
         embedded_guidance: the guidance value a guidance-distilled transformer (FLUX.1-dev,
             HunyuanVideo) reads in training predictions (`encode_prompt`); sampling reads
             `guidance_scale`. None = the family's default (3.5 for FLUX.1-dev, as its model card
@@ -114,8 +122,10 @@ class DiffusionModel:
         flow_sampling: str = "logit_normal",
         gradient_checkpointing: bool = False,
         embedded_guidance: float | None = None,
+        offload_frozen: bool = False,
     ):
         self.pipe = pipe
+        self.offload_frozen = offload_frozen
         self.family: Family = family_of(pipe)
         self.experts: TimestepExperts | None = timestep_experts(pipe)
         if embedded_guidance is not None and not self.embeds_guidance:
@@ -247,8 +257,23 @@ class DiffusionModel:
             return 1
         return self.family.latent_frame_count(self.pipe.vae, pixel_frames)
 
+    @property
+    def text_encoder_names(self) -> list[str]:
+        """The pipeline's text-encoder components (`text_encoder`, `text_encoder_2`, …) that are present."""
+        return [
+            name
+            for name, component in self.pipe.components.items()
+            if name.startswith("text_encoder") and isinstance(component, torch.nn.Module)
+        ]
+
     def to(self, device: torch.device | str) -> DiffusionModel:
-        self.pipe.to(device)
+        """Move the pipeline to `device`; with `offload_frozen`, the denoiser only (the rest stays on the CPU)."""
+        if self.offload_frozen:
+            self.base_denoiser.to(device)
+            for name in (*self.text_encoder_names, "vae"):
+                getattr(self.pipe, name).to(OFFLOAD_DEVICE)
+        else:
+            self.pipe.to(device)
         if self.reference_denoiser is not None:
             self.reference_denoiser.to(device)
         return self
@@ -274,11 +299,28 @@ class DiffusionModel:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ encoders
+    @contextmanager
+    def frozen_on_device(self, *names: str):
+        """With `offload_frozen`, move the named frozen components onto the denoiser's device for the block
+        and back to the CPU after it (also on error); without it, do nothing."""
+        if not self.offload_frozen:
+            yield
+            return
+        modules = [getattr(self.pipe, name) for name in names]
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to(OFFLOAD_DEVICE)
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], resolution: tuple[int, int] | None = None) -> Conditioning:
         """Text conditioning for `prompts` (frozen text encoders, no graph); a guidance-distilled
         transformer's rows read `embedded_guidance`."""
-        cond = self.family.encode_prompt(self.pipe, list(prompts), resolution or self.default_resolution)
+        with self.frozen_on_device(*self.text_encoder_names):
+            cond = self.family.encode_prompt(self.pipe, list(prompts), resolution or self.default_resolution)
         return self._with_guidance(cond, self.embedded_guidance)
 
     def _with_guidance(self, cond: Conditioning, value: float) -> Conditioning:
@@ -297,7 +339,8 @@ class DiffusionModel:
         if pixels.ndim != expected:
             layout = "(B, 3, T, H, W)" if self.is_video else "(B, 3, H, W)"
             raise ValueError(f"{self.family.name} encodes pixels {layout}, got shape {tuple(pixels.shape)}")
-        return self.family.vae_encode(self.pipe.vae, pixels.to(self.device, torch.float32), generator)
+        with self.frozen_on_device("vae"):
+            return self.family.vae_encode(self.pipe.vae, pixels.to(self.device, torch.float32), generator)
 
     @torch.no_grad()
     def encode_posterior(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -308,7 +351,8 @@ class DiffusionModel:
             raise ValueError(f"the {self.family.name} family encodes its own way, not one posterior per image")
         if pixels.ndim != 4:
             raise ValueError(f"encode_posterior takes images (B, 3, H, W), got shape {tuple(pixels.shape)}")
-        return self.pipe.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
+        with self.frozen_on_device("vae"):
+            return self.pipe.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
 
     @torch.no_grad()
     def sample_posterior(
@@ -321,14 +365,23 @@ class DiffusionModel:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents → pixels in [0, 1]: `(B, 3, H, W)` images or `(B, 3, T, H, W)` video."""
-        pixels = self.family.vae_decode(self.pipe.vae, latents.to(self.device, torch.float32))
+        with self.frozen_on_device("vae"):
+            pixels = self.family.vae_decode(self.pipe.vae, latents.to(self.device, torch.float32))
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ prediction
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The trainable denoiser's prediction (ε, v or flow velocity), in float32, with its graph."""
-        out = self.family.denoise(self.denoiser, x_t.to(self.weight_dtype), t.to(self.device), cond)
-        return out.float()
+        return self.denoise(self.denoiser, x_t, t.to(self.device), cond)
+
+    def denoise(self, denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """`denoiser`'s output for `x (B, …)` at timesteps `t (B,)`, in float32: the input is cast to the
+        frozen weights' dtype and, when that is half precision, the call runs under `torch.autocast` in it
+        (float32 trainable weights meet half-precision frozen ones)."""
+        if self.weight_dtype == torch.float32:
+            return self.family.denoise(denoiser, x, t, cond).float()
+        with torch.autocast(self.device.type, dtype=self.weight_dtype):
+            return self.family.denoise(denoiser, x.to(self.weight_dtype), t, cond).float()
 
     def noise_estimator(self, cond: Conditioning) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """`(z, t) ↦ ε̂`: the trainable denoiser's noise estimate under `cond`, without guidance."""
@@ -367,7 +420,7 @@ class DiffusionModel:
     def predict_reference(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The frozen reference's prediction on the same inputs, without a graph."""
         with self.reference() as denoiser:
-            return self.family.denoise(denoiser, x_t.to(self.weight_dtype), t.to(self.device), cond).float()
+            return self.denoise(denoiser, x_t, t.to(self.device), cond)
 
     @contextmanager
     def reference(self):
@@ -477,7 +530,7 @@ class DiffusionModel:
         full = Conditioning.cat([negative, cond]) if negative is not None else cond
         t = t.to(self.device)
         t_batch = t.expand(x_in.shape[0]) if t.ndim == 0 else t.repeat(x_in.shape[0] // t.shape[0])
-        pred = self.family.denoise(denoiser, x_in.to(self.weight_dtype), t_batch, full).float()
+        pred = self.denoise(denoiser, x_in, t_batch, full)
         if negative is None:
             return pred
         uncond, text = pred.chunk(2)

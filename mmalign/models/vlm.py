@@ -162,6 +162,9 @@ class VisionLanguageModel:
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # prompts are left-padded so completions start at one column
         self._reference_model = reference_model
+        #: the half-precision dtype the model's calls run under `torch.autocast` in (`prepare_training`); None: none
+        self.autocast_dtype: torch.dtype | None = None
+        self.gradient_checkpointing = False
         eos = self.tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         generation_eos = model.generation_config.eos_token_id
@@ -223,6 +226,46 @@ class VisionLanguageModel:
             processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         model.to(device).eval()
         return cls(model, processor, reference_model=reference)
+
+    def prepare_training(self, gradient_checkpointing: bool = False) -> None:
+        """Make the loaded model ready to train: trainable weights in float32 (LoRA matrices, or every weight
+        of a full fine-tuning) while frozen ones keep the loaded dtype (the base under LoRA, the reference
+        copy); with a half-precision load, every model call then runs under `torch.autocast` in that dtype.
+        `gradient_checkpointing` recomputes each decoder (and vision) layer's activations in backward."""
+        loaded = next(self.model.parameters()).dtype
+        for p in self.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        self.autocast_dtype = loaded if loaded in (torch.float16, torch.bfloat16) else None
+        if gradient_checkpointing:
+            base = self.model.get_base_model() if self.has_adapter else self.model
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable({"use_reentrant": False})
+            else:  # transformers 4
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.gradient_checkpointing = True
+
+    @contextlib.contextmanager
+    def computing(self, model: torch.nn.Module) -> Iterator[None]:
+        """A call of `model`: under autocast in `autocast_dtype` when set and, with gradient checkpointing
+        and gradients on, with the checkpointed layers in training mode (transformers checkpoints a layer
+        only then; the model itself stays in eval mode, so dropout stays off)."""
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        layers = []
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) and not m.training]
+        for layer in layers:
+            layer.training = True
+        try:
+            with autocast:
+                yield
+        finally:
+            for layer in layers:
+                layer.training = False
 
     @property
     def device(self) -> torch.device:
@@ -326,16 +369,17 @@ class VisionLanguageModel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample one completion per prompt: `completion_ids (B, T)` (padded), `completion_mask (B, T)`."""
         self.model.eval()
-        out = self.model.generate(
-            **prompts.inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=sorted(self.eos_token_ids),
-            suppress_tokens=self.placeholder_ids or None,
-        )
+        with self.computing(self.model):
+            out = self.model.generate(
+                **prompts.inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                pad_token_id=self.pad_token_id,
+                eos_token_id=sorted(self.eos_token_ids),
+                suppress_tokens=self.placeholder_ids or None,
+            )
         completion = out[:, prompts.input_ids.shape[1] :]
         return completion, self.completion_mask(completion)
 
@@ -406,7 +450,9 @@ class VisionLanguageModel:
         for key in _TOKEN_TYPE_KEYS:  # text tokens over the completion (Qwen's get_rope_index needs full length)
             if key in inputs:
                 inputs[key] = torch.cat([inputs[key], torch.zeros_like(completion_ids)], dim=1)
-        return (model or self.model)(**inputs, **kwargs)
+        model = model or self.model
+        with self.computing(model):
+            return model(**inputs, **kwargs)
 
     def token_logprobs(
         self,

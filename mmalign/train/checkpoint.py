@@ -60,10 +60,23 @@ def _unflatten_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def _copy_shared(tensors: dict[str, torch.Tensor]) -> None:
+    """Give each tensor that shares storage with an earlier one its own copy (safetensors refuses shared
+    storage; bitsandbytes' 8-bit optimizer states share one quantisation map per optimizer)."""
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:
+            tensors[key] = tensor.clone()
+        elif tensor.numel():
+            seen.add(storage)
+
+
 def save_state(directory: Path, name: str, state: Any) -> None:
     """A nested state (dicts, lists, tensors, numbers) as `name.safetensors` + `name.json`."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten_tensors(state, "", tensors)
+    _copy_shared(tensors)
     if tensors:
         save_file(tensors, str(directory / f"{name}.safetensors"))
     (directory / f"{name}.json").write_text(json.dumps(skeleton))

@@ -41,6 +41,7 @@ def load_diffusion_model(m: ModelConfig, device: torch.device, reference: bool) 
         reference=reference,
         flow_sampling=m.flow_sampling,
         gradient_checkpointing=m.gradient_checkpointing,
+        offload_frozen=m.offload_frozen,
     ).to(device)
     if m.embedded_guidance is not None:
         if not model.embeds_guidance:

@@ -4,7 +4,8 @@
 
 1. creates the `Accelerator` (mixed precision, gradient accumulation) and the run directory
    (`config.yaml`, `logs/` for TensorBoard, `checkpoints/`, `samples/`);
-2. lets the method load its model and data, prepares the trainable module, AdamW and the LR
+2. lets the method load its model and data, prepares the trainable module, the optimizer
+   (`train.optimizer`: AdamW or 8-bit AdamW, `mmalign.train.optim`) and the LR
    schedule with accelerate;
 3. resumes from the newest complete checkpoint when there is one (weights, optimizer,
    scheduler, RNG states, data epoch and position), otherwise evaluates the starting model;
@@ -49,6 +50,7 @@ from mmalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from mmalign.train import checkpoint as ckpt
 from mmalign.train import monitor, sharding
 from mmalign.train.method import Evaluation, Method
+from mmalign.train.optim import build_optimizer
 from mmalign.train.report import sample_stem, write_report
 from mmalign.train.rundir import check_config
 
@@ -308,13 +310,7 @@ class Trainer:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the method exposes no trainable parameters")
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=t.learning_rate,
-            betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_epsilon,
-            weight_decay=t.weight_decay,
-        )
+        optimizer = build_optimizer(params, t)
         scheduler = get_scheduler(
             t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
         )

@@ -52,12 +52,13 @@ class VLMConfig:
 
 
 def load_vlm(model: VLMModelConfig, device: torch.device, reference_copy: bool = False) -> VisionLanguageModel:
-    """The `model` section's VLM: LoRA when `lora_rank` is set (the reference is the adapter disabled),
-    else full fine-tuning, with a frozen copy of the start when `reference_copy`."""
+    """The `model` section's VLM, ready to train (`VisionLanguageModel.prepare_training`): LoRA when
+    `lora_rank` is set (the reference is the adapter disabled), else full fine-tuning, with a frozen copy
+    of the start when `reference_copy`."""
     lora = None
     if model.lora_rank:
         lora = LoraSpec(model.lora_rank, model.lora_alpha, model.lora_targets or LoraSpec.targets)
-    return VisionLanguageModel.from_pretrained(
+    vlm = VisionLanguageModel.from_pretrained(
         resolve_model_path(model.path),
         lora=lora,
         reference_copy=lora is None and reference_copy,
@@ -66,6 +67,8 @@ def load_vlm(model: VLMModelConfig, device: torch.device, reference_copy: bool =
         revision=model.revision,
         allow_pickle=model.allow_pickle,
     )
+    vlm.prepare_training(model.gradient_checkpointing)
+    return vlm
 
 
 class VLMMethod(Method):

@@ -252,7 +252,8 @@ class VLMRewardModel(Method):
     def scores(self, items: list[PairItem], module: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores `(B,)`, `(B,)` of each pair's first and second conversation, in one forward."""
         batch = self.vlm.encode([p.first for p in items] + [p.second for p in items], add_generation_prompt=False)
-        scores = (module or self.module)(batch)
+        with self.vlm.computing(self.vlm.model):  # autocast and gradient checkpointing of `model.*`
+            scores = (module or self.module)(batch)
         return scores[: len(items)], scores[len(items) :]
 
     def compute_loss(self, batch: list[PairItem], step: int, micro: int):
