@@ -32,7 +32,8 @@ ARMS = {
     "flow-grpo": ("image/flow_grpo.yaml", []),
     "flow-grpo-fast": ("image/flow_grpo.yaml", ["flow_grpo.window=random", "flow_grpo.window_size=2"]),
     "diffusion-nft": ("image/diffusion_nft.yaml", []),
-    "diffusion-dpo": ("image/diffusion_dpo.yaml", ["model.lora_targets=null"]),  # its UNet targets do not apply
+    # its UNet targets do not apply; evaluated on the online recipes' 64 held-out captions
+    "diffusion-dpo": ("image/diffusion_dpo.yaml", ["model.lora_targets=null", "eval.num_prompts=64"]),
 }
 STEPS = {"flow-grpo": 40, "flow-grpo-fast": 80, "diffusion-nft": 60, "diffusion-dpo": 200}
 
