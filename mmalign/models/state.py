@@ -4,6 +4,11 @@ A module sharded with FSDP2 (`fully_shard`, as accelerate's FSDP prepares it) ho
 as a DTensor shard. Its state is read whole with `torch.distributed.checkpoint.state_dict`
 (`get_model_state_dict(full_state_dict=True, cpu_offload=True)`) and written back with
 `set_model_state_dict`; both are collectives, so every process calls them.
+
+Under DeepSpeed ZeRO-1/2 every process holds whole weights, but the float32 master copy of each trained
+parameter is partitioned over the processes with the optimizer state; it is read whole with DeepSpeed's
+tensor-fragment API (`deepspeed.utils.safe_get_full_fp32_param`, a collective) and written with
+`safe_set_full_fp32_param`, so a checkpoint holds the weights the optimizer steps from.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().cpu().contiguous()
 
 
+def is_zero_managed(module: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO keeps the float32 masters of `module`'s trained parameters (ZeRO links each
+    trained parameter to its fragment of the partitioned masters as `_hp_mapping`)."""
+    return any(hasattr(p, "_hp_mapping") for p in module.parameters())
+
+
 def holds_whole_state(module: torch.nn.Module) -> bool:
     """Whether this process receives whole tensors from `trainable_state(module)`: always, unless the
     module is sharded, where only the main process (rank 0) does."""
@@ -62,7 +73,13 @@ def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`{name: weight}` of the parameters of `module` that require grad, detached, on CPU (views of CPU
     weights: write them before training goes on). A sharded module's weights are gathered whole onto
-    the main process (every process calls this; the others get an empty dict)."""
+    the main process (every process calls this; the others get an empty dict). Under DeepSpeed ZeRO the
+    float32 masters are gathered whole onto every process (every process calls this)."""
+    if is_zero_managed(module):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return {n: safe_get_full_fp32_param(p).detach().cpu().contiguous() for n, p in trained}
     if not is_sharded(module):
         return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
     names = [n for n, p in named_parameters(module).items() if p.requires_grad]
@@ -77,7 +94,8 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
     """Copy `state` (written by `trainable_state`) into `module`; names missing on either side are a
     `KeyError` naming a few of them, a tensor of another shape a `ValueError` naming it (`copy_` would
     broadcast it silently). A sharded module takes each process's shard of the whole tensors (every
-    process calls this with the same `state`)."""
+    process calls this with the same `state`); under DeepSpeed ZeRO each process writes the whole weight
+    and its own fragment of the float32 master."""
     params = named_parameters(module)
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     unexpected = [n for n in state if n not in params]
@@ -92,6 +110,11 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
 
         set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
         return
+    if is_zero_managed(module):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, value in state.items():
+            safe_set_full_fp32_param(params[name], value.to(torch.float32))
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)

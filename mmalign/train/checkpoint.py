@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from mmalign.errors import UserInputError
 from mmalign.io import atomic_write_json
 from mmalign.models.state import is_sharded, named_parameters
+from mmalign.train import zero
 
 PREFIX = "step-"
 
@@ -94,7 +95,10 @@ def optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module | 
     With `module`, a module sharded by FSDP2 that `optimizer` trains: the state is gathered whole onto
     the main process (`get_optimizer_state_dict(full_state_dict=True, cpu_offload=True)`, a collective:
     every process calls it, the others get an empty state) and keyed by the integer ids an unsharded
-    optimizer uses, so the checkpoint is the one a single process writes."""
+    optimizer uses, so the checkpoint is the one a single process writes. DeepSpeed ZeRO's partitioned
+    state is gathered the same way (`mmalign.train.zero`; every process calls it)."""
+    if zero.is_zero_optimizer(optimizer):
+        return zero.optimizer_state(optimizer)
     if module is None or not is_sharded(module):
         state = optimizer.state_dict()
         return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
@@ -111,7 +115,10 @@ def restore_optimizer(
     optimizer: torch.optim.Optimizer, saved: dict[str, Any], module: torch.nn.Module | None = None
 ) -> None:
     """Load what `optimizer_state` wrote; with an FSDP2-sharded `module`, each process takes its shard
-    (every process calls it with the same `saved`)."""
+    (every process calls it with the same `saved`), as does DeepSpeed ZeRO's optimizer."""
+    if zero.is_zero_optimizer(optimizer):
+        zero.restore_optimizer(optimizer, saved)
+        return
     state = {int(k): v for k, v in saved["state"].items()}
     for group in saved["param_groups"]:
         for key in ("betas",):

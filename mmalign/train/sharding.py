@@ -8,7 +8,12 @@ so checkpoints and saved results are the files a single process writes.
 
 - `use_fsdp_on_cpu`: accelerate selects FSDP on accelerator devices only and leaves CPU processes
   (gloo) as plain data-parallel; FSDP2 runs there too, so a CPU launch with an FSDP config gets it.
-- `check_supported`: FSDP1 and DeepSpeed are refused with a one-line error naming what to use.
+- `accelerator_options`: what `Accelerator` needs for the launch; DeepSpeed on CPU processes gets a
+  gloo group (accelerate would run each process alone).
+- `configure_deepspeed`: the DeepSpeed config's batch sizes, gradient accumulation and clipping, from
+  the recipe (DeepSpeed steps, accumulates and clips inside `accelerator.backward`).
+- `check_supported`: FSDP1, DeepSpeed ZeRO-3 and ZeRO offload are refused with a one-line error naming
+  what to use.
 - `whole_state_dicts`: inside it, `state_dict()` of the sharded module returns whole tensors, so a
   method's `save_final` (diffusers / peft / transformers `save_pretrained`, `save_lora_weights`)
   writes the same files as unsharded.
@@ -22,10 +27,42 @@ from collections.abc import Iterator
 
 import torch
 from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
-from mmalign.config import ConfigError
+from mmalign.config import ConfigError, TrainConfig
 from mmalign.models.state import full_tensor, is_sharded
+
+
+def deepspeed_asked() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def accelerator_options(has_accelerator: bool) -> dict:
+    """`Accelerator` keyword arguments for this launch. Without an accelerator device, processes launched
+    by torchrun form a gloo group through accelerate's CPU mode; a DeepSpeed launch instead keeps the
+    device mode (DeepSpeed's CPU accelerator) and names gloo as the backend, since accelerate's CPU mode
+    turns DeepSpeed off."""
+    if has_accelerator:
+        return {"cpu": False}
+    if deepspeed_asked():
+        return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
+def configure_deepspeed(accelerator, train: TrainConfig) -> None:
+    """Write the recipe's batch sizes, gradient accumulation and clipping into the DeepSpeed config before
+    `prepare` (the trainer passes no data loader for accelerate to read them from). `train.batch_size` is
+    the global batch: each process's micro-batch is `batch_size / processes`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    micro = max(train.batch_size // accelerator.num_processes, 1)
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    config["train_batch_size"] = micro * train.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = train.max_grad_norm if train.max_grad_norm is not None else 0.0
 
 
 def use_fsdp_on_cpu(accelerator) -> None:
@@ -44,19 +81,34 @@ def use_fsdp_on_cpu(accelerator) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
-def check_supported(accelerator) -> None:
-    """Refuse the accelerate setups whose state the trainer cannot checkpoint whole."""
+def check_supported(accelerator, train: TrainConfig) -> None:
+    """Refuse the accelerate setups the trainer cannot train, checkpoint or resume exactly."""
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ConfigError(
             "the accelerate config asks for FSDP version 1; mmalign trains with FSDP2: set fsdp_version: 2 "
             "in its fsdp_config (configs/accelerate/fsdp.yaml)"
         )
-    if kind == DistributedType.DEEPSPEED:
+    if kind != DistributedType.DEEPSPEED:
+        return
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2):
         raise ConfigError(
-            "the accelerate config asks for DeepSpeed, whose partitioned optimizer state mmalign's checkpoints "
-            "cannot gather; use FSDP2 (configs/accelerate/fsdp.yaml) to shard weights, gradients and optimizer "
-            "state (docs/distributed.md)"
+            f"the accelerate config asks for DeepSpeed ZeRO stage {stage}; mmalign trains with ZeRO-1 or ZeRO-2 "
+            "(configs/accelerate/zero2.yaml); to shard the weights too use FSDP2 (configs/accelerate/fsdp.yaml), "
+            "and without sharding DDP (configs/accelerate/ddp.yaml)"
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("device", "none") != "none":
+            raise ConfigError(
+                f"the accelerate config asks for DeepSpeed {key} (ZeRO offload), which mmalign does not train "
+                "with; set it to none, or use FSDP2 with fsdp_offload_params: true (configs/accelerate/fsdp.yaml)"
+            )
+    if train.optimizer != "adamw":
+        raise ConfigError(
+            f"config key 'train.optimizer' is {train.optimizer}, which DeepSpeed ZeRO does not partition; "
+            "set train.optimizer=adamw, or launch with FSDP2 (configs/accelerate/fsdp.yaml)"
         )
 
 

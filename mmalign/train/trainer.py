@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, broadcast, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, broadcast, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -110,7 +110,7 @@ class Trainer:
         # The loop fixes the step structure (accumulation micro-steps per optimizer step), so an
         # epoch boundary must not force an early synchronisation.
         self.accelerator = Accelerator(
-            cpu=not _has_accelerator(),  # lets torchrun-launched CPU processes form a gloo group (MULTI_CPU)
+            **sharding.accelerator_options(_has_accelerator()),
             mixed_precision=t.mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False
@@ -118,7 +118,8 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         sharding.use_fsdp_on_cpu(self.accelerator)
-        sharding.check_supported(self.accelerator)
+        sharding.check_supported(self.accelerator, t)
+        sharding.configure_deepspeed(self.accelerator, t)
         if t.batch_size % self.accelerator.num_processes:
             raise ConfigError(
                 f"train.batch_size={t.batch_size} must be divisible by the {self.accelerator.num_processes} processes"
@@ -140,6 +141,13 @@ class Trainer:
         """FSDP: the trainable module is sharded, so its forwards and the reads of its state are collectives
         every process joins (evaluation, checkpoints, the final save)."""
         return self.accelerator.is_fsdp2
+
+    @property
+    def gathered(self) -> bool:
+        """The reads of the trained state are collectives every process joins (checkpoints, the monitor's
+        best weights, the final save): FSDP, or DeepSpeed ZeRO, whose optimizer partitions the float32
+        masters and the optimizer state."""
+        return self.sharded or self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def _prepare_run_dir(self) -> tuple[Path, dict[str, Any]] | None:
         """Create or check the run directory; return the checkpoint to resume from and its contents, if any."""
@@ -210,7 +218,7 @@ class Trainer:
         judges the evaluation and every process learns whether it stops the run. `restored_from`: the
         step whose best weights were restored after a stop (an evaluation the monitor passes over)."""
         result = self.method.evaluate(step) if self.is_main or self.sharded else None
-        weights = self.method.trainable_state_dict() if self.sharded and monitor.is_on(self.monitor) else None
+        weights = self.method.trainable_state_dict() if self.gathered and monitor.is_on(self.monitor) else None
         verdict: int | BaseException = _GO
         if result is not None and self.is_main:
             entry = {"step": step, "train_seconds": round(self.state.seconds, 2), "metrics": result.metrics}
@@ -399,13 +407,13 @@ class Trainer:
     def _clip(self, params: list[torch.nn.Parameter]) -> float:
         max_norm = self.run.train.max_grad_norm
         norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
-        return float(norm)
+        return float(norm) if norm is not None else math.nan  # DeepSpeed: the norm of its last step
 
     def _checkpoint(self, module, optimizer, scheduler) -> None:
         acc = self.accelerator
         root = self.out / "checkpoints"
         state = self.state.__dict__.copy()
-        gather = self.is_main or self.sharded  # a sharded state is gathered by every process
+        gather = self.is_main or self.gathered  # a partitioned state is gathered by every process
         ckpt.write_checkpoint(
             root,
             self.state.step,
@@ -439,7 +447,7 @@ class Trainer:
             if stopped is not None:
                 acc.print(f"{monitor.stop_line(stopped)}; saving them as final/")
         report: dict[str, Any] = {}
-        if self.is_main or self.sharded:  # a sharded save gathers the weights: every process runs it
+        if self.is_main or self.gathered:  # a partitioned state is gathered by every process
             with self._final_directory() as directory, sharding.whole_state_dicts(self.method.trainable_module()):
                 saved = self.method.save_final(directory)
         if self.is_main:
