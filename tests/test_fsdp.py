@@ -1,7 +1,8 @@
 """Two CPU processes under FSDP2 (`accelerate launch --config_file configs/accelerate/fsdp.yaml`, gloo) train
 like one process on the same global batch, write the files one process writes, and resume after a
-kill inside a step. Two launches in all (they are slow): the killed one and the one that resumes it;
-the resumed run is compared with the one-process run."""
+kill inside a step to the weights and optimizer state of the run that was not interrupted, bit for
+bit. Three launches in all (they are slow): the uninterrupted run, the killed one and the one that
+resumes it."""
 
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ def launch_fsdp(program: list[str], args: list[str], port: int) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tiny_pipelines, tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """A 4-step LoRA Diffusion-DPO run on a tiny SD pipeline: on one process, and on 2 FSDP processes
-    whose first launch is killed inside step 3 and whose second resumes it. Returns the two run folders
-    and the resuming launch."""
+def fsdp_runs(tiny_pipelines, tmp_path_factory) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+    """A 4-step LoRA Diffusion-DPO run on a tiny SD pipeline: on one process; on 2 FSDP processes; and on
+    2 FSDP processes whose first launch is killed inside step 3 and whose second resumes it. Returns the
+    three run folders and the resuming launch."""
     from tests.conftest import write_pair_folder
 
     root = tmp_path_factory.mktemp("fsdp")
@@ -64,16 +65,18 @@ def fsdp_runs(tiny_pipelines, tmp_path_factory) -> tuple[Path, Path, subprocess.
     def args(out: Path) -> list[str]:
         return ["train", str(RECIPE), *tiny_run_overrides(tiny_pipelines["sd"], pairs, out, STEPS), *EXTRA]
 
-    one, two = root / "one", root / "fsdp"
+    one, two, killed = root / "one", root / "fsdp", root / "killed"
     assert main(args(one)) == 0
+    uninterrupted = launch_fsdp(["-m", "mmalign.cli"], args(two), 29530)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     script = root / "killed_in_step_3.py"
     script.write_text(KILLED_IN_STEP_3)
-    assert launch_fsdp([str(script)], args(two), 29531).returncode != 0
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000002"]
-    assert not (two / "final").exists()
-    resumed = launch_fsdp(["-m", "mmalign.cli"], args(two), 29532)
+    assert launch_fsdp([str(script)], args(killed), 29531).returncode != 0
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000002"]
+    assert not (killed / "final").exists()
+    resumed = launch_fsdp(["-m", "mmalign.cli"], args(killed), 29532)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return one, two, resumed
+    return one, two, killed, resumed
 
 
 def _train_log(run: Path) -> list[dict]:
@@ -82,7 +85,7 @@ def _train_log(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_write_the_same_files(fsdp_runs, tiny_pipelines):
-    one, two, _ = fsdp_runs
+    one, two, _, _ = fsdp_runs
     assert json.loads((two / "report.json").read_text())["num_processes"] == 2
     losses_one, losses_two = [e["loss"] for e in _train_log(one)], [e["loss"] for e in _train_log(two)]
     assert len(losses_two) == STEPS and losses_two == pytest.approx(losses_one, rel=1e-3)
@@ -100,10 +103,15 @@ def test_fsdp_two_processes_match_one_and_write_the_same_files(fsdp_runs, tiny_p
 
 
 @pytest.mark.slow
-def test_fsdp_run_killed_in_a_step_resumes_where_it_stopped(fsdp_runs):
-    one, two, resumed = fsdp_runs
+def test_fsdp_run_killed_in_a_step_resumes_bit_for_bit(fsdp_runs):
+    _, two, killed, resumed = fsdp_runs
     assert "resumed from" in resumed.stdout + resumed.stderr and "step 2" in resumed.stdout + resumed.stderr
-    assert [e["step"] for e in _train_log(two)] == list(range(1, STEPS + 1))
-    assert not [p for p in two.rglob(".tmp-*")]
-    a, b = load_file(str(one / LORA)), load_file(str(two / LORA))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert [e["step"] for e in _train_log(killed)] == list(range(1, STEPS + 1))
+    assert not [p for p in killed.rglob(".tmp-*")]
+    for name in ("trainable", "optimizer"):
+        a, b = (
+            load_file(str(run / "checkpoints" / f"step-{STEPS:06d}" / f"{name}.safetensors")) for run in (two, killed)
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = load_file(str(two / LORA)), load_file(str(killed / LORA))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
