@@ -40,6 +40,12 @@ class VideoPairConfig:
     segment_seconds: float = option("segment length in seconds of the stored labels (paper: 1 s)", 1.0)
     sample_steps: int = option("sampler steps of the full schedule when building pairs", 20)
     guidance_scale: float = option("classifier-free guidance when building pairs", 3.0)
+    guidance_scale_2: float | None = option(
+        "two-expert models (Wan 2.2 A14B): guidance of the pair-building steps on the low-noise expert "
+        "(transformer_2), as WanPipeline's guidance_scale_2; null = guidance_scale; an error on a model with one "
+        "denoiser",
+        None,
+    )
     build_batch: int = option("clips denoised at once when building pairs", 16)
     sft_weight: float = option("weight of a plain flow-matching loss on video 0 (0 = pure DPO)", 0.0)
 
@@ -118,7 +124,8 @@ class VideoPairMethod(DiffusionPairMethod):
         noise = torch.randn(x0.shape, generator=generator)
         f = self.model.vae_scale_factor
         kwargs = {"init_latents": x0, "strength": depth} if depth < 1 else {}  # the noise sets the shape
-        return self.model.sample(prompts, num_steps=c.sample_steps, guidance_scale=c.guidance_scale, noise=noise,
+        return self.model.sample(prompts, num_steps=c.sample_steps, guidance_scale=c.guidance_scale,
+                                 guidance_scale_2=c.guidance_scale_2, noise=noise,
                                  resolution=(x0.shape[-2] * f, x0.shape[-1] * f), **kwargs)  # fmt: skip
 
     # ------------------------------------------------------------------ training
