@@ -357,6 +357,11 @@ class EvalConfig(EvalSchedule):
     )
     num_steps: int = option("sampling steps", default=20)
     guidance_scale: float = option("classifier-free guidance", default=3.0)
+    guidance_scale_2: float | None = option(
+        "two-expert models (Wan 2.2 A14B): guidance of the steps on the low-noise expert (transformer_2), as "
+        "WanPipeline's guidance_scale_2; null = guidance_scale; an error on a model with one denoiser",
+        default=None,
+    )
     seed: int = option("seed of the evaluation noise (the same before and after)", default=1234)
     batch_size: int = option("prompts sampled at once", default=64)
     grid_size: int = option("images in each sample grid", default=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from safetensors.torch import load_file
 
 import mmalign
 from mmalign.config import load_config
+from mmalign.models.diffusion import DiffusionModel
+from mmalign.train.diffusion_method import DiffusionPairMethod
+from mmalign.video.pair_method import VideoPairMethod
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +134,70 @@ def test_rdpo_nearest_selection_picks_the_closest_candidate(tiny_video_pipelines
         distances[select] = [r["selection_distance"] for r in _pairs(out / "pairs" / "stage-0")]
     assert all(n <= r + 1e-6 for n, r in zip(distances["nearest"], distances["random"]))
     assert sum(distances["nearest"]) < sum(distances["random"])
+
+
+class PromptEncodings:
+    """Counts the prompts `DiffusionModel.encode_prompt` encodes for the prompt memo (`encode_prompts`) and
+    inside training steps (`compute_loss`), and records each step's loss."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.memo, self.in_steps, self.losses, self._where = Counter(), Counter(), [], None
+        encode, memoise, loss = (
+            DiffusionModel.encode_prompt,
+            VideoPairMethod.encode_prompts,
+            VideoPairMethod.compute_loss,
+        )
+
+        def counting_encode(model, prompts, resolution=None):
+            {"memo": self.memo, "step": self.in_steps}.get(self._where, Counter()).update(prompts)
+            return encode(model, prompts, resolution)
+
+        def within(where, fn):
+            def wrapped(*args, **kwargs):
+                self._where = where
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._where = None
+
+            return wrapped
+
+        def recording_loss(method, batch, step, micro):
+            value, metrics = within("step", loss)(method, batch, step, micro)
+            self.losses.append(value.item())
+            return value, metrics
+
+        monkeypatch.setattr(DiffusionModel, "encode_prompt", counting_encode)
+        monkeypatch.setattr(VideoPairMethod, "encode_prompts", within("memo", memoise))
+        monkeypatch.setattr(VideoPairMethod, "compute_loss", recording_loss)
+
+
+def test_densedpo_encodes_each_prompt_once_per_run_and_trains_as_encoding_every_step(
+    tiny_video_pipelines, tmp_path, monkeypatch
+):
+    wan = tiny_video_pipelines["wan"]
+    mmalign.train(_dense(wan, tmp_path / "built", 1))
+    pairs = tmp_path / "built" / "pairs"
+    prompts = {r["prompt"] for r in _pairs(pairs)}
+    extra = (f"densedpo.pairs_dir={pairs}", "densedpo.sft_weight=0.5")  # the supervised term reads the rows too
+    cached = PromptEncodings(monkeypatch)
+    mmalign.train(_dense(wan, tmp_path / "cached", 3, *extra))
+    assert len(cached.losses) == 3 and not cached.in_steps
+    assert cached.memo == Counter(prompts)  # each distinct prompt once, for every step
+    monkeypatch.undo()
+    monkeypatch.setattr(VideoPairMethod, "conditioning", DiffusionPairMethod.conditioning)  # encode at every step
+    uncached = PromptEncodings(monkeypatch)
+    mmalign.train(_dense(wan, tmp_path / "uncached", 3, *extra))
+    assert sum(uncached.in_steps.values()) == 3 * 2  # train.batch_size prompts per step
+    assert uncached.losses == cached.losses  # the same seed: the same losses, bit for bit
+
+
+def test_rdpo_encodes_each_prompt_once_over_its_stages(tiny_video_pipelines, tmp_path, monkeypatch):
+    wan = tiny_video_pipelines["wan"]
+    stages = PromptEncodings(monkeypatch)  # the second stage reads new pairs of the same clips' prompts
+    mmalign.train(_rdpo(wan, tmp_path / "rdpo", 2, "rdpo.positive_depths=[0.5,0.25]"))
+    assert len(stages.losses) == 2 and not stages.in_steps
+    assert set(stages.memo.values()) == {1} and (tmp_path / "rdpo" / "pairs" / "stage-1").is_dir()
 
 
 @pytest.mark.parametrize("method", ["densedpo", "rdpo"])

@@ -8,8 +8,9 @@ It holds a loaded pipeline and gives the pieces every preference method needs:
 - `noise` (the family's training noise process: timesteps, `add_noise`, `target`);
 - `predict(x_t, t, cond)` with the trainable denoiser and `predict_reference(...)` with the
   frozen reference (LoRA adapters disabled, or a frozen copy for full fine-tuning);
-- `sample(prompts, …)` with classifier-free guidance, optionally starting from a clean latent
-  noised part of the way (SDEdit-style, `strength < 1`);
+- `sample(prompts, …)` with classifier-free guidance (on a two-expert pipeline, `guidance_scale_2`
+  on the low-noise expert's steps), optionally starting from a clean latent noised part of the way
+  (SDEdit-style, `strength < 1`);
 - `sample_trajectory(prompts, kernel=…)` recording every step and the log-probabilities of the
   stochastic steps, and `transition(x, x_next, step, …)` recomputing one step's log-probability
   with gradients (online RL; `mmalign.models.trajectory`);
@@ -454,6 +455,7 @@ class DiffusionModel:
         *,
         num_steps: int = 20,
         guidance_scale: float = 3.0,
+        guidance_scale_2: float | None = None,
         generator: torch.Generator | None = None,
         resolution: tuple[int, int] | None = None,
         num_frames: int | None = None,
@@ -469,6 +471,8 @@ class DiffusionModel:
         1 starts from pure noise, 0.5 noises `init_latents` to the schedule's midpoint. Noise
         comes from `generator` (CPU) unless `noise` is given. Video pipelines make `num_frames`
         pixel frames' worth of latents (default: the pipeline's). Returns latents in the same layout.
+        On a two-expert pipeline the steps on the low-noise expert are guided by `guidance_scale_2`
+        (None: `guidance_scale`), as `WanPipeline(guidance_scale=…, guidance_scale_2=…)` guides them.
         """
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -493,27 +497,60 @@ class DiffusionModel:
                 scheduler.set_begin_index(start)
             t0 = timesteps[:1].expand(batch)
             x = self.noise.add_noise(init_latents.to(self.device, torch.float32), noise, t0)
-        cond, negative = self.guidance_conditioning(prompts, resolution, guidance_scale, negative_prompt)
+        cond, negative = self.guidance_conditioning(
+            prompts, resolution, guidance_scale, negative_prompt, guidance_scale_2=guidance_scale_2
+        )
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         with self._denoiser_for_sampling(use_reference) as denoiser:
             for t in timesteps:
                 x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-                pred = self.guided_prediction(denoiser, x_in, t, cond, negative, guidance_scale)
+                pred = self.guided_prediction(denoiser, x_in, t, cond, negative, guidance_scale, guidance_scale_2)
                 x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
         return x
 
     def guidance_conditioning(
-        self, prompts: list[str], resolution: tuple[int, int], guidance_scale: float, negative_prompt: str = ""
+        self,
+        prompts: list[str],
+        resolution: tuple[int, int],
+        guidance_scale: float,
+        negative_prompt: str = "",
+        *,
+        guidance_scale_2: float | None = None,
     ) -> tuple[Conditioning, Conditioning | None]:
-        """The prompts' conditioning and, with guidance (`guidance_scale != 1`), the negative prompt's (B rows each).
+        """The prompts' conditioning and, with guidance (a scale other than 1), the negative prompt's (B rows each).
 
-        A guidance-distilled transformer (FLUX.1-dev) reads `guidance_scale` itself: no negative prompt."""
+        A guidance-distilled transformer (FLUX.1-dev) reads `guidance_scale` itself: no negative prompt.
+        `guidance_scale_2` is the low-noise expert's scale of a two-expert pipeline (`guidance_scale_at`)."""
+        self._check_guidance_scale_2(guidance_scale_2)
         cond = self.encode_prompt(prompts, resolution)
         if self.embeds_guidance:
             return self._with_guidance(cond, guidance_scale), None
-        if guidance_scale == 1.0:
+        if guidance_scale == 1.0 and guidance_scale_2 in (None, 1.0):
             return cond, None
         return cond, self.encode_prompt([negative_prompt] * len(prompts), resolution)
+
+    def _check_guidance_scale_2(self, guidance_scale_2: float | None) -> None:
+        if guidance_scale_2 is not None and self.experts is None:
+            raise ValueError(
+                f"guidance_scale_2 guides the low-noise expert (transformer_2) of a two-expert pipeline; this "
+                f"{type(self.pipe).__name__} has one denoiser"
+            )
+
+    def guidance_scale_at(
+        self, t: torch.Tensor, guidance_scale: float, guidance_scale_2: float | None = None
+    ) -> float | torch.Tensor:
+        """The guidance scale of a step at timestep `t` (a scalar or `(B,)`, the scheduler's 0…1000 units).
+
+        `guidance_scale`, except on a two-expert pipeline with `guidance_scale_2` set, whose steps below the
+        expert boundary (those `transformer_2` denoises) take `guidance_scale_2`, as `WanPipeline` does. A
+        float when every row has the same scale, else `(B,)` float32 on `t`'s device."""
+        self._check_guidance_scale_2(guidance_scale_2)
+        if guidance_scale_2 is None:
+            return float(guidance_scale)
+        low = torch.as_tensor(t) < self.experts.boundary
+        if low.all() or not low.any():
+            return float(guidance_scale_2 if low.all() else guidance_scale)
+        return torch.where(low, float(guidance_scale_2), float(guidance_scale)).float()
 
     def guided_prediction(
         self,
@@ -523,9 +560,14 @@ class DiffusionModel:
         cond: Conditioning,
         negative: Conditioning | None,
         guidance_scale: float,
+        guidance_scale_2: float | None = None,
     ) -> torch.Tensor:
         """`denoiser`'s prediction for `x (B, …)` at timestep `t` (a scalar or `(B,)`), in float32, with
-        the family's classifier-free guidance (`u + g·(c − u)`) when `negative` is given (one batched call)."""
+        the family's classifier-free guidance (`u + g·(c − u)`, `g = guidance_scale_at(t, …)` per row) when
+        `negative` is given (one batched call); a step whose scale is 1 on every row skips the negative pass."""
+        scale = self.guidance_scale_at(t, guidance_scale, guidance_scale_2)
+        if isinstance(scale, float) and scale == 1.0:
+            negative = None  # u + 1·(c − u) = c
         x_in = x if negative is None else torch.cat([x, x])
         full = Conditioning.cat([negative, cond]) if negative is not None else cond
         t = t.to(self.device)
@@ -534,7 +576,10 @@ class DiffusionModel:
         if negative is None:
             return pred
         uncond, text = pred.chunk(2)
-        return self.family.combine_guidance(uncond, text, guidance_scale)
+        if torch.is_tensor(scale):  # one scale per row of `t`, repeated over `x`'s rows as `t` is
+            scale = scale.to(uncond.device).repeat(uncond.shape[0] // scale.shape[0])
+            scale = scale.view(-1, *[1] * (uncond.ndim - 1))
+        return self.family.combine_guidance(uncond, text, scale)
 
     # ------------------------------------------------------------------ trajectories (online RL)
     def sampling_grid(self, kernel: str, noise_level: float, num_steps: int, shape: tuple[int, ...]) -> StepGrid:
@@ -553,6 +598,7 @@ class DiffusionModel:
         num_steps: int = 10,
         window: tuple[int, ...] | None = None,
         guidance_scale: float = 1.0,
+        guidance_scale_2: float | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         resolution: tuple[int, int] | None = None,
@@ -563,7 +609,8 @@ class DiffusionModel:
         log-probability of each `window` step (default: every stochastic step).
 
         Window steps draw `x' = mean + std·z` with `z` from `generator` (CPU), in window order;
-        all other steps are deterministic. At noise level 0 no log-probability is recorded.
+        all other steps are deterministic. At noise level 0 no log-probability is recorded. Guidance as
+        in `sample` (`guidance_scale_2`: the low-noise expert's scale of a two-expert pipeline).
         Returns a `Trajectory` with `latents (B, T+1, …)` and `log_probs (B, W)`.
         """
         resolution = resolution or self.default_resolution
@@ -577,11 +624,13 @@ class DiffusionModel:
         if noise is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         x = noise.to(self.device, torch.float32)
-        cond, negative = self.guidance_conditioning(prompts, resolution, guidance_scale, negative_prompt)
+        cond, negative = self.guidance_conditioning(
+            prompts, resolution, guidance_scale, negative_prompt, guidance_scale_2=guidance_scale_2
+        )
         latents, log_probs = [x], []
         with self._denoiser_for_sampling(False) as denoiser:
             for i, t in enumerate(grid.timesteps):
-                pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale)
+                pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale, guidance_scale_2)
                 if i in window:
                     mean, std = grid.stochastic_step(x, pred, i)
                     z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
@@ -598,6 +647,7 @@ class DiffusionModel:
             cond=cond,
             negative=negative,
             guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
             grid=grid,
         )
 
@@ -610,19 +660,20 @@ class DiffusionModel:
         cond: Conditioning,
         negative: Conditioning | None = None,
         guidance_scale: float = 1.0,
+        guidance_scale_2: float | None = None,
         use_reference: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps `steps` of `grid` (one index, or one per row `(N,)`) from `x` to `x_next` (both `(N, …)`),
         in one denoiser call: the log-probabilities `(N,)`, the Gaussians' means `(N, …)` and stds. With
         the trainable denoiser (`self.denoiser`, with a graph) or, with `use_reference`, the frozen
-        reference (no graph)."""
+        reference (no graph). Each row is guided by the scale of its own step (`guidance_scale_at`)."""
         index = torch.as_tensor(steps)
         t = grid.timesteps[index.to(grid.timesteps.device)]
         if use_reference:
             with torch.no_grad(), self.reference() as denoiser:
-                pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale)
+                pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale, guidance_scale_2)
         else:
-            pred = self.guided_prediction(self.denoiser, x, t, cond, negative, guidance_scale)
+            pred = self.guided_prediction(self.denoiser, x, t, cond, negative, guidance_scale, guidance_scale_2)
         mean, std = grid.stochastic_step(x.to(self.device, torch.float32), pred, steps)
         return gaussian_log_prob(x_next.to(mean.device), mean, std), mean, std
 

@@ -217,7 +217,8 @@ class Trajectory:
     stochastic steps, in order; `log_probs (B, W)`: each window step's log-probability under the
     policy that sampled it (None when sampled with noise level 0); `cond`, `negative`: the prompts'
     and the negative prompt's conditioning (B rows each; `negative` is None without guidance);
-    `grid`: the steps it followed.
+    `guidance_scale`, `guidance_scale_2`: the guidance it was sampled with (`guidance_scale_2`: the
+    low-noise expert's scale on a two-expert pipeline, None = `guidance_scale`); `grid`: the steps it followed.
     """
 
     latents: torch.Tensor
@@ -227,6 +228,7 @@ class Trajectory:
     negative: Conditioning | None
     guidance_scale: float
     grid: StepGrid
+    guidance_scale_2: float | None = None
 
     @property
     def final(self) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import ConfigError, DataConfig, EvalConfig, ModelConfig
+from mmalign.config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig
 from mmalign.data.latent_cache import CachedPairs, cached_pairs
 from mmalign.data.pairs import collate_pairs, load_pairs
 from mmalign.data.sources import cache_root, resolve_pairs_path
@@ -51,6 +51,21 @@ def load_diffusion_model(m: ModelConfig, device: torch.device, reference: bool) 
             )
         model.embedded_guidance = m.embedded_guidance
     return model
+
+
+def check_guidance_scale_2(run: RunConfig, model: DiffusionModel) -> None:
+    """Refuse the run's `guidance_scale_2` options (`eval.guidance_scale_2`, `<method>.guidance_scale_2`) on a
+    model without a low-noise expert: they guide `transformer_2` of a two-expert pipeline (Wan 2.2 A14B)."""
+    options = {
+        "eval.guidance_scale_2": getattr(run.eval, "guidance_scale_2", None),
+        f"{run.method_section}.guidance_scale_2": getattr(run.method_args, "guidance_scale_2", None),
+    }
+    for key, value in options.items():
+        if value is not None and model.experts is None:
+            raise ConfigError(
+                f"config key {key!r} guides the low-noise expert (transformer_2) of a two-expert pipeline such as "
+                f"Wan 2.2 A14B; this {type(model.pipe).__name__} has one denoiser: remove it"
+            )
 
 
 def check_sharded_save(m: ModelConfig, denoiser: torch.nn.Module) -> None:
@@ -98,6 +113,7 @@ class DiffusionPairMethod(Method):
         """`self.model`: the `model` section's pipeline on the accelerator's device."""
         self.device = accelerator.device
         self.model = load_diffusion_model(self.run.model, self.device, self.needs_reference)
+        check_guidance_scale_2(self.run, self.model)
         self.policy = self.model
 
     # ------------------------------------------------------------------ Method plumbing

@@ -80,6 +80,7 @@ class DiffusionNFT(DiffusionRLMethod):
                 prompts,
                 num_steps=c.num_steps,
                 guidance_scale=c.guidance_scale,
+                guidance_scale_2=c.guidance_scale_2,
                 noise=noise,
                 resolution=self.resolution,
                 num_frames=self.num_frames,

@@ -40,7 +40,7 @@ from mmalign.models.state import full_tensor, holds_whole_state, named_parameter
 from mmalign.models.trajectory import Trajectory
 from mmalign.rewards import load_reward
 from mmalign.rewards.combine import WeightedSum
-from mmalign.train.diffusion_method import check_sharded_save, load_diffusion_model
+from mmalign.train.diffusion_method import check_guidance_scale_2, check_sharded_save, load_diffusion_model
 from mmalign.train.ema import EMA
 from mmalign.train.evaluation import DiffusionEvaluator, VideoEvaluator
 from mmalign.train.method import Evaluation, Method
@@ -98,6 +98,11 @@ class DiffusionRLConfig:
     group_size: int = option("samples per prompt (G); advantages are normalised within each group", default=8)
     num_steps: int = option("sampling steps of a rollout", default=10)
     guidance_scale: float = option("classifier-free guidance during rollouts (1 = off)", default=1.0)
+    guidance_scale_2: float | None = option(
+        "two-expert models (Wan 2.2 A14B): guidance of the rollout steps on the low-noise expert (transformer_2), "
+        "as WanPipeline's guidance_scale_2; null = guidance_scale; an error on a model with one denoiser",
+        default=None,
+    )
     iterations: int = option("optimizer steps per rollout (μ)", default=1)
     ema: bool = option("keep an EMA of the trained weights; evaluation samples and the run saves it", default=False)
     ema_decay: float = option("the EMA's largest decay (it warms up as (1 + step) / (10 + step))", default=0.99)
@@ -111,6 +116,7 @@ class DiffusionRLConfig:
         check_range(f"{prefix}group_size", self.group_size, 2)  # a group of one has no advantage
         check_range(f"{prefix}num_steps", self.num_steps, 1)
         check_range(f"{prefix}guidance_scale", self.guidance_scale, 1)
+        check_range(f"{prefix}guidance_scale_2", self.guidance_scale_2, 1)
         check_range(f"{prefix}iterations", self.iterations, 1)
         check_range(f"{prefix}ema_decay", self.ema_decay, 0, 1)
 
@@ -155,6 +161,7 @@ class DiffusionRLMethod(Method):
         self.device = accelerator.device
         self.process_index = accelerator.process_index
         self.model = load_diffusion_model(self.run.model, self.device, self.needs_reference())
+        check_guidance_scale_2(self.run, self.model)
         self.policy = self.model
         world = balls_world if self.model.is_video else shapes_world
         self.prompts = read_prompts(d.prompts, world, "data.prompts")

@@ -79,6 +79,7 @@ class DiffusionEvaluator:
                 prompts,
                 num_steps=c.num_steps,
                 guidance_scale=c.guidance_scale,
+                guidance_scale_2=c.guidance_scale_2,
                 noise=noise,
                 use_reference=use_reference,
                 **self.sample_kwargs(),

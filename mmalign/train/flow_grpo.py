@@ -98,6 +98,7 @@ class FlowGRPO(DiffusionRLMethod):
             num_steps=c.num_steps,
             window=self.window(),
             guidance_scale=c.guidance_scale,
+            guidance_scale_2=c.guidance_scale_2,
             generator=self.rollout_generator("rollout"),
             resolution=self.resolution,
             num_frames=self.num_frames,
@@ -113,7 +114,7 @@ class FlowGRPO(DiffusionRLMethod):
         x_next = traj.latents[:, window + 1].flatten(0, 1)
         steps = window.repeat(n)
         negative = traj.negative.repeat(w) if traj.negative is not None else None
-        args = (x, x_next, steps, traj.grid, traj.cond.repeat(w), negative, traj.guidance_scale)
+        args = (x, x_next, steps, traj.grid, traj.cond.repeat(w), negative, traj.guidance_scale, traj.guidance_scale_2)
         logp, mean, std = self.model.transition(*args)
         logp = logp.view(n, w)
         kl = None

@@ -2,6 +2,9 @@
 
 - pairs of clips generated from real clips by noising and regenerating (`regenerate`), stored as a
   `pairs.jsonl` folder (GIF videos) with their latents (`latents.safetensors`), and read back on resume;
+- each distinct prompt's text conditioning, encoded once per run when the pairs are read and kept in
+  memory (on the CPU) for every training step: the text encoders are frozen and shared by the policy
+  and the reference (`conditioning`);
 - training items of latents with per-segment labels, and the segment-masked Diffusion-DPO loss
   (`diffusion_dpo_loss(segment_labels=…)` on `per_segment_mse` errors), plus an optional plain
   flow-matching term on a target clip (`sft_weight`);
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from mmalign.config import check_range, option
 from mmalign.data.video import frames_to_tensor
 from mmalign.losses import diffusion_dpo_loss, per_segment_mse
+from mmalign.models.families import Conditioning
 from mmalign.train.diffusion_method import DiffusionPairMethod
 from mmalign.train.evaluation import VideoEvaluator
 from mmalign.train.rng import keyed_generator
@@ -40,6 +44,12 @@ class VideoPairConfig:
     segment_seconds: float = option("segment length in seconds of the stored labels (paper: 1 s)", 1.0)
     sample_steps: int = option("sampler steps of the full schedule when building pairs", 20)
     guidance_scale: float = option("classifier-free guidance when building pairs", 3.0)
+    guidance_scale_2: float | None = option(
+        "two-expert models (Wan 2.2 A14B): guidance of the pair-building steps on the low-noise expert "
+        "(transformer_2), as WanPipeline's guidance_scale_2; null = guidance_scale; an error on a model with one "
+        "denoiser",
+        None,
+    )
     build_batch: int = option("clips denoised at once when building pairs", 16)
     sft_weight: float = option("weight of a plain flow-matching loss on video 0 (0 = pure DPO)", 0.0)
 
@@ -62,6 +72,8 @@ class VideoPairMethod(DiffusionPairMethod):
         self.load_model(accelerator)
         if not self.model.is_video:
             raise ValueError(f"{self.run.model.path} is not a video pipeline; {self.run.method} trains video models")
+        #: text conditioning by (prompt, resolution), one row each, on the CPU (`conditioning`)
+        self.prompt_conditioning: dict[tuple[str, tuple[int, int]], Conditioning] = {}
 
     # ------------------------------------------------------------------ pairs on disk
     def save_pairs(self, folder: Path, pairs: list[VideoPair], latents: dict[str, list[torch.Tensor]]) -> None:
@@ -92,12 +104,34 @@ class VideoPairMethod(DiffusionPairMethod):
             )
         if latents is None:
             latents = {f"latents_{k}": self.encode([getattr(p, f"frames_{k}") for p in pairs]) for k in (0, 1)}
+        self.encode_prompts([p.prompt for p in pairs], self.resolution)
         items = []
         for i, pair in enumerate(pairs):
             item = {"index": i, "prompt": pair.prompt, "labels": torch.tensor(pair.labels)}
             item.update({key: value[i] for key, value in latents.items()})
             items.append(item)
         return items
+
+    # ------------------------------------------------------------------ prompt conditioning
+    def encode_prompts(self, prompts: list[str], resolution: tuple[int, int]) -> None:
+        """Encode those of `prompts` not yet in `prompt_conditioning` at `resolution` (pixels), `build_batch`
+        at a time, and keep each row on the CPU."""
+        new = [p for p in dict.fromkeys(prompts) if (p, resolution) not in self.prompt_conditioning]
+        for start in range(0, len(new), self.config.build_batch):
+            chunk = new[start : start + self.config.build_batch]
+            cond = self.model.encode_prompt(chunk, resolution).to(torch.device("cpu"))
+            for i, prompt in enumerate(chunk):
+                self.prompt_conditioning[(prompt, resolution)] = cond[i : i + 1]
+
+    def conditioning(self, prompts: list[str], groups: int, resolution: tuple[int, int] | None = None) -> Conditioning:
+        """Prompt conditioning tiled over `groups` ([p1..pB, p1..pB, …]) at `resolution` (default: the training
+        resolution), from `prompt_conditioning`: each distinct prompt runs through the text encoders once per
+        run. The text encoders are frozen and the reference shares them, so one encoding serves the policy's
+        and the reference's predictions at every step."""
+        resolution = tuple(resolution or self.resolution)
+        self.encode_prompts(prompts, resolution)
+        rows = [self.prompt_conditioning[(p, resolution)] for p in prompts]
+        return Conditioning.cat(rows).to(self.device).tile(groups)
 
     # ------------------------------------------------------------------ generation
     def encode(self, clips: list[np.ndarray]) -> torch.Tensor:
@@ -118,7 +152,8 @@ class VideoPairMethod(DiffusionPairMethod):
         noise = torch.randn(x0.shape, generator=generator)
         f = self.model.vae_scale_factor
         kwargs = {"init_latents": x0, "strength": depth} if depth < 1 else {}  # the noise sets the shape
-        return self.model.sample(prompts, num_steps=c.sample_steps, guidance_scale=c.guidance_scale, noise=noise,
+        return self.model.sample(prompts, num_steps=c.sample_steps, guidance_scale=c.guidance_scale,
+                                 guidance_scale_2=c.guidance_scale_2, noise=noise,
                                  resolution=(x0.shape[-2] * f, x0.shape[-1] * f), **kwargs)  # fmt: skip
 
     # ------------------------------------------------------------------ training

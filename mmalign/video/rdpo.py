@@ -134,8 +134,9 @@ class RDPO(VideoPairMethod):
         t0 = self.model.sdedit_start(c.sample_steps, depth, tuple(x0.shape)).expand(len(x0))
         z = self.model.invert(x0, t0, self.model.encode_prompt(prompts, resolution), steps=c.inversion_steps)
         noise = self.model.noise_for(x0, z, t0)  # the noise that forward noising would need to reach z
-        return self.model.sample(prompts, num_steps=c.sample_steps, guidance_scale=c.guidance_scale, noise=noise,
-                                 init_latents=x0, strength=depth, resolution=resolution)  # fmt: skip
+        return self.model.sample(prompts, num_steps=c.sample_steps, guidance_scale=c.guidance_scale,
+                                 guidance_scale_2=c.guidance_scale_2, noise=noise, init_latents=x0, strength=depth,
+                                 resolution=resolution)  # fmt: skip
 
     @torch.no_grad()
     def build_stage(self, stage: int, folder: Path) -> None:
