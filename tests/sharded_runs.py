@@ -41,10 +41,12 @@ class ShardedRuns:
 
 
 def launch(config: str, args: list[str], port: int) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file configs/accelerate/<config>` on 2 CPU processes running the CLI."""
+    """`accelerate launch --config_file configs/accelerate/<config>` on 2 CPU processes running the CLI
+    (for a DeepSpeed config, `tests/deepspeed_cli.py`)."""
+    program = [str(ROOT / "tests" / "deepspeed_cli.py")] if config.startswith("zero") else ["-m", "mmalign.cli"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
-               str(port), "-m", "mmalign.cli", *args]  # fmt: skip
+               str(port), *program, *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
 
