@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from mmalign.config import ConfigError, help_text, load_config, method_of, parse_override
+from mmalign.config import ConfigError, load_config, method_of, parse_override
+from mmalign.config_help import help_text
 from mmalign.errors import UserInputError
 from mmalign.io import expand_files
 from mmalign.registry import DATASETS, EVALUATORS, METHODS, REWARDS

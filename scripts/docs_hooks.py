@@ -2,7 +2,7 @@
 
 A page marks the place with `<!-- options: METHOD -->`; `on_page_markdown` replaces the marker with
 one Markdown table per section the method reads (key, type, default, help), built from the config
-dataclasses' field help (`mmalign.config.iter_options`), so the pages and `mmalign train --help`
+dataclasses' field help (`mmalign.config_help.iter_options`), so the pages and `mmalign train --help`
 show the same text. Loading a method imports only that method's module (`mmalign.registry.load`).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mmalign.config import OptionInfo, iter_options, method_sections, run_options
+from mmalign.config_help import OptionInfo, iter_options, method_sections, run_options
 
 #: `<!-- options: diffusion-dpo -->`: the marker a method page carries, group 1 the method name
 MARKER = re.compile(r"<!--\s*options:\s*([\w-]+)\s*-->")

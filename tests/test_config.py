@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.config import ConfigError, dump_config, help_text, load_config, section_classes
+from mmalign.config import ConfigError, dump_config, load_config, section_classes
+from mmalign.config_help import help_text
 from mmalign.registry import METHODS, load
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

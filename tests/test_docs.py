@@ -11,7 +11,8 @@ from types import ModuleType
 
 import pytest
 
-from mmalign.config import RunConfig, method_sections
+from mmalign.config import RunConfig
+from mmalign.config_help import method_sections
 from mmalign.registry import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.sharded_runs import ShardedRuns, check_match_one_process, check_resume_is_exact, sharded_runs
+from tests.sharded_runs import ShardedRuns, differences_after_resume, differences_from_one_process, sharded_runs
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +18,9 @@ def fsdp_runs(tiny_pipelines, tmp_path_factory) -> ShardedRuns:
 
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_write_the_same_files(fsdp_runs, tiny_pipelines):
-    check_match_one_process(fsdp_runs, tiny_pipelines["sd"])
+    assert differences_from_one_process(fsdp_runs, tiny_pipelines["sd"]) == []
 
 
 @pytest.mark.slow
 def test_fsdp_resume_ends_bit_for_bit_where_the_uninterrupted_run_ends(fsdp_runs):
-    check_resume_is_exact(fsdp_runs)
+    assert differences_after_resume(fsdp_runs) == []

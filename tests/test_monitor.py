@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from mmalign.config import ConfigError, EvalSchedule, MonitorConfig, RunConfig, TrainConfig, help_text, load_config
+from mmalign.config import ConfigError, EvalSchedule, MonitorConfig, RunConfig, TrainConfig, load_config
+from mmalign.config_help import help_text
 from mmalign.train import monitor
 from mmalign.train.method import Evaluation, Method
 from mmalign.train.trainer import Trainer

@@ -25,14 +25,9 @@ def is_zero_optimizer(optimizer: Any) -> bool:
     return hasattr(optimizer, "single_partition_of_fp32_groups") and hasattr(optimizer, "bit16_groups")
 
 
-def _per_parameter(value: Any, partition: torch.Tensor) -> bool:
-    """Whether a base-optimizer state entry holds one value per element of the flat partition."""
-    return isinstance(value, torch.Tensor) and value.shape == partition.shape
-
-
 def _per_element(value: Any) -> bool:
-    """Whether a saved per-parameter state entry holds one value per element of its parameter (AdamW's
-    moments), not one for the parameter (its step count, a 0-d tensor)."""
+    """Whether an optimizer state entry holds one value per element (AdamW's moments, shaped like the
+    parameter or the flat partition), not one for the whole tensor (its step count, a 0-d tensor)."""
     return isinstance(value, torch.Tensor) and value.dim() > 0
 
 
@@ -53,7 +48,7 @@ def optimizer_state(zero: Any) -> dict[str, Any]:
             if flat_state:
                 state[str(index)] = {
                     key: safe_get_full_optimizer_state(param, key).detach().cpu().clone()
-                    if _per_parameter(value, partition)
+                    if _per_element(value)
                     else (value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value)
                     for key, value in flat_state.items()
                 }
