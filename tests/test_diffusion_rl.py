@@ -125,15 +125,24 @@ def test_diffusion_nft_resumes_exactly_with_its_old_policy(tiny_pipelines, tiny_
     assert {"positive_mse", "negative_mse", "old_decay"} <= set(report["train"])
 
 
-def test_flow_grpo_on_a_video_model(tiny_video_pipelines, tmp_path):
+def test_flow_grpo_on_a_video_model_shares_each_groups_initial_noise(tiny_video_pipelines, tmp_path, monkeypatch):
+    from mmalign.models.diffusion import DiffusionModel
+
+    rollouts, real = [], DiffusionModel.sample_trajectory
+    monkeypatch.setattr(DiffusionModel, "sample_trajectory", lambda *a, **k: rollouts.append(real(*a, **k))
+                        or rollouts[-1])  # fmt: skip
     run = load_config(
         ROOT / "configs/video/flow_grpo.yaml",
         _overrides(tiny_video_pipelines["wan"], tmp_path / "v", 1, "flow_grpo", "data.resolution=[16,16]",
-                   "data.num_frames=5", "eval.num_prompts=2"),
+                   "data.num_frames=5", "eval.num_prompts=2", "flow_grpo.shared_initial_noise=true"),
     )  # fmt: skip
     report = mmalign.train(run)
     assert report["gold_metric"] == "balls-physics"
     assert (tmp_path / "v" / "samples" / "step-000001.gif").is_file()
+    (trajectory,) = rollouts  # 2 prompts × group_size 2
+    start, final = trajectory.latents[:, 0], trajectory.latents[:, -1]
+    assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3]) and not torch.equal(start[0], start[2])
+    assert not torch.equal(final[0], final[1])  # the stochastic steps tell a group's samples apart
 
 
 def test_rewards_from_an_http_server_and_per_reward_normalisation(tiny_pipelines, tiny_clip_dir, tmp_path):

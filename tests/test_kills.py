@@ -1,91 +1,107 @@
 """SIGKILL at the moments that write or delete folders: during pair generation, while an old checkpoint
-is being deleted, and during the final save. The same command run again cleans up what the kill left
-and ends with the weights and pairs of a run that was never interrupted."""
+is being deleted, and during the final save; and, for online RL, inside a rollout and inside an
+optimizer step. The same command run again cleans up what the kill left and ends with the weights and
+pairs of a run that was never interrupted. Each killed run is a child process (`tests/cli_child.py`)
+that a `kill_at_*` patch makes SIGKILL itself at its moment."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
+import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import mmalign
 from mmalign.cli import main
 from mmalign.config import load_config
+from tests.cli_child import run_cli
 from tests.conftest import tiny_run_overrides
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "image" / "diffusion_dpo.yaml"
 
-#: Run the CLI in a child that SIGKILLs itself at one moment (argv[1]), the rest of argv being the CLI's.
-KILLED_AT = r"""
-import os, shutil, signal, sys
-from pathlib import Path
 
-from PIL import Image
-
-def die():
+def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
-moment = sys.argv[1]
-if moment == "pairs":  # the third candidate image written into the half-built pair folder
+
+def kill_at_pairs() -> None:
+    """SIGKILL after the third candidate image is written into the half-built pair folder."""
     real_save, written = Image.Image.save, []
+
     def save(self, fp, *args, **kwargs):
         real_save(self, fp, *args, **kwargs)
         if "/.tmp-" in str(fp):
             written.append(fp)
             if len(written) == 3:
-                die()
+                _die()
+
     Image.Image.save = save
-elif moment == "prune":  # one file of the old checkpoint deleted, the rest not yet
+
+
+def kill_at_prune() -> None:
+    """SIGKILL once one file of the old checkpoint is deleted and the rest are not yet."""
     real_rmtree = shutil.rmtree
+
     def rmtree(path, *args, **kwargs):
         if Path(path).name.startswith(".tmp-delete-"):
             next(p for p in Path(path).iterdir() if p.is_file()).unlink()
-            die()
+            _die()
         return real_rmtree(path, *args, **kwargs)
+
     shutil.rmtree = rmtree
-elif moment == "final":  # the final folder written, not yet renamed into place
+
+
+def kill_at_final() -> None:
+    """SIGKILL when the final folder is written and not yet renamed into place."""
     real_replace = os.replace
+
     def replace(src, dst, *args, **kwargs):
         if Path(src).name.startswith(".tmp-final-"):
-            die()
+            _die()
         return real_replace(src, dst, *args, **kwargs)
+
     os.replace = replace
 
-elif moment == "rollout":  # inside the third rollout's sampling loop
+
+def kill_at_rollout() -> None:
+    """SIGKILL inside the third rollout's sampling loop."""
     from mmalign.models.diffusion import DiffusionModel
+
     real_trajectory, real_prediction, calls = DiffusionModel.sample_trajectory, DiffusionModel.guided_prediction, []
+
     def sample_trajectory(self, *args, **kwargs):
         calls.append("rollout")
         return real_trajectory(self, *args, **kwargs)
+
     def guided_prediction(self, *args, **kwargs):
         if calls.count("rollout") == 3:
             calls.append("prediction")
             if calls.count("prediction") == 2:
-                die()
+                _die()
         return real_prediction(self, *args, **kwargs)
-    DiffusionModel.sample_trajectory, DiffusionModel.guided_prediction = sample_trajectory, guided_prediction
-elif moment == "update":  # inside this process's first optimizer step, before it writes the weights
-    import torch
-    def step(self, *args, **kwargs):
-        die()
-    torch.optim.AdamW.step = step
 
-from mmalign.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
+    DiffusionModel.sample_trajectory, DiffusionModel.guided_prediction = sample_trajectory, guided_prediction
+
+
+def kill_at_update() -> None:
+    """SIGKILL inside the child's first optimizer step, before it writes the weights."""
+    torch.optim.AdamW.step = lambda self, *args, **kwargs: _die()
 
 
 def leftovers(*roots: Path) -> list[str]:
     return sorted(p.name for root in roots for p in root.rglob(".*") if p.name.startswith((".tmp-", ".old-")))
 
 
-def run_killed_at(moment: str, args: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-c", KILLED_AT, moment, *args], capture_output=True, text=True)
-    assert done.returncode == -9, f"the run was not killed at {moment}: {done.stderr[-2000:]}"
+def run_killed_at(moment: Callable[[], None], args: list[str], log: Path) -> None:
+    """Run the CLI in a child that `moment` makes SIGKILL itself."""
+    code = run_cli(args, log, moment)
+    assert code == -9, f"the run was not killed at {moment.__name__}: {log.read_text()[-2000:]}"
 
 
 @pytest.mark.slow
@@ -109,16 +125,18 @@ def test_kills_while_writing_or_deleting_folders_resume_to_the_uninterrupted_res
 
     killed, cache = tmp_path / "killed", tmp_path / "cache-killed"
     args = ["train", str(RECIPE), *overrides("killed")]
-    run_killed_at("pairs", args)
+    run_killed_at(kill_at_pairs, args, tmp_path / "pairs.log")
     assert [p.name for p in (cache / "shapes-prefs").iterdir() if not p.name.endswith(".lock")][0].startswith(".tmp-")
     assert not list((cache / "shapes-prefs").glob("*/pairs.jsonl"))  # nothing looks complete
 
-    run_killed_at("prune", args)  # the pairs are built again; the kill comes while step 2 is deleted
+    run_killed_at(
+        kill_at_prune, args, tmp_path / "prune.log"
+    )  # the pairs are built again; the kill comes while step 2 is deleted
     assert leftovers(cache) == []
     checkpoints = killed / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-delete-step-000002", "step-000004"]
 
-    run_killed_at("final", args)
+    run_killed_at(kill_at_final, args, tmp_path / "final.log")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004"]
     assert [p.name for p in killed.iterdir() if p.name.startswith(".tmp-final-")]
     assert not (killed / "final").exists() and not (killed / "report.json").exists()
@@ -149,9 +167,13 @@ def test_online_rl_killed_mid_rollout_or_mid_update_resumes_to_the_same_weights(
 
     assert main(args("straight")) == 0
     killed = tmp_path / "killed"
-    run_killed_at("rollout", args("killed"))  # during step 3's rollout, after the step-2 checkpoint
+    run_killed_at(
+        kill_at_rollout, args("killed"), tmp_path / "rollout.log"
+    )  # during step 3's rollout, after the step-2 checkpoint
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000002"]
-    run_killed_at("update", args("killed"))  # resumed at step 2, killed inside step 3's optimizer step
+    run_killed_at(
+        kill_at_update, args("killed"), tmp_path / "update.log"
+    )  # resumed at step 2, killed inside step 3's optimizer step
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000002"]
     assert main(args("killed")) == 0
     a = load_file(str(tmp_path / "straight" / "final" / "lora" / "pytorch_lora_weights.safetensors"))

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +15,7 @@ from mmalign.cli import main as cli_main
 from mmalign.config import load_config
 from mmalign.train.checkpoint import CheckpointError, checkpoint_dirs
 from mmalign.train.rundir import ConfigMismatchError
+from tests.cli_child import start_cli
 from tests.conftest import tiny_run_overrides
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "image" / "diffusion_dpo.yaml"
@@ -33,16 +30,14 @@ def test_resume_after_sigkill_ends_bit_identical(tiny_pipelines, pair_folder, tm
 
     killed = tmp_path / "killed"
     args = ["train", str(RECIPE), *tiny_run_overrides(tiny_pipelines["sd"], pair_folder, killed, steps), *common]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "mmalign.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    child = start_cli(args, tmp_path / "killed.log")
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-000002").exists():
-        assert child.poll() is None, "the run ended before it could be killed"
+        assert child.is_alive(), "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    child.kill()
+    child.join()
     assert not (killed / "report.json").exists()
     interrupted_at = int(checkpoint_dirs(killed / "checkpoints")[-1].name.split("-")[1])
     assert interrupted_at < steps

@@ -47,6 +47,11 @@ class FlowGRPOConfig(DiffusionRLConfig):
     window_size: int = option("steps in a random or sliding window", default=2)
     clip_range: float = option("ε of the ratio clip", default=1e-4)
     beta: float = option("weight of the per-step KL to the reference (0 = no reference)", default=0.04)
+    shared_initial_noise: bool = option(
+        "the samples of a group start from the same initial noise (DanceGRPO), so their advantages rank "
+        "only the stochastic steps' noise, which the loss's log-probabilities see",
+        default=False,
+    )
 
     def check_values(self, prefix: str) -> None:
         super().check_values(prefix)
@@ -89,8 +94,18 @@ class FlowGRPO(DiffusionRLMethod):
         progress = self._rollout_index / max(1, self.run.train.max_steps * self.run.train.gradient_accumulation_steps)
         return window_steps(c.window, c.num_steps, c.window_size, progress, rng, last)
 
+    def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """`(n, …)` initial latents with each group's `group_size` rows equal under
+        `shared_initial_noise`; None (the sampler draws one per sample) otherwise."""
+        c = self.config
+        if not c.shared_initial_noise:
+            return None
+        per_group = torch.randn(self.sample_shape(n // c.group_size), generator=generator, dtype=torch.float32)
+        return per_group.repeat_interleave(c.group_size, dim=0)
+
     def generate(self, prompts: list[str]) -> tuple[torch.Tensor, Trajectory]:
         c = self.config
+        generator = self.rollout_generator("rollout")
         trajectory = self.model.sample_trajectory(
             prompts,
             kernel=c.kernel,
@@ -99,7 +114,8 @@ class FlowGRPO(DiffusionRLMethod):
             window=self.window(),
             guidance_scale=c.guidance_scale,
             guidance_scale_2=c.guidance_scale_2,
-            generator=self.rollout_generator("rollout"),
+            noise=self.initial_noise(len(prompts), generator),
+            generator=generator,
             resolution=self.resolution,
             num_frames=self.num_frames,
         )
