@@ -3,8 +3,8 @@ this folder is selected, so they overlap the rest of the suite; this folder's te
 for them.
 
 Nothing here changes the test process (its priority, threads or environment): the runs are
-subprocesses with their own thread count (`recipe_runs.py`); the only hook that sees other tests'
-items reorders them.
+subprocesses with their own thread count and the lowest priority (`recipe_runs.py`); the only hook
+that sees other tests' items reorders them.
 """
 
 from __future__ import annotations
