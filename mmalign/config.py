@@ -4,7 +4,7 @@ A recipe is a YAML file whose sections map onto the dataclasses below; the metho
 section is named after the method (`diffusion_dpo:` for `method: diffusion-dpo`) and parsed
 into that method's config dataclass. Every option is documented in its field's `help`, which
 `mmalign train --help` prints. Unknown keys are errors that name the key and suggest the
-closest known one; values are converted to the field's type.
+closest known one; values are converted to the field's type (`mmalign.config_values`).
 
 Overrides: `train.learning_rate=3e-4` sets one key; `model=runwayml/stable-diffusion-v1-5`
 (a section name with a scalar) sets that section's `path`.
@@ -13,39 +13,14 @@ Overrides: `train.learning_rate=3e-4` sets one key; `model=runwayml/stable-diffu
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mmalign.errors import UserInputError
+from mmalign.config_values import ConfigError, from_dict, parse_yaml, unknown_key
 from mmalign.registry import EMBEDDED_PREFIX
-
-
-class ConfigError(UserInputError):
-    """A config file or override that cannot be used; the message names the key."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with 1.2 booleans: only true/false are bools, so `mixed_precision: no` stays a string."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def option(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
@@ -416,85 +391,6 @@ def section_classes(method_class: type) -> dict[str, type | None]:
 
 
 # ---------------------------------------------------------------------------- parsing
-def _convert(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a YAML value to a field's annotated type, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], key)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} is a section; expected a mapping, got {value!r}")
-        return from_dict(annotation, value, prefix=f"{key}.")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
-        return dict(value)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
-        (item,) = typing.get_args(annotation)[:1] or (Any,)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if value is None:
-        raise ConfigError(f"config key {key!r} cannot be null")
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1"):
-                return True
-            if str(value).lower() in ("false", "no", "0"):
-                return False
-            raise ValueError(value)
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        if annotation is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError(value)
-            return str(value)
-    except (TypeError, ValueError):
-        name = getattr(annotation, "__name__", str(annotation))
-        raise ConfigError(f"config key {key!r} expects {name}, got {value!r}") from None
-    return value
-
-
-def _unknown_key(key: str, known: list[str], reader: str | None = None) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    if reader is None:
-        return ConfigError(f"unknown config key {key!r}{hint}")
-    return ConfigError(f"config key {key!r} is not read by {reader}{hint} It reads: {', '.join(known)}")
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "", reader: str | None = None) -> Any:
-    """Build dataclass `cls` from a mapping, converting types and rejecting unknown keys (naming `reader`,
-    e.g. "method grpo", in the error when given).
-
-    A class with a `check_values(prefix)` method checks its values' ranges and choices there once built,
-    naming each key under the prefix it is read at (`papo.temperature` for PAPO's GRPO options,
-    `gan_rm.dpo.beta` for a nested section).
-    """
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "method_args"]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key(prefix + key, [prefix + n for n in names], reader)
-        kwargs[key] = _convert(value, hints[key], prefix + key)
-    built = cls(**kwargs)
-    if hasattr(built, "check_values"):
-        built.check_values(prefix)
-    return built
-
-
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, sections: set[str]) -> None:
     keys = dotted.split(".")
     if len(keys) == 1 and keys[0] in sections and not isinstance(value, dict):
@@ -515,7 +411,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = _yaml(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -530,7 +426,7 @@ def _read_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...]) 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = _yaml(path.read_text())
+            loaded = parse_yaml(path.read_text())
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -589,7 +485,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 f"method is {method}; remove the section or set method={other_sections[key]}"
             )
         if key not in scalars and key not in SHARED_SECTIONS:
-            raise _unknown_key(key, scalars + [name for name, cls in classes.items() if cls] + [section])
+            raise unknown_key(key, scalars + [name for name, cls in classes.items() if cls] + [section])
     config = from_dict(RunConfig, {k: v for k, v in tree.items() if k in scalars})
     for name, cls in classes.items():
         values = tree.get(name)
