@@ -8,13 +8,14 @@ It holds a loaded pipeline and gives the pieces every preference method needs:
 - `noise` (the family's training noise process: timesteps, `add_noise`, `target`);
 - `predict(x_t, t, cond)` with the trainable denoiser and `predict_reference(...)` with the
   frozen reference (LoRA adapters disabled, or a frozen copy for full fine-tuning);
-- `sample(prompts, …)` with classifier-free guidance (on a two-expert pipeline, `guidance_scale_2`
-  on the low-noise expert's steps), optionally starting from a clean latent noised part of the way
-  (SDEdit-style, `strength < 1`);
+- `sample(prompts, …)` with classifier-free guidance (`mmalign.models.guidance`; on a two-expert
+  pipeline, `guidance_scale_2` on the low-noise expert's steps), optionally starting from a clean
+  latent noised part of the way (SDEdit-style, `strength < 1`);
 - `sample_trajectory(prompts, kernel=…)` recording every step and the log-probabilities of the
   stochastic steps, and `transition(x, x_next, step, …)` recomputing one step's log-probability
-  with gradients (online RL; `mmalign.models.trajectory`);
-- `save_lora(dir)` (loads with `pipe.load_lora_weights(dir)`) and `save_pretrained(dir)`.
+  with gradients (online RL; `mmalign.models.trajectory_sampling`);
+- `save_lora(dir)` (loads with `pipe.load_lora_weights(dir)`) and `save_pretrained(dir)`
+  (`mmalign.models.saving`).
 
 A pipeline with two experts split by timestep (Wan 2.2 A14B: `transformer`, `transformer_2`,
 `boundary_ratio`) trains both as one denoiser (`mmalign.models.experts`).
@@ -38,16 +39,17 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
 
 from mmalign.data.segments import latent_frame_segments
 from mmalign.models.experts import TimestepExperts, timestep_experts
 from mmalign.models.families import Conditioning, Family, family_of
+from mmalign.models.guidance import ClassifierFreeGuidance
 from mmalign.models.inversion import renoise_invert
-from mmalign.models.lora import EXPERT_LORA_FILE, LORA_FILE
 from mmalign.models.noise import noise_process
+from mmalign.models.saving import PipelineSaving
 from mmalign.models.state import load_trainable_state, trainable_state
-from mmalign.models.trajectory import StepGrid, Trajectory, gaussian_log_prob, sampling_grid
+from mmalign.models.trajectory_sampling import TrajectorySampling
 from mmalign.models.weights import reading_weights, use_safetensors
 from mmalign.registry import resolve_model_path
 
@@ -86,7 +88,7 @@ def load_pipeline(
     return pipe
 
 
-class DiffusionModel:
+class DiffusionModel(ClassifierFreeGuidance, TrajectorySampling, PipelineSaving):
     """A diffusers pipeline with a trainable denoiser (LoRA by default) and a frozen reference.
 
     Args:
@@ -508,175 +510,6 @@ class DiffusionModel:
                 x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
         return x
 
-    def guidance_conditioning(
-        self,
-        prompts: list[str],
-        resolution: tuple[int, int],
-        guidance_scale: float,
-        negative_prompt: str = "",
-        *,
-        guidance_scale_2: float | None = None,
-    ) -> tuple[Conditioning, Conditioning | None]:
-        """The prompts' conditioning and, with guidance (a scale other than 1), the negative prompt's (B rows each).
-
-        A guidance-distilled transformer (FLUX.1-dev) reads `guidance_scale` itself: no negative prompt.
-        `guidance_scale_2` is the low-noise expert's scale of a two-expert pipeline (`guidance_scale_at`)."""
-        self._check_guidance_scale_2(guidance_scale_2)
-        cond = self.encode_prompt(prompts, resolution)
-        if self.embeds_guidance:
-            return self._with_guidance(cond, guidance_scale), None
-        if guidance_scale == 1.0 and guidance_scale_2 in (None, 1.0):
-            return cond, None
-        return cond, self.encode_prompt([negative_prompt] * len(prompts), resolution)
-
-    def _check_guidance_scale_2(self, guidance_scale_2: float | None) -> None:
-        if guidance_scale_2 is not None and self.experts is None:
-            raise ValueError(
-                f"guidance_scale_2 guides the low-noise expert (transformer_2) of a two-expert pipeline; this "
-                f"{type(self.pipe).__name__} has one denoiser"
-            )
-
-    def guidance_scale_at(
-        self, t: torch.Tensor, guidance_scale: float, guidance_scale_2: float | None = None
-    ) -> float | torch.Tensor:
-        """The guidance scale of a step at timestep `t` (a scalar or `(B,)`, the scheduler's 0…1000 units).
-
-        `guidance_scale`, except on a two-expert pipeline with `guidance_scale_2` set, whose steps below the
-        expert boundary (those `transformer_2` denoises) take `guidance_scale_2`, as `WanPipeline` does. A
-        float when every row has the same scale, else `(B,)` float32 on `t`'s device."""
-        self._check_guidance_scale_2(guidance_scale_2)
-        if guidance_scale_2 is None:
-            return float(guidance_scale)
-        low = torch.as_tensor(t) < self.experts.boundary
-        if low.all() or not low.any():
-            return float(guidance_scale_2 if low.all() else guidance_scale)
-        return torch.where(low, float(guidance_scale_2), float(guidance_scale)).float()
-
-    def guided_prediction(
-        self,
-        denoiser: torch.nn.Module,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        cond: Conditioning,
-        negative: Conditioning | None,
-        guidance_scale: float,
-        guidance_scale_2: float | None = None,
-    ) -> torch.Tensor:
-        """`denoiser`'s prediction for `x (B, …)` at timestep `t` (a scalar or `(B,)`), in float32, with
-        the family's classifier-free guidance (`u + g·(c − u)`, `g = guidance_scale_at(t, …)` per row) when
-        `negative` is given (one batched call); a step whose scale is 1 on every row skips the negative pass."""
-        scale = self.guidance_scale_at(t, guidance_scale, guidance_scale_2)
-        if isinstance(scale, float) and scale == 1.0:
-            negative = None  # u + 1·(c − u) = c
-        x_in = x if negative is None else torch.cat([x, x])
-        full = Conditioning.cat([negative, cond]) if negative is not None else cond
-        t = t.to(self.device)
-        t_batch = t.expand(x_in.shape[0]) if t.ndim == 0 else t.repeat(x_in.shape[0] // t.shape[0])
-        pred = self.denoise(denoiser, x_in, t_batch, full)
-        if negative is None:
-            return pred
-        uncond, text = pred.chunk(2)
-        if torch.is_tensor(scale):  # one scale per row of `t`, repeated over `x`'s rows as `t` is
-            scale = scale.to(uncond.device).repeat(uncond.shape[0] // scale.shape[0])
-            scale = scale.view(-1, *[1] * (uncond.ndim - 1))
-        return self.family.combine_guidance(uncond, text, scale)
-
-    # ------------------------------------------------------------------ trajectories (online RL)
-    def sampling_grid(self, kernel: str, noise_level: float, num_steps: int, shape: tuple[int, ...]) -> StepGrid:
-        """The `StepGrid` of `num_steps` steps with `kernel` for latents of `shape` (`mmalign.models.trajectory`)."""
-        return sampling_grid(
-            self.pipe.scheduler, kernel, noise_level, num_steps, lambda s, n: self._set_timesteps(s, n, shape)
-        )
-
-    @torch.no_grad()
-    def sample_trajectory(
-        self,
-        prompts: list[str],
-        *,
-        kernel: str,
-        noise_level: float,
-        num_steps: int = 10,
-        window: tuple[int, ...] | None = None,
-        guidance_scale: float = 1.0,
-        guidance_scale_2: float | None = None,
-        noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        resolution: tuple[int, int] | None = None,
-        num_frames: int | None = None,
-        negative_prompt: str = "",
-    ) -> Trajectory:
-        """Sample `prompts` with the trainable denoiser, recording every step's latents and the
-        log-probability of each `window` step (default: every stochastic step).
-
-        Window steps draw `x' = mean + std·z` with `z` from `generator` (CPU), in window order;
-        all other steps are deterministic. At noise level 0 no log-probability is recorded. Guidance as
-        in `sample` (`guidance_scale_2`: the low-noise expert's scale of a two-expert pipeline).
-        Returns a `Trajectory` with `latents (B, T+1, …)` and `log_probs (B, W)`.
-        """
-        resolution = resolution or self.default_resolution
-        shape = self.latent_shape(len(prompts), resolution, num_frames)
-        grid = self.sampling_grid(kernel, noise_level, num_steps, shape)
-        if window is None:
-            window = tuple(i for i in range(grid.num_steps) if grid.is_stochastic(i))
-        for i in window:
-            if not 0 <= i < grid.num_steps or not grid.is_stochastic(i):
-                raise ValueError(f"step {i} of {grid.num_steps} cannot be a stochastic {kernel} step")
-        if noise is None:
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        x = noise.to(self.device, torch.float32)
-        cond, negative = self.guidance_conditioning(
-            prompts, resolution, guidance_scale, negative_prompt, guidance_scale_2=guidance_scale_2
-        )
-        latents, log_probs = [x], []
-        with self._denoiser_for_sampling(False) as denoiser:
-            for i, t in enumerate(grid.timesteps):
-                pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale, guidance_scale_2)
-                if i in window:
-                    mean, std = grid.stochastic_step(x, pred, i)
-                    z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
-                    x = mean + std * z
-                    if noise_level > 0:
-                        log_probs.append(gaussian_log_prob(x, mean, std))
-                else:
-                    x = grid.deterministic_step(x, pred, i)
-                latents.append(x)
-        return Trajectory(
-            latents=torch.stack(latents, dim=1),
-            window=tuple(window),
-            log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
-            cond=cond,
-            negative=negative,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            grid=grid,
-        )
-
-    def transition(
-        self,
-        x: torch.Tensor,
-        x_next: torch.Tensor,
-        steps: int | torch.Tensor,
-        grid: StepGrid,
-        cond: Conditioning,
-        negative: Conditioning | None = None,
-        guidance_scale: float = 1.0,
-        guidance_scale_2: float | None = None,
-        use_reference: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Steps `steps` of `grid` (one index, or one per row `(N,)`) from `x` to `x_next` (both `(N, …)`),
-        in one denoiser call: the log-probabilities `(N,)`, the Gaussians' means `(N, …)` and stds. With
-        the trainable denoiser (`self.denoiser`, with a graph) or, with `use_reference`, the frozen
-        reference (no graph). Each row is guided by the scale of its own step (`guidance_scale_at`)."""
-        index = torch.as_tensor(steps)
-        t = grid.timesteps[index.to(grid.timesteps.device)]
-        if use_reference:
-            with torch.no_grad(), self.reference() as denoiser:
-                pred = self.guided_prediction(denoiser, x, t, cond, negative, guidance_scale, guidance_scale_2)
-        else:
-            pred = self.guided_prediction(self.denoiser, x, t, cond, negative, guidance_scale, guidance_scale_2)
-        mean, std = grid.stochastic_step(x.to(self.device, torch.float32), pred, steps)
-        return gaussian_log_prob(x_next.to(mean.device), mean, std), mean, std
-
     @staticmethod
     def _sdedit_start_index(num_steps: int, strength: float) -> int:
         return num_steps - max(1, round(num_steps * strength))
@@ -730,55 +563,6 @@ class DiffusionModel:
         """`sample` then `decode_latents`: images `(B, 3, H, W)` in [0, 1]."""
         return self.decode_latents(self.sample(prompts, **sample_kwargs))
 
-    # ------------------------------------------------------------------ saving
-    def save_lora(self, directory: str | Path) -> None:
-        """Write the LoRA adapter in diffusers' format: `pipe.load_lora_weights(directory)` loads it.
-
-        With two experts (Wan 2.2 A14B) the low-noise expert's adapter is a second file,
-        `EXPERT_LORA_FILE`, which `pipe.load_lora_weights(directory, weight_name=EXPERT_LORA_FILE,
-        load_into_transformer_2=True)` loads (`mmalign.models.lora.load_lora` loads both)."""
-        if self.lora_rank is None:
-            raise RuntimeError("this model is fully fine-tuned; use save_pretrained")
-        attr = self.family.denoiser_attr
-        for name, module in self.denoiser_components().items():
-            # peft's key format (`…to_q.lora_A.weight`) for every target: diffusers' converter would rename only
-            # the attention projections to its older `lora.down` format, which its loader then drops
-            state = get_peft_model_state_dict(module)
-            config = module.peft_config["default"].to_dict()
-            kwargs = {f"{attr}_lora_layers": state, f"{attr}_lora_adapter_metadata": config}
-            weight_name = LORA_FILE if name == attr else EXPERT_LORA_FILE
-            type(self.pipe).save_lora_weights(
-                str(directory), weight_name=weight_name, safe_serialization=True, **kwargs
-            )
-
-    def save(self, directory: str | Path, pipeline: bool = False) -> list[str]:
-        """The trained result into `directory`: `lora/` (with LoRA) and `pipeline/` (full fine-tuning, or
-        `pipeline=True`: the whole pipeline with the LoRA merged); returns the sub-folders written."""
-        directory, saved = Path(directory), []
-        if self.lora_rank is not None:
-            self.save_lora(directory / "lora")
-            saved.append("lora")
-        if self.lora_rank is None or pipeline:
-            self.save_pretrained(directory / "pipeline")
-            saved.append("pipeline")
-        return saved
-
     # ------------------------------------------------------------------ the Policy part (mmalign.train.method)
     def trainable_module(self) -> torch.nn.Module:
         return self.base_denoiser
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the whole pipeline with the trained denoiser(s) (LoRA merged into the weights)."""
-        originals = self.denoiser_components()
-        for name, original in originals.items():
-            trained = original
-            if self.lora_rank is not None:
-                trained = copy.deepcopy(original)
-                trained.fuse_lora()
-                trained.unload_lora()
-            setattr(self.pipe, name, trained)
-        try:
-            self.pipe.save_pretrained(str(directory), safe_serialization=True)
-        finally:
-            for name, original in originals.items():
-                setattr(self.pipe, name, original)
