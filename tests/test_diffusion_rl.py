@@ -129,8 +129,12 @@ def test_flow_grpo_on_a_video_model_shares_each_groups_initial_noise(tiny_video_
     from mmalign.models.diffusion import DiffusionModel
 
     rollouts, real = [], DiffusionModel.sample_trajectory
-    monkeypatch.setattr(DiffusionModel, "sample_trajectory", lambda *a, **k: rollouts.append(real(*a, **k))
-                        or rollouts[-1])  # fmt: skip
+
+    def recorded(*args, **kwargs):
+        rollouts.append(real(*args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(DiffusionModel, "sample_trajectory", recorded)
     run = load_config(
         ROOT / "configs/video/flow_grpo.yaml",
         _overrides(tiny_video_pipelines["wan"], tmp_path / "v", 1, "flow_grpo", "data.resolution=[16,16]",
